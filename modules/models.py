@@ -1,0 +1,258 @@
+"""ModelSpec / LoraSpec -> loaded Hugging Face models. The only file that imports transformers, peft and
+bitsandbytes model classes."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # the 8-bit CPU path warns on every call
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter (Hu et al. 2021, arXiv 2106.09685) through peft.
+
+    Args:
+        r: rank of the update matrices.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or "all-linear" for every linear layer but the head.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class ModelSpec:
+    """Which pretrained model to load and how.
+
+    Args:
+        path: Hugging Face hub id or local directory (a saved model, or the folder holding `gguf_file`).
+        revision: hub revision (branch, tag or commit); ignored for local directories.
+        gguf_file: file name of a GGUF checkpoint inside `path`; it is dequantised on load.
+        dtype: weight dtype: float32 (CPU), bfloat16 or float16 (GPU), or auto (as saved).
+        quantization: bitsandbytes weight quantisation: none, int8 (LLM.int8), nf4 or fp4 (QLoRA).
+        lora: train a LoRA adapter instead of the full weights (required for quantised training).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        trust_remote_code: run modelling code shipped with the checkpoint. Off unless you trust it.
+        attn_implementation: eager, sdpa or flash_attention_2; None lets transformers choose.
+    """
+
+    path: str
+    revision: str | None = None
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    quantization: Literal["none", "int8", "nf4", "fp4"] = "none"
+    lora: LoraSpec | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+def as_spec(spec: ModelSpec | dict | str) -> ModelSpec:
+    """LightningCLI hands dataclass arguments over as objects, checkpoints as dicts: accept both."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    if isinstance(spec, str):
+        return ModelSpec(path=spec)
+    spec = dict(spec)
+    if isinstance(spec.get("lora"), dict):
+        spec["lora"] = LoraSpec(**spec["lora"])
+    return ModelSpec(**spec)
+
+
+def load_tokenizer(spec: ModelSpec | str, padding_side: str = "right"):
+    """Tokenizer of a model; pad falls back to EOS (then masks, not token ids, tell padding apart)."""
+    from transformers import AutoTokenizer
+
+    spec = as_spec(spec)
+    tok = AutoTokenizer.from_pretrained(
+        spec.path, revision=spec.revision, gguf_file=spec.gguf_file, trust_remote_code=spec.trust_remote_code
+    )
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer of {spec.path} has no EOS token; completions must end with one")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def _load_kwargs(spec: ModelSpec, device: str | torch.device | None) -> dict:
+    kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, gguf_file=spec.gguf_file)
+    if spec.dtype != "auto":
+        kwargs["dtype"] = DTYPES[spec.dtype]
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES.get(spec.dtype, torch.float32)
+        if spec.quantization == "int8":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=spec.quantization, bnb_4bit_compute_dtype=compute
+            )
+        # bitsandbytes quantises on the device the weights land on: load straight onto it
+        kwargs["device_map"] = {"": str(device or "cpu")}
+    return kwargs
+
+
+def _finish(model, spec: ModelSpec, task_type: str):
+    if spec.quantization != "none" and spec.lora is None:
+        raise ValueError(f"quantization={spec.quantization} trains only with a LoRA adapter: set lora")
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.lora is not None:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if spec.quantization != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+        config = LoraConfig(
+            task_type=task_type,
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules,
+        )
+        model = get_peft_model(model, config)
+    return model
+
+
+def load_causal_lm(spec: ModelSpec | dict | str, device: str | torch.device | None = None, trainable: bool = True):
+    """Causal LM from a spec. Frozen (trainable=False) models come back in eval mode without grads."""
+    from transformers import AutoModelForCausalLM
+
+    spec = as_spec(spec)
+    model = AutoModelForCausalLM.from_pretrained(spec.path, **_load_kwargs(spec, device))
+    if not trainable:
+        return freeze(model)
+    return _finish(model, spec, "CAUSAL_LM").train()
+
+
+def load_sequence_classifier(
+    spec: ModelSpec | dict | str, pad_token_id: int, device: str | torch.device | None = None, trainable: bool = True
+):
+    """Scalar-head model (num_labels=1): a causal LM gets its vocabulary head replaced by a new score head;
+    a sequence-classification checkpoint (a reward model, an encoder) loads as it is."""
+    from transformers import AutoModelForSequenceClassification
+
+    spec = as_spec(spec)
+    model = AutoModelForSequenceClassification.from_pretrained(spec.path, num_labels=1, **_load_kwargs(spec, device))
+    model.config.pad_token_id = pad_token_id  # sequence classification finds the last token through it
+    if not trainable:
+        return freeze(model)
+    return _finish(model, spec, "SEQ_CLS").train()
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = True) -> Path:
+    """Save in Hugging Face format (safetensors) so `from_pretrained(out_dir)` loads it. Written to a sibling
+    temp dir first and swapped in, so an existing output is never half-overwritten.
+
+    A LoRA model is merged into its base (merge_lora) or saved as an adapter; a quantised base cannot be
+    merged losslessly and is always saved as an adapter."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    to_save = model
+    if is_peft(model) and merge_lora:
+        if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) or _quantised(model):
+            log.warning("quantised base: saving the LoRA adapter only (merge it into a full-precision base)")
+        else:
+            to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    old = out.with_name(out.name + f".old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _quantised(model) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "quantization_config", None) is not None
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    texts: list[str],
+    vocab_size: int = 320,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_position_embeddings: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Train a byte-level BPE on texts and save it with a randomly initialised Llama: a base model for
+    tests and the quickstart that needs no download. Returns out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=max_position_embeddings
+    )
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    return save_hf(model, tok, out_dir)
+
+
+def convert_gguf(path: str, gguf_file: str, out_dir: str | os.PathLike) -> Path:
+    """Dequantise a GGUF checkpoint into a safetensors HF directory (loads in well under a second after).
+    The object `from_pretrained(gguf_file=...)` returns cannot `save_pretrained` itself: rebuild it from its
+    config and load the state dict into the fresh model first."""
+    from transformers import AutoModelForCausalLM
+
+    spec = ModelSpec(path=path, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    return save_hf(fresh, load_tokenizer(spec), out_dir)
