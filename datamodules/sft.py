@@ -1,0 +1,154 @@
+"""SFTDataModule: demonstrations -> right-padded batches with the loss on completion tokens only."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from datamodules.formats import read_demonstrations, render_prompt
+from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, pad_right
+from modules.models import load_tokenizer
+
+
+class SFTDataModule(LightningDataModule):
+    """Prompt/completion demonstrations for supervised fine-tuning.
+
+    Args:
+        train_file: jsonl/json/parquet/csv file, a `save_to_disk` dataset dir, or a hub dataset id. Rows:
+            prompt+completion, chat `messages`, or HH-RLHF `chosen` strings.
+        val_file: same formats; None holds out `val_fraction` of the training rows.
+        tokenizer: tokenizer path (linked to the policy's path by the recipe).
+        max_length: tokens per example (prompt + completion + EOS).
+        max_prompt_length: over max_length, the prompt is cut from the left but keeps this many tokens.
+        batch_size: examples (or packed rows) per device per step.
+        packing: concatenate examples into rows of max_length; position ids restart per example, so
+            attention does not cross examples.
+        skip_bad_rows: skip malformed rows (counted per reason) instead of stopping at the first.
+        train_split: split to read from hub/saved datasets for training.
+        val_split: split to read from hub/saved datasets for validation.
+        val_fraction: fraction of training rows held out when val_file is None.
+        num_workers: DataLoader worker processes.
+        seed: seed of the held-out split and of packing's order.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        tokenizer: str = "",
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        batch_size: int = 8,
+        packing: bool = False,
+        skip_bad_rows: bool = False,
+        train_split: str = "train",
+        val_split: str = "validation",
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        check_lengths(max_length, max_prompt_length)
+        self.save_hyperparameters()
+        self.train_file, self.val_file, self.tokenizer_path = train_file, val_file, tokenizer
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.batch_size, self.packing, self.skip_bad_rows = batch_size, packing, skip_bad_rows
+        self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
+        self.num_workers, self.seed = num_workers, seed
+        self.tokenizer = None
+        self.train_rows: list = []
+        self.val_rows: list = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_path, padding_side="right")
+        train = self._encode(read_demonstrations(self.train_file, self.train_split, skip_bad_rows=self.skip_bad_rows))
+        if self.val_file:
+            val = self._encode(read_demonstrations(self.val_file, self.val_split, skip_bad_rows=self.skip_bad_rows))
+        else:
+            random.Random(self.seed).shuffle(train)
+            n_val = max(1, int(len(train) * self.val_fraction))
+            train, val = train[n_val:], train[:n_val]
+        if self.packing:
+            train, val = pack(train, self.max_length, self.seed), pack(val, self.max_length, self.seed)
+        self.train_rows, self.val_rows = train, val
+
+    def _encode(self, records) -> list[tuple[list[int], list[int]]]:
+        prompts = [render_prompt(r.prompt, self.tokenizer) for r in records]
+        return encode_completions(
+            self.tokenizer,
+            prompts,
+            [r.completion for r in records],
+            [r.where for r in records],
+            self.max_length,
+            self.max_prompt_length,
+            self.skip_bad_rows,
+        )
+
+    def collate(self, rows: list) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return collate_packed(rows, self.tokenizer.pad_token_id)
+        return collate_sft(rows, self.tokenizer.pad_token_id)
+
+    def _loader(self, rows, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            rows, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_rows, shuffle=False)
+
+
+def collate_sft(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """[(prompt_ids, completion_ids)] -> right-padded input_ids, attention_mask, labels (-100 on prompt/pad)."""
+    ids = [p + c for p, c in rows]
+    labels = [[IGNORE_INDEX] * len(p) + c for p, c in rows]
+    mask = [[1] * len(x) for x in ids]
+    return {
+        "input_ids": torch.tensor(pad_right(ids, pad_id)),
+        "attention_mask": torch.tensor(pad_right(mask, 0)),
+        "labels": torch.tensor(pad_right(labels, IGNORE_INDEX)),
+    }
+
+
+def pack(rows: list, max_length: int, seed: int) -> list[list[tuple[list[int], list[int]]]]:
+    """Greedy first-fit of shuffled examples into bins of at most max_length tokens."""
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    bins: list[list] = []
+    room: list[int] = []
+    for p, c in order:
+        n = len(p) + len(c)
+        for i, free in enumerate(room):
+            if n <= free:
+                bins[i].append((p, c))
+                room[i] -= n
+                break
+        else:
+            bins.append([(p, c)])
+            room.append(max_length - n)
+    return bins
+
+
+def collate_packed(bins: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows -> input_ids, labels, position_ids (restarting at 0 per example, and for the padding
+    tail). No attention_mask: transformers reads the position restarts as example boundaries."""
+    ids, labels, pos = [], [], []
+    for b in bins:
+        ids.append([t for p, c in b for t in p + c])
+        labels.append([t for p, c in b for t in [IGNORE_INDEX] * len(p) + c])
+        pos.append([i for p, c in b for i in range(len(p) + len(c))])
+    width = max(len(x) for x in ids)
+    pos = [x + list(range(width - len(x))) for x in pos]
+    return {
+        "input_ids": torch.tensor(pad_right(ids, pad_id, width)),
+        "labels": torch.tensor(pad_right(labels, IGNORE_INDEX, width)),
+        "position_ids": torch.tensor(pos),
+    }

@@ -1,0 +1,100 @@
+"""SFTModule: next-token loss on completion tokens of demonstrations."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.aggregation import MeanMetric
+
+from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer, save_hf
+from modules.ops import masked_mean, shifted_logprobs
+from modules.optim import adamw, configure_optim, keep_trainable
+
+
+class SFTModule(LightningModule):
+    """Supervised fine-tuning of a causal LM (full weights or LoRA) on prompt/completion demonstrations.
+
+    Args:
+        policy: the model to fine-tune.
+        optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
+        scheduler: LR scheduler factory; None uses warm-up then `decay`, stepped per optimizer step.
+        warmup_steps: linear warm-up steps of the built-in schedule.
+        decay: built-in schedule after warm-up: constant, linear or cosine.
+        save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model).
+        merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int = 0,
+        decay: Literal["constant", "linear", "cosine"] = "constant",
+        save_dir: str | None = None,
+        merge_lora: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.policy_spec = as_spec(policy)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.warmup_steps, self.decay = warmup_steps, decay
+        self.save_dir, self.merge_lora = save_dir, merge_lora
+        self.policy = None
+        self.tokenizer = None
+        self.val_nll = MeanMetric()
+        self.strict_loading = False  # checkpoints hold trainable weights only
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.policy_spec)
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.policy = load_causal_lm(self.policy_spec, device=device)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token NLL (b, t-1) and its mask over completion tokens."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        logits = self.policy(**inputs, use_cache=False).logits  # (b, t, v)
+        logps, mask = shifted_logprobs(logits, batch["labels"])
+        return -logps, mask
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        nll, mask = self(batch)
+        loss = masked_mean(nll, mask)  # mean over the batch's completion tokens
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/tokens", mask.sum().float(), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        nll, mask = self(batch)
+        self.val_nll.update(nll[mask], 1.0)  # token-weighted mean over the whole split
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.val_nll.compute()
+        self.log("val/loss", nll, prog_bar=True, sync_dist=False)
+        self.log("val/perplexity", nll.exp(), sync_dist=False)
+        self.val_nll.reset()
+
+    def configure_optimizers(self):
+        return configure_optim(
+            self,
+            self.optimizer_factory,
+            self.scheduler_factory,
+            self.warmup_steps,
+            self.decay,
+            self.trainer.estimated_stepping_batches,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep_trainable(self, checkpoint)
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
+            path = save_hf(self.policy, self.tokenizer, out, merge_lora=self.merge_lora)
+            print(f"saved policy (Hugging Face format) to {path}")

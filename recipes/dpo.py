@@ -1,0 +1,18 @@
+"""`rlhf dpo <fit|validate|test|predict>`: direct preference optimisation on preference pairs."""
+
+from __future__ import annotations
+
+import sys
+
+from recipes.common import run_cli
+
+
+def main(args: list[str] | None = None):
+    from datamodules.preference import PreferenceDataModule
+    from modules.dpo import DPOModule
+
+    return run_cli(DPOModule, PreferenceDataModule, "dpo", [("model.policy.path", "data.tokenizer")], args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
