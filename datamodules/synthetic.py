@@ -206,12 +206,11 @@ def make_ratings(
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    # atomic: a reader never sees a half-written file
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; os.replace: never a half-written file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
