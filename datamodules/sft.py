@@ -9,7 +9,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.formats import read_demonstrations, render_prompt
-from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, pad_right
+from datamodules.tokenize import IGNORE_INDEX, check_lengths, completion_text, encode_completions, pad_right
 from modules.models import load_tokenizer
 
 
@@ -82,7 +82,7 @@ class SFTDataModule(LightningDataModule):
         return encode_completions(
             self.tokenizer,
             prompts,
-            [r.completion for r in records],
+            [completion_text(r.prompt, r.completion, self.tokenizer) for r in records],
             [r.where for r in records],
             self.max_length,
             self.max_prompt_length,

@@ -16,6 +16,13 @@ def check_lengths(max_length: int, max_prompt_length: int) -> None:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
 
 
+def completion_text(prompt, completion: str, tokenizer) -> str:
+    """Chat messages rendered HH style (no chat template) end with "Assistant:"; the reply follows after a
+    space, as in HH-RLHF, so it is not glued to the colon."""
+    hh_rendered = not isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None)
+    return " " + completion if hh_rendered and not completion[:1].isspace() else completion
+
+
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     # text from a chat template that writes BOS itself must not get a second one from the tokenizer
     bos = tokenizer.bos_token

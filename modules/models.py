@@ -210,6 +210,7 @@ def build_tiny_model(
     num_heads: int = 4,
     max_position_embeddings: int = 256,
     seed: int = 0,
+    intermediate_size: int | None = None,
 ) -> Path:
     """Train a byte-level BPE on texts and save it with a randomly initialised Llama: a base model for
     tests and the quickstart that needs no download. Returns out_dir."""
@@ -230,7 +231,7 @@ def build_tiny_model(
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 4,
+        intermediate_size=intermediate_size or hidden_size * 4,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,

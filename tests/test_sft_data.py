@@ -103,3 +103,13 @@ def test_datamodule_packing_keeps_all_tokens(synthetic_dir, tiny_model_dir):
     assert n_plain == n_packed and len(packed.train_rows) < len(plain.train_rows)
     batch = next(iter(packed.train_dataloader()))
     assert batch["input_ids"].shape[1] <= 64 and torch.equal(batch["position_ids"][:, 0], torch.zeros(4, dtype=torch.long))
+
+
+def test_chat_messages_without_template_get_a_space_after_assistant(tmp_path, tiny_model_dir):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    src = _write(tmp_path / "chat.jsonl", rows)
+    dm = SFTDataModule(train_file=src, val_file=src, tokenizer=str(tiny_model_dir), max_length=64, max_prompt_length=32)
+    dm.setup("fit")
+    (p, c), = dm.train_rows
+    assert dm.tokenizer.decode(p + c[:-1]) == "\n\nHuman: hi\n\nAssistant: hello"
+    assert c[-1] == dm.tokenizer.eos_token_id
