@@ -197,8 +197,9 @@ def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = Tru
 
 
 def _quantised(model) -> bool:
-    config = getattr(model, "config", None)
-    return getattr(config, "quantization_config", None) is not None
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return quant is not None and str(method) not in ("gguf", "QuantizationMethod.GGUF")  # GGUF loads dequantised
 
 
 def build_tiny_model(
@@ -254,6 +255,9 @@ def convert_gguf(path: str, gguf_file: str, out_dir: str | os.PathLike) -> Path:
 
     spec = ModelSpec(path=path, gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # dequantised: the saved folder holds plain fp32 weights
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     return save_hf(fresh, load_tokenizer(spec), out_dir)

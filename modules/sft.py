@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from typing import Literal
 
 import torch
@@ -41,6 +42,7 @@ class SFTModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.policy_spec = as_spec(policy)
+        self.hparams["policy"] = asdict(self.policy_spec)  # plain data: checkpoints load with weights_only=True
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay = warmup_steps, decay
         self.save_dir, self.merge_lora = save_dir, merge_lora
