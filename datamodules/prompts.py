@@ -9,6 +9,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.formats import read_prompts, render_prompt
+from datamodules.resumable import ResumableLoader
 from modules.models import load_tokenizer
 
 
@@ -84,15 +85,17 @@ class PromptDataModule(LightningDataModule):
         return collate_prompts(rows, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_rows, self.batch_size, shuffle=True, collate_fn=self.collate, num_workers=self.num_workers
+        # resumes mid-epoch at the same position and order (exact PPO resume)
+        return ResumableLoader(
+            self.train_rows, batch_size=self.batch_size, shuffle=True, seed=self.seed, collate_fn=self.collate,
+            num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_rows, self.val_batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        return DataLoader(self.val_rows, batch_size=self.val_batch_size, collate_fn=self.collate, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_rows, self.val_batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        return DataLoader(self.train_rows, batch_size=self.val_batch_size, collate_fn=self.collate, num_workers=self.num_workers)
 
 
 def collate_prompts(rows: list[dict], pad_id: int) -> dict:

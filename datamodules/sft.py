@@ -9,6 +9,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.formats import read_demonstrations, render_prompt
+from datamodules.resumable import ResumableLoader
 from datamodules.tokenize import IGNORE_INDEX, check_lengths, completion_text, encode_completions, pad_right
 from modules.models import load_tokenizer
 
@@ -94,16 +95,15 @@ class SFTDataModule(LightningDataModule):
             return collate_packed(rows, self.tokenizer.pad_token_id)
         return collate_sft(rows, self.tokenizer.pad_token_id)
 
-    def _loader(self, rows, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            rows, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers
+    def train_dataloader(self) -> DataLoader:
+        # resumes mid-epoch at the same position and order
+        return ResumableLoader(
+            self.train_rows, batch_size=self.batch_size, shuffle=True, seed=self.seed, collate_fn=self.collate,
+            num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_rows, shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_rows, shuffle=False)
+        return DataLoader(self.val_rows, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
 
 
 def collate_sft(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

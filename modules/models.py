@@ -184,7 +184,7 @@ def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = Tru
         if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) or _quantised(model):
             log.warning("quantised base: saving the LoRA adapter only (merge it into a full-precision base)")
         else:
-            to_save = copy.deepcopy(model).merge_and_unload()
+            to_save = _untie_output(copy.deepcopy(model)).merge_and_unload()
     to_save.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -194,6 +194,17 @@ def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = Tru
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _untie_output(peft_model):
+    """A LoRA on a tied lm_head would also be merged into the input embeddings: give the head its own copy."""
+    base = peft_model.get_base_model()
+    head = base.get_output_embeddings()
+    if head is None or not getattr(base.config, "tie_word_embeddings", False) or not hasattr(head, "base_layer"):
+        return peft_model
+    head.base_layer.weight = torch.nn.Parameter(head.base_layer.weight.detach().clone())
+    base.config.tie_word_embeddings = False
+    return peft_model
 
 
 def _quantised(model) -> bool:

@@ -101,3 +101,20 @@ def test_saved_lora_model_merges_and_reloads(tiny_model_dir, tmp_path):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
     # saving did not merge into the live training model
     assert all(torch.equal(policy_before[k], v) for k, v in module.policy.state_dict().items())
+
+
+def test_merging_a_lora_on_a_tied_lm_head_keeps_embeddings(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    spec = ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0, target_modules=["q_proj", "lm_head"]))
+    module = SFTModule(spec)
+    module.configure_model()
+    with torch.no_grad():
+        for n, p in module.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = module.policy(input_ids=ids).logits
+    save_hf(module.policy, module.tokenizer, tmp_path / "merged", merge_lora=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)

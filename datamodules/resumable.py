@@ -1,0 +1,72 @@
+"""A DataLoader that resumes mid-epoch: seeded per-epoch shuffling plus a count of batches handed out.
+
+Lightning saves `state_dict()` of every train loader that has one into the checkpoint and calls
+`load_state_dict()` on resume (a plain DataLoader restarts its epoch from a fresh, unseeded shuffle, so a
+resumed run sees other prompts than the uninterrupted one). The order is a pure function of (seed, epoch);
+the state is (epoch, batches seen), and a restored loader skips the batches already seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+class EpochSampler(DistributedSampler):
+    """Indices 0..n-1, shuffled by a generator seeded with seed + epoch (Lightning calls set_epoch), this
+    process's share of them under DDP. Being a DistributedSampler, Lightning keeps it instead of injecting its own.
+
+    Args:
+        n: dataset length.
+        shuffle: permute (True) or keep order (False).
+        seed: base seed of the permutation.
+    """
+
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0):
+        single = not (dist.is_available() and dist.is_initialized())
+        kwargs = {"num_replicas": 1, "rank": 0} if single else {}
+        super().__init__(range(n), shuffle=shuffle, seed=seed, **kwargs)
+        self.n, self.start = n, 0  # start: indices of this epoch to skip on the next __iter__
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter(order[start:])
+
+
+class ResumableLoader(DataLoader):
+    """DataLoader over `dataset` in `EpochSampler` order whose position survives a checkpoint.
+
+    Args:
+        dataset: a sized dataset (e.g. a list of rows).
+        batch_size: rows per batch.
+        shuffle: shuffle each epoch.
+        seed: base seed of the shuffle.
+        **kwargs: other DataLoader arguments (collate_fn, num_workers, ...); not sampler/batch_sampler.
+    """
+
+    def __init__(self, dataset: Sized, batch_size: int = 1, shuffle: bool = True, seed: int = 0, **kwargs):
+        sampler = EpochSampler(len(dataset), shuffle, seed)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self.epoch_sampler = sampler
+        self.seen = 0  # batches of the current epoch handed out so far
+        self._resume: tuple[int, int] | None = None  # (epoch, batches seen) from load_state_dict
+
+    def __iter__(self):
+        # the body runs at the first next(), after Lightning's set_epoch: skip only within the saved epoch
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and resume[0] == self.epoch_sampler.epoch else 0
+        self.epoch_sampler.start = skip * self.batch_size
+        self.seen = skip
+        for batch in super().__iter__():
+            self.seen += 1  # counted when handed out: a checkpoint after batch k stores k
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch_sampler.epoch, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch_sampler.set_epoch(int(state["epoch"]))
+        self._resume = (int(state["epoch"]), int(state["seen"]))
