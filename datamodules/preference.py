@@ -1,0 +1,210 @@
+"""PreferenceDataModule: preference pairs / K-wise rankings -> right-padded batches (reward models, DPO).
+
+Layout "pairs": b pairs -> 2b rows, chosen rows [0, b) then rejected rows [b, 2b), so a step does
+`.chunk(2)`. Layout "rankings": one group of K rows per prompt, each response scored once, and all
+C(K, 2) non-tied pairs formed from the scores (InstructGPT, arXiv 2203.02155, section 3.5).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from datamodules.formats import DataError, render_prompt
+from datamodules.preference_formats import Ranking, read_preferences
+from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, pad_right
+from modules.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+Encoded = list[tuple[list[int], list[int]]]  # (prompt_ids, completion_ids ending in EOS) per response
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Preference data for reward models and DPO.
+
+    Args:
+        train_file: jsonl/json/parquet/csv file, a `save_to_disk` dataset dir, or a hub dataset id. Rows:
+            HH-RLHF chosen/rejected conversations, prompt/chosen/rejected (strings or chat messages),
+            prompt/responses with ranks (lower = better, ties allowed) or ratings (higher = better) or
+            listed best first; pairs may carry `margin` or a `strength` label.
+        val_file: same formats; None holds out `val_fraction` of the training prompts.
+        tokenizer: tokenizer path (linked to the model's path by the recipe).
+        max_length: tokens per row (prompt + response + EOS).
+        max_prompt_length: over max_length, the prompt is cut from the left but keeps this many tokens.
+        batch_size: pairs (layout pairs: 2 * batch_size rows) or prompts (layout rankings) per device per step.
+        layout: "pairs": every non-tied pair of a record (better first) is its own example; "rankings":
+            each record is one group of its K responses.
+        skip_bad_rows: skip malformed rows (counted per reason) instead of stopping at the first.
+        strength_map: preference-strength label -> margin; None uses Llama 2's (significantly better 1.0 ...
+            negligibly better 0.0).
+        train_split: split to read from hub/saved datasets for training.
+        val_split: split to read from hub/saved datasets for validation.
+        val_fraction: fraction of training prompts held out when val_file is None.
+        num_workers: DataLoader worker processes.
+        seed: seed of the held-out split.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        tokenizer: str = "",
+        max_length: int = 512,
+        max_prompt_length: int = 256,
+        batch_size: int = 8,
+        layout: Literal["pairs", "rankings"] = "pairs",
+        skip_bad_rows: bool = False,
+        strength_map: dict[str, float] | None = None,
+        train_split: str = "train",
+        val_split: str = "validation",
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        check_lengths(max_length, max_prompt_length)
+        if layout not in ("pairs", "rankings"):
+            raise ValueError(f"layout must be 'pairs' or 'rankings', got {layout!r}")
+        self.save_hyperparameters()
+        self.train_file, self.val_file, self.tokenizer_path = train_file, val_file, tokenizer
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.batch_size, self.layout, self.skip_bad_rows = batch_size, layout, skip_bad_rows
+        self.strength_map = strength_map
+        self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
+        self.num_workers, self.seed = num_workers, seed
+        self.tokenizer = None
+        self.train_rows: list = []
+        self.val_rows: list = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_path, padding_side="right")
+        need_train = stage in (None, "fit") or not self.val_file  # evaluating a val_file needs no train data
+        if self.val_rows and (self.train_rows or not need_train):
+            return
+        train = []
+        if need_train:
+            train = self._encode(read_preferences(self.train_file, self.train_split, self.skip_bad_rows,
+                                                  self.strength_map))
+        if self.val_file:
+            val = self._encode(read_preferences(self.val_file, self.val_split, self.skip_bad_rows,
+                                                self.strength_map))
+        else:  # hold out whole prompts, so no pair of a held-out prompt is trained on
+            random.Random(self.seed).shuffle(train)
+            n_val = max(1, int(len(train) * self.val_fraction))
+            train, val = train[n_val:], train[:n_val]
+        self.train_rows, self.val_rows = self._examples(train), self._examples(val)
+
+    def _encode(self, records: list[Ranking]) -> list[tuple[Ranking, Encoded]]:
+        """Tokenize every response of every record, prompt and response from one tokenization."""
+        prompts = [render_prompt(r.prompt, self.tokenizer) for r in records]
+
+        def encode(recs, texts, skip):
+            return encode_completions(
+                self.tokenizer, [p for p, r in zip(texts, recs) for _ in r.responses],
+                [x for r in recs for x in r.responses], [r.where for r in recs for _ in r.responses],
+                self.max_length, self.max_prompt_length, skip_bad_rows=skip,
+            )
+
+        try:  # one call for all rows; a bad row raises DataError naming its file and line
+            encoded, groups, start = encode(records, prompts, False), [], 0
+            for r in records:
+                groups.append((r, encoded[start : start + len(r.responses)]))
+                start += len(r.responses)
+        except DataError:
+            if not self.skip_bad_rows:
+                raise
+            groups = []  # skip mode: one call per record, so a bad response drops its own record only
+            for r, p in zip(records, prompts):
+                try:
+                    enc = encode([r], [p], True)
+                except DataError:  # none of its responses usable
+                    continue
+                if len(enc) == len(r.responses):
+                    groups.append((r, enc))
+            log.warning(f"dropped {len(records) - len(groups)} of {len(records)} records at tokenization")
+        kept = [(r, enc) for r, enc in groups if not _ties_after_truncation(r, enc)]
+        if len(kept) < len(groups):
+            log.warning(f"dropped {len(groups) - len(kept)} records whose differently ranked responses "
+                        f"become identical after truncation to max_length {self.max_length}")
+        return kept
+
+    def _examples(self, groups: list[tuple[Ranking, Encoded]]) -> list:
+        if self.layout == "rankings":
+            return [(enc, [float(x) for x in r.ranks], float(r.margin)) for r, enc in groups]
+        pairs = []  # (chosen (p, c), rejected (p, c), margin, index): every non-tied pair, better first
+        for r, enc in groups:
+            for i, j in ranked_pairs(r.ranks):
+                pairs.append((enc[i], enc[j], float(r.margin), len(pairs)))
+        return pairs
+
+    def collate(self, rows: list) -> dict[str, torch.Tensor]:
+        if self.layout == "rankings":
+            return collate_rankings(rows, self.tokenizer.pad_token_id)
+        return collate_pairs(rows, self.tokenizer.pad_token_id)
+
+    def _loader(self, rows, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            rows, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_rows, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()  # `test --data.val_file FILE` evaluates FILE
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def ranked_pairs(ranks) -> list[tuple[int, int]]:
+    """(i, j) for every pair with ranks[i] < ranks[j] (i better), ties left out; by i, then j."""
+    return [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
+
+
+def _ties_after_truncation(record: Ranking, enc: Encoded) -> bool:
+    return any(enc[i] == enc[j] for i, j in ranked_pairs(record.ranks))
+
+
+def _rows(examples: Encoded) -> tuple[list[list[int]], list[list[int]]]:
+    """[(prompt_ids, completion_ids)] -> token rows and label rows (-100 on the prompt), unpadded."""
+    ids = [p + c for p, c in examples]
+    labels = [[IGNORE_INDEX] * len(p) + c for p, c in examples]
+    return ids, labels
+
+
+def _pad(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    # right padding: real tokens keep positions 0..n-1; labels -100 on padding too
+    return {
+        "input_ids": torch.tensor(pad_right(ids, pad_id)),  # (rows, t)
+        "attention_mask": torch.tensor(pad_right([[1] * len(x) for x in ids], 0)),  # (rows, t)
+        "labels": torch.tensor(pad_right(labels, IGNORE_INDEX)),  # (rows, t)
+    }
+
+
+def collate_pairs(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """[(chosen (p, c), rejected (p, c), margin, index)] x b -> 2b rows (chosen first), margin (b,), index (b,)."""
+    ids, labels = _rows([r[0] for r in rows] + [r[1] for r in rows])
+    batch = _pad(ids, labels, pad_id)
+    batch["margin"] = torch.tensor([r[2] for r in rows], dtype=torch.float32)  # (b,)
+    batch["index"] = torch.tensor([r[3] for r in rows], dtype=torch.long)  # (b,)
+    return batch
+
+
+def collate_rankings(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """[(K x (p, c), ranks [K], margin)] x g -> N = sum K rows, group (N,), ranks (N,), margin (g,)."""
+    ids, labels = _rows([e for enc, _, _ in rows for e in enc])
+    batch = _pad(ids, labels, pad_id)
+    batch["group"] = torch.tensor([g for g, (enc, _, _) in enumerate(rows) for _ in enc], dtype=torch.long)
+    batch["ranks"] = torch.tensor([x for _, ranks, _ in rows for x in ranks], dtype=torch.float32)
+    batch["margin"] = torch.tensor([m for _, _, m in rows], dtype=torch.float32)  # (g,)
+    return batch

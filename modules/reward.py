@@ -1,0 +1,188 @@
+"""RewardModule: a scalar-head model trained on preferences (pairwise with margin, or K-wise rankings)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.aggregation import MeanMetric
+
+from modules.losses.reward import RewardLossOutput, pairwise_loss, ranking_loss
+from modules.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer, save_hf
+from modules.ops import IGNORE_INDEX
+from modules.optim import adamw, configure_optim, keep_trainable
+from modules.reward_spec import sequence_scores
+
+
+class RewardModule(LightningModule):
+    """Reward model: r(prompt, response) read at the response's last real token (its EOS).
+
+    Pairs (InstructGPT, arXiv 2203.02155; Llama 2 margin, arXiv 2307.09288 eq. 2): -log sigmoid(r_w - r_l - m).
+    Rankings: every non-tied pair of a prompt's K responses, averaged per prompt, then over prompts.
+
+    Metrics (torchmetrics, synced across processes), each also under test/ for `test`:
+    val/loss; val/reward_accuracy, the fraction of pairs with r_w > r_l (ties count as wrong), averaged per
+    prompt for rankings (like the loss); val/margin, mean r_w - r_l over pairs; rankings add
+    val/ranking_accuracy, the same fraction counted over all pairs of all prompts together.
+
+    Args:
+        backbone: the model to train: a causal LM (its vocabulary head is replaced by a new scalar head, e.g.
+            the SFT policy) or a sequence-classification checkpoint (an earlier reward model, an encoder).
+        optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
+        scheduler: LR scheduler factory; None uses warm-up then `decay`, stepped per optimizer step.
+        warmup_steps: linear warm-up steps of the built-in schedule.
+        decay: built-in schedule after warm-up: constant, linear or cosine.
+        center_coef: weight of the reward-centering term c * mean((r_w + r_l)^2) (arXiv 2312.09244); 0 = off.
+        save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model);
+            it loads with AutoModelForSequenceClassification.
+        merge_lora: save a LoRA model merged into its base (True) or as an adapter (False).
+        predict_file: where `predict` writes one json line per (prompt, response) row with its score
+            (default: <log dir>/scores.jsonl).
+    """
+
+    def __init__(
+        self,
+        backbone: ModelSpec,
+        optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int = 0,
+        decay: Literal["constant", "linear", "cosine"] = "constant",
+        center_coef: float = 0.0,
+        save_dir: str | None = None,
+        merge_lora: bool = True,
+        predict_file: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.backbone_spec = as_spec(backbone)
+        self.hparams["backbone"] = asdict(self.backbone_spec)  # plain data: checkpoints load with weights_only=True
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.warmup_steps, self.decay, self.center_coef = warmup_steps, decay, center_coef
+        self.save_dir, self.merge_lora, self.predict_file = save_dir, merge_lora, predict_file
+        self.backbone = None
+        self.tokenizer = None
+        # val and test never run at once: one set of metrics serves both
+        self.eval_loss, self.eval_accuracy = MeanMetric(), MeanMetric()
+        self.eval_margin, self.eval_ranking_accuracy = MeanMetric(), MeanMetric()
+        self.predicted: list[dict] = []
+        self.predicted_groups = 0
+        self.strict_loading = False  # checkpoints hold trainable weights only
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        self.tokenizer = load_tokenizer(self.backbone_spec)
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.backbone = load_sequence_classifier(self.backbone_spec, pad_token_id=self.tokenizer.pad_token_id, device=device)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores (rows,) of a preference batch: (2b,) chosen then rejected, or (N,) ranking rows."""
+        return sequence_scores(self.backbone, batch["input_ids"], batch["attention_mask"])
+
+    def _loss(self, batch: dict[str, torch.Tensor], scores: torch.Tensor) -> RewardLossOutput:
+        if "group" in batch:  # rankings: (N,) rows, group (N,), ranks (N,)
+            return ranking_loss(scores, batch["group"], batch["ranks"], self.center_coef)
+        chosen, rejected = scores.chunk(2)  # (b,), (b,)
+        return pairwise_loss(chosen, rejected, batch["margin"].to(scores.dtype), self.center_coef)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self._loss(batch, self(batch))
+        n = int(batch["margin"].shape[0])  # pairs, or prompts for rankings
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
+        self.log("train/reward_accuracy", out.accuracy, batch_size=out.num_pairs)
+        self.log("train/margin", out.margin, batch_size=out.num_pairs)
+        return out.loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> None:
+        scores = self(batch)
+        out = self._loss(batch, scores)
+        n = int(batch["margin"].shape[0])
+        self.eval_loss.update(out.loss.detach(), n)
+        self.eval_margin.update(out.margin, out.num_pairs)
+        if "group" in batch:
+            per_prompt = group_accuracies(scores.detach(), batch["group"], batch["ranks"])  # (prompts with pairs,)
+            self.eval_accuracy.update(per_prompt.mean(), per_prompt.numel())
+            self.eval_ranking_accuracy.update(out.accuracy, out.num_pairs)
+            self.log(f"{split}/ranking_accuracy", self.eval_ranking_accuracy, on_step=False, on_epoch=True)
+        else:
+            self.eval_accuracy.update(out.accuracy, out.num_pairs)
+        # metric objects: Lightning computes them (synced across processes) at epoch end, then resets them
+        self.log(f"{split}/loss", self.eval_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/reward_accuracy", self.eval_accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/margin", self.eval_margin, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
+        scores = self(batch).tolist()
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
+        response = labels != IGNORE_INDEX  # (rows, t)
+        decode = self.tokenizer.decode
+        for i, score in enumerate(scores):
+            row = {
+                "prompt": decode(ids[i][mask[i] & ~response[i]], skip_special_tokens=True),
+                "response": decode(ids[i][response[i]], skip_special_tokens=True),
+                "score": score,
+            }
+            if "group" in batch:  # rankings: the prompt's number in this process's pass, and the rank
+                row["group"], row["rank"] = self.predicted_groups + int(batch["group"][i]), float(batch["ranks"][i])
+            else:  # pairs: rows [0, b) chosen, [b, 2b) rejected
+                b = len(scores) // 2
+                row["pair"], row["chosen"] = int(batch["index"][i % b]), i < b
+            self.predicted.append(row)
+        if "group" in batch:
+            self.predicted_groups += int(batch["group"].max()) + 1
+        return self.predicted[-len(scores) :]  # trainer.predict(...) returns these rows too
+
+    def on_predict_epoch_end(self) -> None:
+        rows = self.predicted
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        if self.trainer.is_global_zero:
+            out = self.predict_file or os.path.join(self.trainer.log_dir or ".", "scores.jsonl")
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            print(f"wrote {len(rows)} scores to {out}")
+        self.predicted, self.predicted_groups = [], 0
+
+    def configure_optimizers(self):
+        return configure_optim(
+            self,
+            self.optimizer_factory,
+            self.scheduler_factory,
+            self.warmup_steps,
+            self.decay,
+            self.trainer.estimated_stepping_batches,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep_trainable(self, checkpoint)
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
+            path = save_hf(self.backbone, self.tokenizer, out, merge_lora=self.merge_lora)
+            print(f"saved reward model (Hugging Face format) to {path}")
+
+
+def group_accuracies(scores: torch.Tensor, group: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Per prompt, the fraction of its non-tied pairs ordered right: (N,) x3 -> (prompts with a pair,)."""
+    pair = (group[:, None] == group[None, :]) & (ranks[:, None] < ranks[None, :])  # (N, N): i better than j
+    correct = pair & (scores[:, None] > scores[None, :])  # (N, N)
+    _, gid = torch.unique(group, return_inverse=True)  # (N,)
+    total = torch.zeros(int(gid.max()) + 1, device=scores.device).index_add_(0, gid, pair.sum(1).float())
+    right = torch.zeros_like(total).index_add_(0, gid, correct.sum(1).float())
+    keep = total > 0
+    return right[keep] / total[keep]
