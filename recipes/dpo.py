@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from recipes.common import run_cli
 
@@ -11,6 +12,8 @@ def main(args: list[str] | None = None):
     from datamodules.preference import PreferenceDataModule
     from modules.dpo import DPOModule
 
+    # the frozen reference copy is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     return run_cli(DPOModule, PreferenceDataModule, "dpo", [("model.policy.path", "data.tokenizer")], args)
 
 

@@ -1,0 +1,327 @@
+"""DPOModule: direct preference optimisation on chosen/rejected pairs (Rafailov et al. 2023,
+arXiv 2305.18290)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.utils.data import DataLoader, DistributedSampler
+from torchmetrics.aggregation import MeanMetric
+
+from modules.losses.dpo import dpo_loss, uses_average_logprobs
+from modules.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer, save_hf
+from modules.ops import shifted_logprobs
+from modules.optim import adamw, configure_optim, keep_trainable
+
+REFERENCES = ("copy", "adapter", "precomputed")
+VAL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")
+SPLITS = ("train", "val")
+
+
+class DPOModule(LightningModule):
+    """DPO and its variants (IPO, SLiC hinge, robust DPO, RPO's NLL term) on a `PreferenceDataModule`
+    with layout "pairs": one forward pass over the (2b, t) batch scores chosen rows [0, b) and rejected
+    rows [b, 2b). Sequence log-probs are sums over completion tokens (per-token means for ipo).
+
+    Args:
+        policy: the model to train (full weights, or LoRA; quantised bases need LoRA).
+        reference: where the reference log-probs come from. "copy": a frozen second model.
+            "adapter": the policy with its LoRA adapter switched off (needs `policy.lora`; one model).
+            "precomputed": one no-grad pass over the train and val pairs before the first step stores
+            them (and checkpoints keep them), so training holds one model.
+        reference_model: the reference's weights; None means the policy's weights before training
+            (its spec without LoRA). For "precomputed" with None, the untrained policy itself is the
+            reference, so no second model is ever loaded. Not allowed with "adapter".
+        beta: strength of the implicit KL penalty towards the reference (> 0).
+        loss_type: sigmoid (DPO), ipo, hinge (SLiC) or robust (robust DPO).
+        label_smoothing: assumed preference-flip rate, sigmoid (conservative DPO) and robust only.
+        nll_weight: weight of an NLL (SFT) term on the chosen completions (RPO); 0 turns it off.
+        optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
+        scheduler: LR scheduler factory; None uses warm-up then `decay`, stepped per optimizer step.
+        warmup_steps: linear warm-up steps of the built-in schedule.
+        decay: built-in schedule after warm-up: constant, linear or cosine.
+        save_dir: where the Hugging Face policy goes at the end of fit (default: <log dir>/hf_model).
+        merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reference: Literal["copy", "adapter", "precomputed"] = "copy",
+        reference_model: ModelSpec | None = None,
+        beta: float = 0.1,
+        loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid",
+        label_smoothing: float = 0.0,
+        nll_weight: float = 0.0,
+        optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int = 0,
+        decay: Literal["constant", "linear", "cosine"] = "constant",
+        save_dir: str | None = None,
+        merge_lora: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        for key in ("policy", "reference_model"):  # plain dicts, so weights_only checkpoint loading works
+            if dataclasses.is_dataclass(self.hparams[key]):
+                self.hparams[key] = dataclasses.asdict(self.hparams[key])
+        self.policy_spec = as_spec(policy)
+        self._check_config(reference, reference_model, beta, loss_type, label_smoothing, nll_weight)
+        # the policy's weights before training: its own spec minus the adapter
+        default_ref = dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
+        self.reference_spec = as_spec(reference_model) if reference_model is not None else default_ref
+        self.reference_given = reference_model is not None
+        self.reference_mode = reference
+        self.beta, self.loss_type = beta, loss_type
+        self.label_smoothing, self.nll_weight = label_smoothing, nll_weight
+        self.average = uses_average_logprobs(loss_type)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.warmup_steps, self.decay = warmup_steps, decay
+        self.save_dir, self.merge_lora = save_dir, merge_lora
+        self.policy = None
+        self.reference = None
+        self.tokenizer = None
+        self._policy_is_initial = True  # False once an optimizer step ran or a checkpoint was loaded
+        # precomputed reference log-probs, (n_pairs, 2) = [chosen, rejected] per pair index; NaN = not seen
+        self.register_buffer("ref_train", torch.empty(0, 2))
+        self.register_buffer("ref_val", torch.empty(0, 2))
+        self.val_metrics = torch.nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in VAL_METRICS})
+        self.strict_loading = False  # checkpoints hold trainable weights (and ref_* buffers) only
+
+    def _check_config(self, reference, reference_model, beta, loss_type, label_smoothing, nll_weight) -> None:
+        """Fail on a bad combination before any model loads."""
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+        if reference == "adapter" and self.policy_spec.lora is None:
+            raise ValueError("reference='adapter' reads the reference with the LoRA adapter off: set lora")
+        if reference == "adapter" and reference_model is not None:
+            raise ValueError("reference='adapter' uses the policy's own base weights: drop reference_model")
+        if self.policy_spec.quantization != "none" and self.policy_spec.lora is None:
+            quant = self.policy_spec.quantization
+            raise ValueError(f"quantization={quant} trains only with a LoRA adapter: set lora")
+        # the loss checks its own arguments: run it once on zeros so a bad combination fails here
+        z = torch.zeros(1)
+        dpo_loss(z, z, z, z, beta, loss_type, label_smoothing, chosen_nll=z, nll_weight=nll_weight)
+
+    def _root_device(self) -> torch.device:
+        return self._trainer.strategy.root_device if self._trainer is not None else self.device
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.policy_spec)
+        self.policy = load_causal_lm(self.policy_spec, device=self._root_device())
+        if self.reference_mode == "copy":
+            self.reference = load_causal_lm(self.reference_spec, device=self._root_device(), trainable=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # the frozen copy never runs dropout
+        return self
+
+    def setup(self, stage: str) -> None:
+        layout = getattr(self.trainer.datamodule, "layout", "pairs")
+        if layout != "pairs":  # runs before configure_model: no weights loaded yet
+            raise ValueError(f"DPO trains on chosen/rejected pairs: set data.layout: pairs, not {layout!r}")
+
+    def sequence_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence log-probs for the loss (sums; per-token means for ipo) and per-row mean token log-prob,
+        both (2b,)."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        logits = model(**inputs, use_cache=False).logits  # (2b, t, v)
+        logps, mask = shifted_logprobs(logits, batch["labels"])  # (2b, t-1), 0 off the completion
+        total = logps.sum(-1)  # (2b,)
+        mean = total / mask.sum(-1).clamp(min=1)  # (2b,)
+        return (mean if self.average else total), mean
+
+    def reference_logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> torch.Tensor:
+        """Reference sequence log-probs (2b,), chosen rows first, without grad."""
+        if self.reference_mode == "precomputed":
+            table, index = getattr(self, f"ref_{split}"), batch["index"]  # (n, 2), (b,)
+            if table.shape[0] == 0:
+                raise RuntimeError(f"no precomputed reference log-probs for the {split} split")
+            ref = table[index.clamp(max=table.shape[0] - 1)]  # (b, 2)
+            if bool(((index >= table.shape[0]) | ref.isnan().any(-1)).any()):
+                raise RuntimeError(f"a {split} batch has pair indexes the precompute pass did not see")
+            return torch.cat([ref[:, 0], ref[:, 1]])
+        with torch.no_grad():
+            if self.reference_mode == "adapter":
+                with self.policy.disable_adapter():
+                    return self.sequence_logps(self.policy, batch)[0]
+            return self.sequence_logps(self.reference, batch)[0]
+
+    def forward(self, batch: dict[str, torch.Tensor], split: str = "train"):
+        """(DPOLossOutput, policy sequence log-probs (2b,) detached) for a pairs batch."""
+        b = batch["input_ids"].shape[0] // 2
+        policy_logps, mean_logps = self.sequence_logps(self.policy, batch)  # (2b,), (2b,)
+        ref_logps = self.reference_logps(batch, split)  # (2b,)
+        out = dpo_loss(
+            *policy_logps.chunk(2),
+            *ref_logps.chunk(2),
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            chosen_nll=-mean_logps[:b] if self.nll_weight > 0 else None,  # (b,) mean token NLL of chosen
+            nll_weight=self.nll_weight,
+        )
+        return out, policy_logps.detach()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out, logps = self(batch, "train")
+        chosen, rejected = logps.chunk(2)
+        b = chosen.shape[0]
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
+        self.log("rewards/chosen", out.chosen_rewards.mean(), batch_size=b)
+        self.log("rewards/rejected", out.rejected_rewards.mean(), batch_size=b)
+        self.log("rewards/accuracies", out.accuracy, prog_bar=True, batch_size=b)
+        self.log("rewards/margins", out.margin, batch_size=b)
+        self.log("logps/chosen", chosen.mean(), batch_size=b)
+        self.log("logps/rejected", rejected.mean(), batch_size=b)
+        return out.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._policy_is_initial = False
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out, logps = self(batch, "val")
+        chosen, rejected = logps.chunk(2)  # (b,), (b,)
+        rows = {
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "logps/chosen": chosen,
+            "logps/rejected": rejected,
+        }
+        self.val_metrics["loss"].update(out.loss.detach(), chosen.shape[0])  # pair-weighted over the split
+        for name, value in rows.items():
+            self.val_metrics[name.replace("/", "_")].update(value)
+
+    def on_validation_epoch_end(self) -> None:
+        for name in VAL_METRICS:
+            metric = self.val_metrics[name.replace("/", "_")]
+            # compute() already syncs across processes
+            self.log(f"val/{name}", metric.compute(), prog_bar=name == "loss", sync_dist=False)
+            metric.reset()
+
+    # ---- precomputed reference ----
+
+    def on_train_start(self) -> None:
+        if self.reference_mode == "precomputed":
+            self._ensure_precomputed(SPLITS)
+
+    def on_validation_start(self) -> None:
+        if self.reference_mode == "precomputed":
+            self._ensure_precomputed(("val",))
+
+    def _ensure_precomputed(self, splits: Iterable[str]) -> None:
+        # a resumed run got its tables from the checkpoint: only missing splits are computed
+        loaders = {s: self._unshuffled(s) for s in splits if getattr(self, f"ref_{s}").shape[0] == 0}
+        loaders = {s: loader for s, loader in loaders.items() if loader is not None}
+        if loaders:
+            self.precompute_reference(loaders)
+
+    def _unshuffled(self, split: str):
+        """The split's loader rebuilt without shuffling or touching the global RNG (rows are stored by pair
+        index), sharded across processes."""
+        trainer = self.trainer
+        loader = trainer.train_dataloader if split == "train" else trainer.val_dataloaders
+        if loader is None and trainer.datamodule is not None:
+            dm = trainer.datamodule
+            loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if loader is None or getattr(loader, "batch_size", None) is None:
+            return loader  # none, or a custom batch sampler: use it as it is
+        sampler = None
+        if trainer.world_size > 1:
+            world, rank = trainer.world_size, trainer.global_rank
+            sampler = DistributedSampler(loader.dataset, world, rank, shuffle=False)
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            generator=torch.Generator(),  # iterating draws a seed: keep the global RNG (data order) untouched
+        )
+
+    @torch.no_grad()
+    def precompute_reference(self, loaders: dict[str, Iterable[dict]]) -> None:
+        """One no-grad pass per split ("train"/"val") over pairs batches: each pair's reference log-probs
+        go to `ref_<split>` (n_pairs, 2) at row batch["index"]. Then only the policy stays in memory."""
+        # before any update the policy is the default reference: use it instead of loading a second copy
+        own = not self.reference_given and self._policy_is_initial
+        if own:
+            model = self.policy
+        else:
+            model = load_causal_lm(self.reference_spec, self._root_device(), trainable=False)
+        adapter_off = self.policy.disable_adapter() if own and is_peft(model) else contextlib.nullcontext()
+        trainer = self._trainer
+        # the same autocast as the training step, so step 0 sees policy == reference exactly
+        autocast = contextlib.nullcontext if trainer is None else trainer.precision_plugin.forward_context
+        was_training = model.training
+        model.eval()  # no dropout in the reference
+        try:
+            with adapter_off:
+                for split, loader in loaders.items():
+                    indexes, values = [], []
+                    for batch in loader:
+                        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                        with autocast():
+                            logps = self.sequence_logps(model, batch)[0].float()  # (2b,)
+                        indexes.append(batch["index"])
+                        values.append(torch.stack(logps.chunk(2), dim=-1))  # (b, 2)
+                    index, value = torch.cat(indexes), torch.cat(values)
+                    if trainer is not None and trainer.world_size > 1:
+                        index, value = self.all_gather(index).flatten(), self.all_gather(value).reshape(-1, 2)
+                    table = torch.full((int(index.max()) + 1, 2), float("nan"), device=self.device)
+                    table[index] = value
+                    setattr(self, f"ref_{split}", table)
+        finally:
+            model.train(was_training)
+        if not own:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    # ---- optimisation and checkpoints ----
+
+    def configure_optimizers(self):
+        return configure_optim(
+            self,
+            self.optimizer_factory,
+            self.scheduler_factory,
+            self.warmup_steps,
+            self.decay,
+            self.trainer.estimated_stepping_batches,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        tables = {f"ref_{s}": state[f"ref_{s}"] for s in SPLITS if f"ref_{s}" in state}
+        keep_trainable(self, checkpoint)  # drops the frozen copy and frozen bases
+        checkpoint["state_dict"].update(tables)  # a resume must not recompute the reference pass
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._policy_is_initial = False
+        for name in (f"ref_{s}" for s in SPLITS):
+            if name in checkpoint["state_dict"]:  # size the buffer so load_state_dict can copy into it
+                setattr(self, name, torch.empty_like(checkpoint["state_dict"][name], device=self.device))
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
+            path = save_hf(self.policy, self.tokenizer, out, merge_lora=self.merge_lora)
+            print(f"saved policy (Hugging Face format) to {path}")

@@ -1,0 +1,263 @@
+"""Module tier for DPO: one step per reference mode on the tiny model, config errors, checkpoints, resume."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+
+import modules.dpo as dpo
+from datamodules.tokenize import IGNORE_INDEX, encode_completions, pad_right
+from modules.dpo import DPOModule
+from modules.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "tiny-llama"
+
+
+def _rows(synthetic_dir, n, split="train"):
+    with open(synthetic_dir / f"pairs_{split}.jsonl") as f:
+        return [json.loads(line) for line, _ in zip(f, range(n))]
+
+
+def _encode(tokenizer, rows):
+    """Pair rows -> [(prompt_ids, chosen_ids, rejected_ids)], from one tokenization per completion."""
+    prompts, wheres = [r["prompt"] for r in rows], [f"row {i}" for i in range(len(rows))]
+    chosen = encode_completions(tokenizer, prompts, [r["chosen"] for r in rows], wheres, 64, 32)
+    rejected = encode_completions(tokenizer, prompts, [r["rejected"] for r in rows], wheres, 64, 32)
+    return [(p, c, r) for (p, c), (_, r) in zip(chosen, rejected)]
+
+
+def _collate(pairs, indexes, pad_id=0, extra_pad=0):
+    """The contract's "pairs" batch: chosen rows [0, b), rejected rows [b, 2b), right-padded."""
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    width = max(len(p) + len(c) for p, c in seqs) + extra_pad
+    return {
+        "input_ids": torch.tensor(pad_right([p + c for p, c in seqs], pad_id, width)),
+        "attention_mask": torch.tensor(pad_right([[1] * (len(p) + len(c)) for p, c in seqs], 0, width)),
+        "labels": torch.tensor(pad_right([[IGNORE_INDEX] * len(p) + c for p, c in seqs], IGNORE_INDEX, width)),
+        "margin": torch.zeros(len(pairs)),
+        "index": torch.tensor(indexes),
+    }
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return _encode(load_tokenizer(str(TINY)), _rows(FIXTURES / "synthetic", 8))
+
+
+def _module(path=TINY, **kw):
+    module = DPOModule(ModelSpec(path=str(path), **kw.pop("spec", {})), **kw)
+    module.configure_model()
+    return module
+
+
+def _n_models(module):
+    return sum(isinstance(m, PreTrainedModel) and hasattr(m, "lm_head") for m in module.modules())
+
+
+def _sgd_step(module, batch, lr=0.1):
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
+    out, _ = module(batch)
+    out.loss.backward()
+    opt.step()
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(reference="adapter"), "set lora"),
+        (dict(reference="adapter", spec={"lora": LoraSpec()}, reference_model=ModelSpec(path="x")), "drop reference"),
+        (dict(reference="frozen"), "reference must be one of"),
+        (dict(loss_type="kto"), "unknown loss_type"),
+        (dict(beta=0.0), "beta must be > 0"),
+        (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing applies"),
+        (dict(loss_type="robust", label_smoothing=0.5), "label_smoothing must be in"),
+        (dict(nll_weight=-1.0), "nll_weight must be >= 0"),
+        (dict(spec={"quantization": "nf4"}), "set lora"),
+    ],
+)
+def test_bad_config_fails_before_any_model_loads(monkeypatch, kwargs, match):
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    spec = kwargs.pop("spec", {})
+    with pytest.raises(ValueError, match=match):
+        DPOModule(ModelSpec(path="/no/such/model", **spec), **kwargs)
+
+
+def test_good_config_loads_nothing_at_init(monkeypatch):
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    module = DPOModule(ModelSpec(path="/no/such/model", lora=LoraSpec()), reference="adapter", loss_type="ipo")
+    assert module.policy is None and module.reference is None and module.average
+
+
+def test_copy_reference_step(pairs):
+    module = _module(TINY)
+    assert _n_models(module) == 2 and module.reference.training is False
+    assert not any(p.requires_grad for p in module.reference.parameters())
+    batch = _collate(pairs[:4], [0, 1, 2, 3])
+    policy_before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    ref_before = {n: p.detach().clone() for n, p in module.reference.named_parameters()}
+
+    out = _sgd_step(module, batch)
+    # policy == reference at step 0: h = 0, loss = -log sigmoid(0) = log 2, rewards 0, accuracy 0 (no ties win)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert torch.equal(out.chosen_rewards, torch.zeros(4)) and out.accuracy.item() == 0.0
+
+    with_grad = [n for n, p in module.policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    changed = {n for n, p in module.policy.named_parameters() if not torch.equal(policy_before[n], p)}
+    assert len(with_grad) == len(policy_before) and set(with_grad) == changed
+    assert all(torch.equal(ref_before[n], p) for n, p in module.reference.named_parameters())
+    after, _ = module(batch)
+    assert after.loss < out.loss and after.accuracy.item() > 0  # the step moved towards chosen
+
+
+def test_module_train_keeps_reference_in_eval():
+    module = _module(TINY)
+    module.train()
+    assert module.policy.training and not module.reference.training
+
+
+def test_padding_changes_nothing(pairs):
+    module = _module(reference="precomputed")
+    with torch.no_grad():
+        tight, _ = module.sequence_logps(module.policy, _collate(pairs[:3], [0, 1, 2]))
+        padded, _ = module.sequence_logps(module.policy, _collate(pairs[:3], [0, 1, 2], extra_pad=5))
+    torch.testing.assert_close(tight, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_ipo_averages_and_nll_term(pairs):
+    batch = _collate(pairs[:2], [0, 1])
+    ipo = _module(loss_type="ipo", beta=0.1)
+    out, _ = ipo(batch)
+    # h = 0 at step 0: (0 - 1 / (2 * 0.1))**2 = 25
+    assert out.loss.item() == pytest.approx((0 - 1 / (2 * 0.1)) ** 2, rel=1e-6)
+    avg, mean = ipo.sequence_logps(ipo.policy, batch)
+    torch.testing.assert_close(avg, mean)
+
+    rpo = _module(nll_weight=0.5)
+    out, logps = rpo(batch)
+    with torch.no_grad():  # chosen NLL by hand: -mean over completion tokens of log softmax at the label
+        logits = rpo.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = []
+        for row in range(2):  # chosen rows are 0 and 1
+            lp = torch.log_softmax(logits[row, :-1], -1)
+            targets = batch["labels"][row, 1:]
+            keep = targets != IGNORE_INDEX
+            nll.append(-lp[keep].gather(-1, targets[keep, None]).mean())
+            assert logps[row].item() == pytest.approx(lp[keep].gather(-1, targets[keep, None]).sum().item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(math.log(2) + 0.5 * (nll[0] + nll[1]).item() / 2, rel=1e-5)
+
+
+def test_adapter_reference_trains_only_lora_and_adapter_off_is_base(pairs):
+    module = _module(reference="adapter", spec={"lora": LoraSpec(r=4, dropout=0.0)})
+    assert module.reference is None and _n_models(module) == 1
+    base = load_causal_lm(str(TINY), trainable=False)
+    batch = _collate(pairs[:4], [0, 1, 2, 3])
+    with torch.no_grad():
+        base_logps = module.sequence_logps(base, batch)[0]
+    torch.testing.assert_close(module.reference_logps(batch), base_logps)
+
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    out = _sgd_step(module, batch)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)  # LoRA B starts at 0: policy == base
+    changed = [n for n, p in module.policy.named_parameters() if not torch.equal(before[n], p)]
+    assert changed and all("lora_" in n for n in changed)
+    torch.testing.assert_close(module.reference_logps(batch), base_logps)  # still the base after the step
+    assert not torch.allclose(module.sequence_logps(module.policy, batch)[0], base_logps)
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_precomputed_matches_copy_and_holds_one_model(monkeypatch, pairs, explicit):
+    loads = []
+    real_load = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    ref_spec = ModelSpec(path=str(TINY)) if explicit else None
+    module = _module(reference="precomputed", reference_model=ref_spec)
+    # train pairs stored out of order: rows are keyed by batch["index"], not by position
+    train = [_collate(pairs[:4], [5, 0, 7, 2]), _collate(pairs[4:8], [1, 3, 4, 6])]
+    val = [_collate(pairs[:2], [0, 1])]
+    module.precompute_reference({"train": train, "val": val})
+    # explicit reference: loaded once for the pass, then dropped; default: the untrained policy is the reference
+    assert len(loads) == 1 + explicit and module.reference is None and _n_models(module) == 1
+    assert module.ref_train.shape == (8, 2) and module.ref_val.shape == (2, 2)
+    assert module.policy.training  # mode restored after the pass
+
+    copy = _module(TINY)
+    later = _collate([pairs[2], pairs[5], pairs[0]], [7, 3, 5])  # another grouping of the same pairs
+    torch.testing.assert_close(module.reference_logps(later), copy.reference_logps(later), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(module.reference_logps(val[0], "val"), copy.reference_logps(val[0]))
+    out = _sgd_step(module, later)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    with pytest.raises(RuntimeError, match="did not see"):
+        module.reference_logps(_collate(pairs[:1], [8]))
+
+
+def test_checkpoint_keeps_trainable_weights_and_reference_tables():
+    module = _module(TINY)
+    module.ref_train = torch.zeros(3, 2)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    keys = set(checkpoint["state_dict"])
+    assert not any(k.startswith("reference.") for k in keys) and "ref_train" in keys and "ref_val" in keys
+    assert {f"policy.{n}" for n, _ in module.policy.named_parameters()} <= keys
+
+
+class _PairsData(LightningDataModule):
+    def __init__(self, pairs):
+        super().__init__()
+        self.train, self.val = list(enumerate(pairs)), list(enumerate(pairs[:2]))
+
+    @staticmethod
+    def collate(rows):
+        return _collate([p for _, p in rows], [i for i, _ in rows])
+
+    def train_dataloader(self):
+        return DataLoader(self.train, batch_size=2, shuffle=True, collate_fn=self.collate)
+
+    def val_dataloader(self):
+        return DataLoader(self.val, batch_size=2, collate_fn=self.collate)
+
+
+def _fit(module, pairs, tmp_path, steps, ckpt_path=None):
+    trainer = Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)], val_check_interval=2,
+        num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, _PairsData(pairs), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_precomputed_fit_checkpoints_tables_and_resume_skips_the_pass(monkeypatch, pairs, tmp_path):
+    passes = []
+    real = DPOModule.precompute_reference
+
+    def spy(self, loaders):
+        rng = torch.get_rng_state()
+        passes.append(set(loaders))
+        real(self, loaders)
+        # the pass leaves the global RNG alone, so the data order (and run) equals the copy reference's
+        assert torch.equal(rng, torch.get_rng_state())
+
+    monkeypatch.setattr(DPOModule, "precompute_reference", spy)
+    module = DPOModule(ModelSpec(path=str(TINY)), reference="precomputed", save_dir=str(tmp_path / "hf"))
+    trainer = _fit(module, pairs, tmp_path, steps=2)
+    assert passes == [{"train", "val"}]
+    assert {"train/loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "val/loss",
+            "val/rewards/accuracies", "val/logps/rejected"} <= set(trainer.callback_metrics)
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert state["ref_train"].shape == (8, 2) and not state["ref_train"].isnan().any()
+    torch.testing.assert_close(state["ref_train"], module.ref_train)
+
+    resumed = DPOModule(ModelSpec(path=str(TINY)), reference="precomputed", save_dir=str(tmp_path / "hf"))
+    _fit(resumed, pairs, tmp_path, steps=3, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert passes == [{"train", "val"}]  # the tables came back from the checkpoint
+    torch.testing.assert_close(resumed.ref_train, state["ref_train"])
