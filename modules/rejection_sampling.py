@@ -1,0 +1,269 @@
+"""RejectionSamplingModule: best-of-K fine-tuning (Llama 2, Touvron et al. 2023, arXiv 2307.09288, sec 3.2.3).
+
+Online scheme, one prompt batch at a time (as RAFT, Dong et al. 2023, arXiv 2304.06767): sample K responses
+per prompt from the current policy, score them with a `RewardSpec`, keep the best per prompt (only if it
+reaches `min_score`), and take SFT steps (NLL on the response tokens, EOS included) on the kept samples.
+Each batch samples from the policy the previous batch left, so every batch is a small Llama 2 round; the
+recipe links `rounds` to `trainer.max_epochs` (passes over the prompt set). Llama 2's whole-dataset rounds
+are the offline flow: `rlhf rs predict` writes best-of-K jsonl, `rlhf sft fit` trains on it, repeat.
+Manual optimization: `trainer.max_steps`/`global_step` count optimizer steps (sft_epochs x minibatches per
+prompt batch, 1 by default); clip with `max_grad_norm`, not trainer.gradient_clip_val; no
+accumulate_grad_batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from modules.generation import Rollout, SamplingSpec, decode_responses, generate
+from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer, save_hf
+from modules.ops import IGNORE_INDEX, masked_mean, shifted_logprobs
+from modules.optim import adamw, configure_optim, keep_trainable
+from modules.reward_spec import RewardSpec, as_reward_spec
+
+
+def select_best(scores: Tensor, min_score: float | None = None) -> tuple[Tensor, Tensor]:
+    """Best of K per prompt: scores (b, k) -> index of the best (b,), first index on ties; keep (b,) bool,
+    False where the best is below `min_score`."""
+    k = scores.shape[-1]
+    top = scores.max(-1, keepdim=True).values  # (b, 1)
+    cols = torch.arange(k, device=scores.device).expand_as(scores)  # (b, k)
+    best = torch.where(scores == top, cols, k).min(-1).values  # lowest column holding the max
+    keep = torch.ones_like(best, dtype=torch.bool) if min_score is None else top.squeeze(-1) >= min_score
+    return best, keep
+
+
+def rollout_examples(rollout: Rollout, rows: Tensor) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids without the left padding, response ids up to and including EOS) of the chosen rollout rows.
+
+    The ids are the sampled ones, not a re-tokenization of the decoded text; a truncated row has no EOS."""
+    p = rollout.prompt_length
+    out = []
+    for j in rows.tolist():
+        prompt = rollout.sequences[j, :p][rollout.attention_mask[j, :p].bool()]
+        response = rollout.sequences[j, p:][rollout.response_mask[j].bool()]
+        out.append((prompt.tolist(), response.tolist()))
+    return out
+
+
+def collate_examples(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
+    """[(prompt_ids, response_ids)] -> right-padded input_ids, attention_mask, labels (b, t); labels are -100
+    on the prompt and on padding."""
+    width = max(len(p) + len(c) for p, c in rows)
+    ids, mask, labels = [], [], []
+    for p, c in rows:
+        pad = width - len(p) - len(c)
+        ids.append(p + c + [pad_id] * pad)
+        mask.append([1] * (len(p) + len(c)) + [0] * pad)
+        labels.append([IGNORE_INDEX] * len(p) + c + [IGNORE_INDEX] * pad)
+    return {
+        "input_ids": torch.tensor(ids),
+        "attention_mask": torch.tensor(mask),
+        "labels": torch.tensor(labels),
+    }
+
+
+class RejectionSamplingModule(LightningModule):
+    """Rejection-sampling fine-tuning of a causal LM (full weights or LoRA) against a reward.
+
+    Args:
+        policy: the model to sample from and fine-tune (usually the SFT policy).
+        reward: what scores (prompt, response) pairs: reward models or an oracle.
+        sampling: how to sample; `num_samples` is K, the samples per prompt (validation draws one).
+        rounds: passes over the prompt set; the recipe links trainer.max_epochs to it.
+        min_score: keep a prompt's best sample only if its score reaches this (None keeps every best).
+        optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
+        scheduler: LR scheduler factory; None uses warm-up then `decay`. Stepped once per prompt batch, over
+            trainer.estimated_stepping_batches.
+        warmup_steps: linear warm-up (prompt batches) of the built-in schedule.
+        decay: built-in schedule after warm-up: constant, linear or cosine.
+        sft_epochs: passes over each batch's kept samples (gradient steps reuse one sampling pass).
+        sft_batch_size: kept samples per gradient step (None: the whole prompt batch in one step).
+        max_grad_norm: clip the gradient norm to this before each step (None: no clipping).
+        sampling_seed: seed of the sampling streams (each batch's depends on it, split, epoch, batch, rank).
+        save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model).
+        merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
+        predict_file: where `predict` writes best-of-K jsonl rows {prompt, completion, score, mean_score}
+            (default: <log dir>/best_of_k.jsonl); `rlhf sft fit` reads it as prompt/completion data. Rows
+            below min_score or with a blank best completion are left out.
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reward: RewardSpec,
+        sampling: SamplingSpec = SamplingSpec(num_samples=4),
+        rounds: int = 1,
+        min_score: float | None = None,
+        optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int = 0,
+        decay: Literal["constant", "linear", "cosine"] = "constant",
+        sft_epochs: int = 1,
+        sft_batch_size: int | None = None,
+        max_grad_norm: float | None = None,
+        sampling_seed: int = 0,
+        save_dir: str | None = None,
+        merge_lora: bool = True,
+        predict_file: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.automatic_optimization = False  # several SFT steps per sampled batch
+        self.policy_spec, self.reward = as_spec(policy), as_reward_spec(reward)
+        self.sampling = sampling if isinstance(sampling, SamplingSpec) else SamplingSpec(**sampling)
+        self.rounds, self.min_score = rounds, min_score
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.warmup_steps, self.decay = warmup_steps, decay
+        self.sft_epochs, self.sft_batch_size, self.max_grad_norm = sft_epochs, sft_batch_size, max_grad_norm
+        self.sampling_seed, self.predict_file = sampling_seed, predict_file
+        self.save_dir, self.merge_lora = save_dir, merge_lora
+        self.policy = None
+        self.tokenizer = None
+        self.val_reward = MeanMetric()
+        self.predictions: list[dict] = []
+        self.strict_loading = False  # checkpoints hold trainable weights only
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.tokenizer = load_tokenizer(self.policy_spec, padding_side="left")
+        self.policy = load_causal_lm(self.policy_spec, device=device)
+        self.reward.load(device or "cpu")
+
+    def _generator(self, *keys, device=None) -> torch.Generator:
+        # a fixed stream per (seed, rank, split, epoch, batch): reruns and resumed runs sample the same
+        key = zlib.crc32(repr((self.sampling_seed, self.global_rank, *keys)).encode())
+        return torch.Generator(device=device or self.device).manual_seed(key)
+
+    def sample(
+        self, batch: dict, spec: SamplingSpec, generator: torch.Generator
+    ) -> tuple[Rollout, list[str], Tensor]:
+        """spec.num_samples responses per prompt: the rollout (b*n rows), their texts and scores (b*n,)."""
+        n = spec.num_samples
+        rollout = generate(
+            self.policy, batch["input_ids"], batch["attention_mask"], spec,
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator, self.tokenizer,
+        )
+        responses = decode_responses(self.tokenizer, rollout)
+        prompts = [p for p in batch["prompts"] for _ in range(n)]  # rows i*n .. i*n+n-1 answer prompt i
+        meta = [m for m in batch["meta"] for _ in range(n)] if batch.get("meta") is not None else None
+        scores = self.reward.score(prompts, responses, meta, self.device)
+        return rollout, responses, scores.to(self.device, torch.float32)
+
+    def best_of_k(self, batch: dict, generator: torch.Generator):
+        """K samples per prompt -> rollout, texts, scores (b, k), best index (b,), keep (b,)."""
+        rollout, responses, scores = self.sample(batch, self.sampling, generator)
+        scores = scores.view(-1, self.sampling.num_samples)  # (b, k)
+        best, keep = select_best(scores, self.min_score)
+        return rollout, responses, scores, best, keep
+
+    def sft_loss(self, batch: dict[str, Tensor], keep: Tensor) -> Tensor:
+        """Mean NLL on the response tokens of kept rows: batch (b, t), keep (b,) -> scalar (0 if none kept)."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        logits = self.policy(**inputs, use_cache=False).logits  # (b, t, v)
+        logps, mask = shifted_logprobs(logits, batch["labels"])  # (b, t-1)
+        # dropped rows stay in the batch with no weight: every rank runs the same steps (DDP)
+        return masked_mean(-logps, mask & keep[:, None])
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        epoch = self.current_epoch
+        rollout, _, scores, best, keep = self.best_of_k(batch, self._generator("train", epoch, batch_idx))
+        b, k = scores.shape
+        examples = rollout_examples(rollout, torch.arange(b, device=best.device) * k + best)
+        best_scores = scores.gather(1, best[:, None]).squeeze(1)  # (b,)
+        for name, value in [
+            ("rs/mean_reward", scores.mean()),
+            ("rs/best_reward", best_scores.mean()),
+            ("rs/gain", best_scores.mean() - scores.mean()),
+            ("rs/kept_fraction", keep.float().mean()),
+        ]:
+            prog_bar = name == "rs/best_reward"
+            self.log(name, value, on_step=True, on_epoch=True, batch_size=b, prog_bar=prog_bar)
+
+        opt = self.optimizers()
+        shuffle = self._generator("shuffle", epoch, batch_idx, device="cpu")
+        losses = []
+        for _ in range(self.sft_epochs):
+            order = torch.randperm(b, generator=shuffle) if self.sft_epochs > 1 else torch.arange(b)
+            for chunk in order.split(self.sft_batch_size or b):
+                mb = collate_examples([examples[i] for i in chunk.tolist()], self.tokenizer.pad_token_id)
+                mb = {key: t.to(self.device) for key, t in mb.items()}
+                loss = self.sft_loss(mb, keep[chunk.to(keep.device)])
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if self.max_grad_norm is not None:
+                    self.clip_gradients(opt, self.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                losses.append(loss.detach())
+        self.lr_schedulers().step()
+        self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=b)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # one sample per prompt from the same stream every time: validations differ only by the policy
+        spec = dataclasses.replace(self.sampling, num_samples=1)
+        _, _, scores = self.sample(batch, spec, self._generator("val", batch_idx))
+        self.val_reward.update(scores)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/reward", self.val_reward.compute(), prog_bar=True, sync_dist=False)
+        self.val_reward.reset()
+
+    def on_predict_epoch_start(self) -> None:
+        self.predictions = []
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        _, responses, scores, best, keep = self.best_of_k(batch, self._generator("predict", batch_idx))
+        k = scores.shape[1]
+        rows = [
+            {
+                "prompt": batch["prompts"][i],
+                "completion": responses[i * k + j],
+                "score": scores[i, j].item(),
+                "mean_score": scores[i].mean().item(),
+            }
+            for i, j in enumerate(best.tolist())
+            if keep[i] and responses[i * k + j].strip()  # a blank completion cannot be SFT data
+        ]
+        self.predictions.extend(rows)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        path = Path(self.predict_file or os.path.join(self.trainer.log_dir or ".", "best_of_k.jsonl"))
+        if self.trainer.world_size > 1:  # one file per rank, no gather
+            path = path.with_name(f"{path.name}.rank{self.global_rank}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.predictions)
+        print(f"wrote {len(self.predictions)} best-of-{self.sampling.num_samples} samples to {path}")
+
+    def configure_optimizers(self):
+        return configure_optim(
+            self,
+            self.optimizer_factory,
+            self.scheduler_factory,
+            self.warmup_steps,
+            self.decay,
+            self.trainer.estimated_stepping_batches,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep_trainable(self, checkpoint)
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
+            path = save_hf(self.policy, self.tokenizer, out, merge_lora=self.merge_lora)
+            print(f"saved policy (Hugging Face format) to {path}")
