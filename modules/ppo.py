@@ -1,0 +1,340 @@
+"""PPOModule: RLHF with PPO against a reward model (Ziegler et al. 2019 arXiv 1909.08593, InstructGPT
+arXiv 2203.02155): each batch of prompts is one rollout, then `ppo_epochs` passes of clipped updates.
+
+Per batch: (1) sample responses (KV cache, seeded generator); (2) no grad: behaviour and reference
+log-probs, values, RewardSpec scores of the decoded text; (3) rewards = -kl_coef * KL per token with the
+score on the last real response token, GAE, whitened advantages (losses/ppo.py); (4) ppo_epochs x
+num_minibatches optimizer steps, each over grad_accum micro-batches, with gradient clipping.
+Layouts: "separate" = policy (full or LoRA) + frozen reference copy + value model (scalar head, read per
+token); "shared" = ONE base: the policy is a LoRA adapter, the reference the adapter switched off, the value
+a linear head on the policy's last hidden state (an 8-bit base works: quantization int8 + LoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.aggregation import MeanMetric
+
+from modules.generation import SamplingSpec, decode_responses, generate
+from modules.losses import ppo as losses
+from modules.losses.kl_control import AdaptiveKLController, FixedKLController
+from modules.models import (
+    ModelSpec,
+    as_spec,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    save_hf,
+)
+from modules.ops import entropy_from_logits, masked_sum, token_logprobs
+from modules.optim import adamw, configure_optim, keep_trainable
+from modules.reward_spec import RewardSpec, as_reward_spec
+from modules.rollout import Experience, minibatches, position_ids, repeat_each, response_slice
+
+
+class PPOModule(LightningModule):
+    """PPO from prompts: the policy samples, a RewardSpec scores, a KL penalty keeps it near the reference.
+
+    Under manual optimisation `trainer.max_steps` and `global_step` count OPTIMIZER steps: one batch of
+    prompts makes ppo_epochs * num_minibatches of them (use multiples for checkpoint.every_n_train_steps).
+
+    Args:
+        policy: the model to train (full weights, or LoRA; layout "shared" needs LoRA).
+        reward: the frozen reward model(s) or oracle that score decoded responses.
+        sampling: rollout sampling; log-probs divide the logits by the same temperature and use the full
+            softmax, so keep top_k 0 and top_p 1.0 (truncated sampling would be off-policy).
+        layout: "separate" (reference copy, value model) or "shared" (one base: adapter, adapter off, value head).
+        value_model: layout "separate": value model with a scalar head read at every response token; it must
+            share the policy's tokenizer. Default: the reward's first model, else the policy.
+        kl_coef: KL penalty coefficient (the initial one if adaptive_kl).
+        kl_kind: per-token KL estimator: k1 (logp - ref), k3, abs or mse.
+        adaptive_kl: steer the summed per-response KL to kl_target (Ziegler et al.), else fixed kl_coef.
+        kl_target: adaptive KL target, nats per response.
+        kl_horizon: adaptive KL horizon, in responses.
+        gamma: GAE discount.
+        lam: GAE lambda.
+        clip_eps: policy ratio clip range.
+        value_clip_eps: value clip range around the rollout's values.
+        vf_coef: value loss weight in loss = policy + vf_coef * value - entropy_coef * entropy.
+        entropy_coef: entropy bonus weight.
+        ppo_epochs: passes over each rollout.
+        num_minibatches: optimizer steps per pass (the rollout is split into this many minibatches).
+        grad_accum: micro-batches per minibatch, each backward separately (memory), one optimizer step.
+        max_grad_norm: clip the global gradient norm to this (None: no clipping).
+        whiten_advantages: whiten advantages over the rollout's response tokens.
+        score_clip: clip scores to [-score_clip, score_clip] (after the missing-EOS penalty).
+        missing_eos_penalty: subtracted from the score of responses that hit max_new_tokens without EOS.
+        optimizer: optimizer factory over all trainable parameters (policy and value).
+        scheduler: LR scheduler factory, stepped per optimizer step; None: warm-up then `decay`.
+        warmup_steps: linear warm-up optimizer steps of the built-in schedule.
+        decay: built-in schedule after warm-up: constant, linear or cosine.
+        seed: seed of the rollout/minibatch generator (+ rank); validation re-seeds with seed + 1 every time.
+        save_dir: where the Hugging Face policy goes at the end of fit (default: <log dir>/hf_model).
+        merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reward: RewardSpec,
+        sampling: SamplingSpec = SamplingSpec(),  # never mutated: a shared default is safe
+        layout: Literal["separate", "shared"] = "separate",
+        value_model: ModelSpec | None = None,
+        kl_coef: float = 0.05,
+        kl_kind: Literal["k1", "k3", "abs", "mse"] = "k1",
+        adaptive_kl: bool = False,
+        kl_target: float = 6.0,
+        kl_horizon: int = 10000,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        clip_eps: float = 0.2,
+        value_clip_eps: float = 0.2,
+        vf_coef: float = 0.1,
+        entropy_coef: float = 0.0,
+        ppo_epochs: int = 4,
+        num_minibatches: int = 1,
+        grad_accum: int = 1,
+        max_grad_norm: float | None = 1.0,
+        whiten_advantages: bool = True,
+        score_clip: float | None = None,
+        missing_eos_penalty: float | None = None,
+        optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int = 0,
+        decay: Literal["constant", "linear", "cosine"] = "constant",
+        seed: int = 0,
+        save_dir: str | None = None,
+        merge_lora: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.automatic_optimization = False
+        self.policy_spec = as_spec(policy)
+        self.reward = dataclasses.replace(as_reward_spec(reward))  # own copy: loaded models stay out of hparams
+        self.sampling = sampling if isinstance(sampling, SamplingSpec) else SamplingSpec(**dict(sampling))
+        self.temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
+        if layout == "shared" and self.policy_spec.lora is None:
+            raise ValueError("layout='shared' trains the policy as a LoRA adapter on the shared base: set policy.lora")
+        self.layout = layout
+        default_value = self.reward.models[0] if self.reward.models else self.policy_spec
+        self.value_spec = as_spec(value_model) if value_model is not None else default_value
+        self.kl_kind, self.adaptive_kl = kl_kind, adaptive_kl
+        self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
+        self.gamma, self.lam, self.clip_eps, self.value_clip_eps = gamma, lam, clip_eps, value_clip_eps
+        self.vf_coef, self.entropy_coef = vf_coef, entropy_coef
+        self.ppo_epochs, self.num_minibatches, self.grad_accum = ppo_epochs, num_minibatches, grad_accum
+        self.max_grad_norm, self.whiten, self.score_clip = max_grad_norm, whiten_advantages, score_clip
+        self.missing_eos_penalty = missing_eos_penalty
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.warmup_steps, self.decay, self.seed = warmup_steps, decay, seed
+        self.save_dir, self.merge_lora = save_dir, merge_lora
+        self.policy = self.reference = self.value_model = self.value_head = self.tokenizer = None
+        self.generator: torch.Generator | None = None  # rollouts and minibatch order; saved in checkpoints
+        self.val_generator: torch.Generator | None = None
+        self._pending_state: dict | None = None  # generator state loaded before the generator exists
+        self.val_metrics = torch.nn.ModuleDict(
+            {k: MeanMetric() for k in ("score", "kl", "value_loss", "response_length")}
+        )
+        self.strict_loading = False  # checkpoints hold trainable weights only
+
+    def _root_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self._trainer is not None else self.device
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        device = self._root_device()
+        self.tokenizer = load_tokenizer(self.policy_spec, padding_side="left")
+        self.policy = load_causal_lm(self.policy_spec, device=device)
+        if self.layout == "shared":  # value head on the policy's last hidden state; zero init: V = 0 at first
+            self.value_head = torch.nn.Linear(self.policy.config.hidden_size, 1, device=device)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+        else:
+            ref_spec = dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
+            self.reference = load_causal_lm(ref_spec, device=device, trainable=False)
+            self.value_model = load_sequence_classifier(self.value_spec, self.tokenizer.pad_token_id, device=device)
+        self.reward.load(device)
+        self.generator = torch.Generator(device).manual_seed(self.seed + self.global_rank)  # ranks sample apart
+        if self._pending_state is not None:
+            self._restore_state(self._pending_state)
+
+    # ----- forward passes over prompt + response rows (b, p + r) -----
+
+    def policy_forward(self, sequences, attention_mask, p: int, values: bool = True):
+        """Response-token log-probs (b, r), values (b, r) or None, and temperature-scaled logits (b, r, v)."""
+        r = sequences.shape[1] - p
+        shared_values = values and self.layout == "shared"
+        out = self.policy(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+            use_cache=False, logits_to_keep=r + 1, output_hidden_states=shared_values,
+        )
+        logits = out.logits[:, :-1] / self.temperature  # (b, r, v): the positions that predict the response
+        logp = token_logprobs(logits, sequences[:, p:])  # (b, r)
+        if not values:
+            return logp, None, logits
+        if shared_values:
+            hidden = response_slice(out.hidden_states[-1], p)  # (b, r, h)
+            v = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        else:
+            v = self.value_forward(sequences, attention_mask, p)
+        return logp, v.float(), logits
+
+    def value_forward(self, sequences, attention_mask, p: int) -> torch.Tensor:
+        """Layout separate: the value model's scalar head at every response position -> (b, r)."""
+        # a peft wrapper's base; a model with a transformers-loaded adapter has no wrapper (but a peft_config)
+        inner = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
+        hidden = getattr(inner, inner.base_model_prefix)(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+        ).last_hidden_state  # (b, p + r, h)
+        return inner.score(response_slice(hidden, p)).squeeze(-1).float()  # (b, r)
+
+    def reference_logp(self, sequences, attention_mask, p: int) -> torch.Tensor:
+        if self.layout == "shared":
+            with self.policy.disable_adapter():  # the base without the adapter is the initial policy
+                return self.policy_forward(sequences, attention_mask, p, values=False)[0]
+        logits = self.reference(
+            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+            use_cache=False, logits_to_keep=sequences.shape[1] - p + 1,
+        ).logits[:, :-1]
+        return token_logprobs(logits, sequences[:, p:], self.temperature)  # (b, r)
+
+    def _no_dropout(self) -> None:
+        # behaviour and training forwards must agree (ratio 1 on the first pass), and dropout would draw from
+        # the global RNG, which a resumed run does not replay
+        for m in (self.policy, self.reference, self.value_model, self.value_head):
+            if m is not None:
+                m.eval()
+
+    # ----- rollout -----
+
+    @torch.no_grad()
+    def rollout(self, batch: dict, generator: torch.Generator, kl_coef: float, chunk: int) -> tuple[Experience, dict]:
+        """Sample, score and evaluate one batch of prompts: Experience plus per-row stats (b,) for logging."""
+        self._no_dropout()
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        out = generate(self.policy, batch["input_ids"], batch["attention_mask"], self.sampling, eos, pad, generator,
+                       self.tokenizer)
+        n, p, mask = self.sampling.num_samples, out.prompt_length, out.response_mask.bool()
+        texts = decode_responses(self.tokenizer, out, eos)
+        meta = repeat_each(batch.get("meta") or [{}] * len(batch["prompts"]), n)
+        scores = self.reward.score(repeat_each(batch["prompts"], n), texts, meta, device=mask.device).float()  # (b,)
+        logp, ref_logp, values, entropy = [], [], [], []
+        for rows in torch.arange(len(texts), device=mask.device).split(chunk):
+            seq, am = out.sequences[rows], out.attention_mask[rows]
+            lp, v, logits = self.policy_forward(seq, am, p)
+            logp.append(lp)
+            values.append(v)
+            entropy.append(masked_sum(entropy_from_logits(logits), mask[rows], dim=-1))  # (chunk,)
+            ref_logp.append(self.reference_logp(seq, am, p))
+        logp, ref_logp, values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values)
+        shaped = losses.shape_scores(scores, out.has_eos, self.missing_eos_penalty, self.score_clip)
+        rewards, kl = losses.token_rewards(shaped, logp, ref_logp, mask, kl_coef, self.kl_kind)  # (b, r): score on last token
+        advantages, returns = losses.gae(rewards, values, mask, self.gamma, self.lam)
+        if self.whiten:
+            advantages = losses.whiten_advantages(advantages, mask)
+        exp = Experience(out.sequences, out.attention_mask, mask, logp, ref_logp, values, advantages, returns, p)
+        stats = {"scores": scores, "kl": kl.sum(-1), "entropy": torch.cat(entropy), "rlhf_reward": rewards.sum(-1),
+                 "response_length": mask.sum(-1).float()}
+        return exp, stats
+
+    # ----- training -----
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        b = len(batch["prompts"]) * self.sampling.num_samples
+        chunk = -(-b // (self.num_minibatches * self.grad_accum))  # rows per micro-batch
+        kl_coef = self.kl_ctl.value
+        exp, stats = self.rollout(batch, self.generator, kl_coef, chunk)
+        self.kl_ctl.update(stats["kl"].mean().item(), n_steps=b)  # Ziegler et al.: after each rollout
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        logs: dict[str, list] = {}
+        for _ in range(self.ppo_epochs):
+            for micro in minibatches(b, self.num_minibatches, self.grad_accum, self.generator, exp.mask.device):
+                rows_in_mb = sum(len(idx) for idx in micro)
+                for idx in micro:
+                    out = self.ppo_losses(exp, idx)
+                    self.manual_backward(out.loss * (len(idx) / rows_in_mb))  # row-weighted mean over the minibatch
+                    for k, v in zip(out._fields, out):
+                        logs.setdefault(k, []).append(v.detach())
+                if self.max_grad_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if sched is not None:
+                    sched.step()
+        mean = {k: torch.stack(v).mean() for k, v in logs.items()}
+        metrics = {f"objective/{k}": stats[k].mean() for k in ("kl", "entropy", "scores", "rlhf_reward")}
+        metrics |= {"policy/clipfrac": mean["clipfrac"], "policy/approxkl": mean["approxkl"],
+                    "train/loss": mean["loss"], "train/policy_loss": mean["policy_loss"],
+                    "train/value_loss": mean["value_loss"], "train/value_clipfrac": mean["value_clipfrac"],
+                    "train/entropy": mean["entropy"], "train/kl_coef": torch.tensor(kl_coef),
+                    "train/response_length": stats["response_length"].mean()}
+        self.log_dict(metrics, batch_size=b)
+
+    def ppo_losses(self, exp: Experience, idx: torch.Tensor):
+        """The PPO loss of rows idx under the current policy and value (losses/ppo.py ppo_loss output)."""
+        self._no_dropout()
+        logp, values, logits = self.policy_forward(exp.sequences[idx], exp.attention_mask[idx], exp.prompt_length)
+        mask = exp.mask[idx]
+        if self.entropy_coef:
+            entropy = losses.entropy_bonus(logits, mask)
+        else:
+            with torch.no_grad():  # logged only
+                entropy = losses.entropy_bonus(logits, mask)
+        return losses.ppo_loss(logp, exp.old_logp[idx], exp.advantages[idx], values, exp.old_values[idx], exp.returns[idx],
+                        mask, entropy, self.clip_eps, self.value_clip_eps, self.vf_coef, self.entropy_coef)
+
+    # ----- validation: one sampled response per prompt, same seed every time -----
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_generator = torch.Generator(self._root_device()).manual_seed(self.seed + 1)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        b = len(batch["prompts"]) * self.sampling.num_samples
+        exp, stats = self.rollout(batch, self.val_generator, self.kl_ctl.value, chunk=b)
+        vl = losses.value_loss(exp.old_values, exp.old_values, exp.returns, exp.mask, self.value_clip_eps).loss
+        for key, value in (("score", stats["scores"]), ("kl", stats["kl"]), ("response_length", stats["response_length"])):
+            self.val_metrics[key].update(value)
+        self.val_metrics["value_loss"].update(vl, weight=b)
+
+    def on_validation_epoch_end(self) -> None:
+        for key, metric in self.val_metrics.items():
+            self.log(f"val/{key}", metric.compute(), prog_bar=key == "score", sync_dist=False)
+            metric.reset()
+
+    # ----- optimizer, checkpoints, export -----
+
+    def configure_optimizers(self):
+        steps = self.trainer.estimated_stepping_batches
+        if self.trainer.max_steps == -1:  # counted in batches of prompts, each several optimizer steps
+            steps *= self.ppo_epochs * self.num_minibatches
+        return configure_optim(self, self.optimizer_factory, self.scheduler_factory, self.warmup_steps, self.decay, steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep_trainable(self, checkpoint)
+        checkpoint["ppo_state"] = {"kl_ctl": self.kl_ctl.state_dict(), "generator": self.generator.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ppo_state")
+        if state is not None:
+            if self.generator is None:
+                self._pending_state = state
+            else:
+                self._restore_state(state)
+
+    def _restore_state(self, state: dict) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.generator.set_state(state["generator"].cpu())
+        self._pending_state = None
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero and not self.trainer.interrupted:
+            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
+            path = save_hf(self.policy, self.tokenizer, out, merge_lora=self.merge_lora)
+            print(f"saved policy (Hugging Face format) to {path}")

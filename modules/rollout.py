@@ -1,0 +1,56 @@
+"""Small tensor helpers for on-policy stages (PPO): positions, response slices, minibatch order, experience."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Experience(NamedTuple):
+    """One PPO rollout, everything fixed before the updates; b rows, p prompt and r response columns.
+
+    sequences, attention_mask (b, p + r); mask (b, r) over response tokens (through EOS);
+    old_logp, ref_logp, old_values, advantages, returns (b, r); prompt_length p.
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    mask: Tensor
+    old_logp: Tensor
+    ref_logp: Tensor
+    old_values: Tensor
+    advantages: Tensor
+    returns: Tensor
+    prompt_length: int
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that restart at 0 on the first real token of a left-padded row: (b, t) -> (b, t)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_slice(x: Tensor, prompt_length: int) -> Tensor:
+    """Per-position outputs (b, p + r, ...) -> the r positions whose next token is a response token:
+    position p - 1 + i predicts response token i, so take p - 1 .. p + r - 2."""
+    return x[:, prompt_length - 1 : -1]
+
+
+def minibatches(n: int, num_minibatches: int, micro_batches: int, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> list[list[Tensor]]:
+    """Shuffle rows 0..n-1 and split into num_minibatches minibatches of micro_batches index chunks each.
+
+    Sizes differ by at most one (tensor_split). A short batch (e.g. an epoch's last) gets fewer minibatches
+    and micro-batches rather than empty ones: at most n minibatches, at most n // minibatches chunks each.
+    """
+    num_minibatches = max(1, min(num_minibatches, n))
+    micro_batches = max(1, min(micro_batches, n // num_minibatches))
+    gen_device = generator.device if generator is not None else "cpu"
+    order = torch.randperm(n, generator=generator, device=gen_device).to(device or gen_device)
+    return [list(mb.tensor_split(micro_batches)) for mb in order.tensor_split(num_minibatches)]
+
+
+def repeat_each(items: list, n: int) -> list:
+    """[a, b], 2 -> [a, a, b, b]: prompts/meta for rows i*n .. i*n+n-1 sampled from prompt i."""
+    return [x for x in items for _ in range(n)]
