@@ -82,16 +82,3 @@ def test_malformed_data_stops_before_training_naming_line(tmp_path):
     assert proc.returncode != 0
     assert f"{bad}:2" in proc.stderr and "prompt" in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
-
-
-@pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "recipes.cli", "sft", "fit", "--config", TINY, "--trainer.accelerator=cpu",
-         "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=4", f"--model.save_dir={tmp_path / 'hf'}",
-         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "hf" / "model.safetensors").exists()
