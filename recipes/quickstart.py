@@ -34,6 +34,28 @@ def oracle_eval(model_dir: str | Path, prompts_file: Path, temperature: float = 
     return mean_oracle_score(prompts, decode_responses(tok, rollout))
 
 
+def reward_accuracy(model_dir: Path, pairs_file: Path) -> float:
+    """Fraction of held-out oracle-labelled pairs the reward model orders like the labels."""
+    from modules.models import ModelSpec
+    from modules.reward_spec import RewardSpec
+
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+    spec = RewardSpec(models=[ModelSpec(path=str(model_dir))]).load("cpu")
+    prompts = [r["prompt"] for r in rows]
+    chosen = spec.score(prompts, [r["chosen"] for r in rows])
+    rejected = spec.score(prompts, [r["rejected"] for r in rows])
+    return (chosen > rejected).float().mean().item()
+
+
+def final_kl(log_root: Path) -> float:
+    """The last val/kl a PPO run logged (mean summed KL of a sampled response to the SFT policy)."""
+    import csv
+
+    metrics = sorted(log_root.glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)[-1]
+    values = [row["val/kl"] for row in csv.DictReader(metrics.open()) if row.get("val/kl")]
+    return float(values[-1]) if values else float("nan")
+
+
 def run_stage(stage: str, config: str, overrides: list[str]) -> None:
     import importlib
     import sys
@@ -49,7 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="folder for data, models and logs")
     parser.add_argument("--n-train", type=int, default=4000, help="training rows per data file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", default="sft,reward,dpo,rs,ppo", help="comma-separated stages after SFT")
+    parser.add_argument(
+        "--rl-reward", choices=["oracle", "model"], default="oracle",
+        help="what rejection sampling and PPO optimise: the task's oracle, or the reward model trained here",
+    )
     args = parser.parse_args(argv)
+    args.stages = set(args.stages.split(","))
     quiet()
     from datamodules.synthetic import make_demonstrations, write_task
     from modules.models import build_tiny_model
@@ -63,22 +91,45 @@ def main(argv: list[str] | None = None) -> None:
     results = [("base (random init)", oracle_eval(out / "base", val_prompts), str(out / "base"))]
     common = [f"--trainer.logger.init_args.save_dir={out / 'logs'}", f"--trainer.default_root_dir={out / 'logs'}"]
 
-    run_stage(
-        "sft",
-        "sft/synthetic.yaml",
-        [
-            f"--model.policy.path={out / 'base'}",
-            f"--data.train_file={files['sft_train']}",
-            f"--data.val_file={files['sft_val']}",
-            f"--model.save_dir={out / 'sft'}",
-            *common,
-        ],
-    )
-    results.append(("sft", oracle_eval(out / "sft", val_prompts), str(out / "sft")))
+    def stage(name: str, config: str, data: str, extra: list[str]) -> Path:
+        saved = out / name
+        run_stage(
+            config.split("/")[0],
+            config,
+            [
+                f"--data.train_file={files[data + '_train']}",
+                f"--data.val_file={files[data + '_val']}",
+                f"--model.save_dir={saved}",
+                *common,
+                *extra,
+            ],
+        )
+        return saved
+
+    sft = stage("sft", "sft/synthetic.yaml", "sft", [f"--model.policy.path={out / 'base'}"])
+    results.append(("sft", oracle_eval(sft, val_prompts), str(sft)))
+    if "reward" in args.stages:
+        rm = stage("reward", "reward/synthetic.yaml", "rankings", [f"--model.backbone.path={out / 'base'}"])
+        accuracy = reward_accuracy(rm, files["pairs_val"])
+        results.append(("reward model", accuracy, f"{rm}  (held-out accuracy vs the oracle's preferences)"))
+    if "dpo" in args.stages:
+        dpo = stage("dpo", "dpo/synthetic.yaml", "pairs", [f"--model.policy.path={sft}"])
+        results.append(("dpo", oracle_eval(dpo, val_prompts), str(dpo)))
+    # RS and PPO optimise the oracle by default (a verifiable reward); --rl-reward model optimises the learned
+    # reward model as InstructGPT / Llama 2 do, where this small RM gets over-optimised (see README)
+    learned = args.rl_reward == "model"
+    reward = ["--model.reward.oracle=null", f"--model.reward.models=[{{path: {out / 'reward'}}}]"] if learned else []
+    if "rs" in args.stages and (not learned or "reward" in args.stages):
+        rs = stage("rs", "rs/synthetic.yaml", "prompts", [f"--model.policy.path={sft}", "--trainer.limit_train_batches=60", *reward])
+        results.append(("rejection sampling", oracle_eval(rs, val_prompts), str(rs)))
+    if "ppo" in args.stages and (not learned or "reward" in args.stages):
+        ppo = stage("ppo", "ppo/synthetic.yaml", "prompts", [f"--model.policy.path={sft}", *reward])
+        results.append(("ppo", oracle_eval(ppo, val_prompts), f"{ppo}  (KL to SFT: {final_kl(out / 'logs' / 'ppo'):.2f} nats)"))
 
     print("\n== rlhf quickstart: held-out oracle score (reverse task, 200 prompts, one sample each at T=1) ==")
+    print(f"   rejection sampling and PPO optimise: {'the reward model above' if learned else 'the oracle'}")
     for name, score, path in results:
-        print(f"  {name:<22} {score:6.3f}   {path}")
+        print(f"  {name:<20} {score:6.3f}   {path}")
     print(f"data: {out / 'data'}   logs: {out / 'logs'}   wall time: {time.time() - start:.0f} s")
 
 
