@@ -55,8 +55,13 @@ def peak_rss_gib() -> float:
 
 
 def machine() -> dict:
-    import lightning
-    import transformers
+    import importlib.metadata as md
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
 
     return {
         "date": time.strftime("%Y-%m-%d"),
@@ -65,8 +70,9 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "transformers": transformers.__version__,
+        "lightning": version("lightning"),
+        "transformers": version("transformers"),
+        "trl": version("trl"),
     }
 
 

@@ -11,8 +11,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer, save_hf
-from modules.ops import masked_mean, shifted_logprobs
+from modules.models import ModelSpec, as_spec, completion_logits, load_causal_lm, load_tokenizer, save_hf
+from modules.ops import token_logprobs
 from modules.optim import adamw, configure_optim, keep_trainable
 
 
@@ -58,29 +58,34 @@ class SFTModule(LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else None
         self.policy = load_causal_lm(self.policy_spec, device=device)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token NLL (b, t-1) and its mask over completion tokens."""
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """NLL of every completion token of the batch: (n,), in batch order."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits = self.policy(**inputs, use_cache=False).logits  # (b, t, v)
-        logps, mask = shifted_logprobs(logits, batch["labels"])
-        return -logps, mask
+        logits, targets = completion_logits(self.policy, batch["labels"], **inputs)  # (n, v), (n,)
+        return -token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll, mask = self(batch)
-        loss = masked_mean(nll, mask)  # mean over the batch's completion tokens
+        nll = self(batch)
+        loss = nll.mean()  # mean over the batch's completion tokens
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.log("train/tokens", mask.sum().float(), reduce_fx="sum", batch_size=1)
+        self.log("train/tokens", float(nll.numel()), reduce_fx="sum", batch_size=1)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        nll, mask = self(batch)
-        self.val_nll.update(nll[mask], 1.0)  # token-weighted mean over the whole split
+        self.val_nll.update(self(batch), 1.0)  # token-weighted mean over the whole split
 
     def on_validation_epoch_end(self) -> None:
         nll = self.val_nll.compute()
         self.log("val/loss", nll, prog_bar=True, sync_dist=False)
         self.log("val/perplexity", nll.exp(), sync_dist=False)
         self.val_nll.reset()
+
+    # `test` evaluates the DataModule's validation file, reported under the val/ names
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
 
     def configure_optimizers(self):
         return configure_optim(

@@ -8,7 +8,7 @@ from lightning.pytorch import Trainer
 
 from datamodules.sft import SFTDataModule, collate_packed, collate_sft
 from modules.models import LoraSpec, ModelSpec, save_hf
-from modules.ops import masked_mean
+from modules.ops import shifted_logprobs
 from modules.sft import SFTModule
 
 
@@ -42,11 +42,20 @@ def test_packing_does_not_attend_across_examples(tiny_model_dir):
     module = SFTModule(ModelSpec(path=str(tiny_model_dir)))
     module.configure_model()
     rows = [([5, 6, 7], [8, 9, 2]), ([10, 11], [12, 2]), ([13], [14, 15, 16, 2])]
-    nll_plain, mask_plain = module(collate_sft(rows, pad_id=0))
-    nll_packed, mask_packed = module(collate_packed([rows], pad_id=0))
+    nll_plain = module(collate_sft(rows, pad_id=0))
+    nll_packed = module(collate_packed([rows], pad_id=0))
     # same tokens scored, same values: position ids restart and the mask is block-diagonal
-    assert mask_plain.sum() == mask_packed.sum() == 9
-    torch.testing.assert_close(nll_plain[mask_plain], nll_packed[mask_packed], rtol=1e-4, atol=1e-5)
+    assert nll_plain.numel() == nll_packed.numel() == 9
+    torch.testing.assert_close(nll_plain, nll_packed, rtol=1e-4, atol=1e-5)
+
+
+def test_completion_only_head_equals_full_forward(tiny_model_dir):
+    module = SFTModule(ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0)))
+    module.configure_model()
+    batch = collate_sft([([5, 6, 7], [8, 9, 2]), ([10], [11, 2])], pad_id=0)
+    logits = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, mask = shifted_logprobs(logits, batch["labels"])
+    torch.testing.assert_close(module(batch), -logps[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_lora_trains_adapters_only_and_adapter_off_is_base(synthetic_dir, tiny_model_dir):
@@ -70,8 +79,7 @@ def test_lora_trains_adapters_only_and_adapter_off_is_base(synthetic_dir, tiny_m
 def test_quantized_lora_forward_backward_on_cpu(tiny_model_dir, quantization):
     module = SFTModule(ModelSpec(path=str(tiny_model_dir), quantization=quantization, lora=LoraSpec(r=4)))
     module.configure_model()
-    nll, mask = module(collate_sft([([5, 6, 7], [8, 9, 2]), ([10], [11, 2])], pad_id=0))
-    loss = masked_mean(nll, mask)
+    loss = module(collate_sft([([5, 6, 7], [8, 9, 2]), ([10], [11, 2])], pad_id=0)).mean()
     loss.backward()
     assert torch.isfinite(loss)
     grads = {n: p.grad for n, p in module.policy.named_parameters() if p.requires_grad}
