@@ -91,6 +91,9 @@ class PromptDataModule(LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_rows, batch_size=self.val_batch_size, collate_fn=self.collate, num_workers=self.num_workers)
 

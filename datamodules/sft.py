@@ -102,6 +102,9 @@ class SFTDataModule(LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_rows, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
 

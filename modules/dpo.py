@@ -192,6 +192,16 @@ class DPOModule(LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._policy_is_initial = False
 
+    # `test` evaluates the DataModule's validation file, reported under the val/ names
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_start(self) -> None:
+        self.on_validation_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out, logps = self(batch, "val")
         chosen, rejected = logps.chunk(2)  # (b,), (b,)

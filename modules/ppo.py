@@ -295,6 +295,16 @@ class PPOModule(LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.val_generator = torch.Generator(self._root_device()).manual_seed(self.seed + 1)
 
+    # `test` evaluates the DataModule's validation file, reported under the val/ names
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         b = len(batch["prompts"]) * self.sampling.num_samples
         exp, stats = self.rollout(batch, self.val_generator, self.kl_ctl.value, chunk=b)

@@ -211,6 +211,13 @@ class RejectionSamplingModule(LightningModule):
         self.lr_schedulers().step()
         self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=b)
 
+    # `test` evaluates the DataModule's validation file, reported under the val/ names
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # one sample per prompt from the same stream every time: validations differ only by the policy
         spec = dataclasses.replace(self.sampling, num_samples=1)

@@ -45,3 +45,10 @@ def test_config_parses_against_its_recipe(path, monkeypatch, capsys):
 def test_every_stage_has_a_tiny_config():
     for stage in STAGE_DIRS.values():
         assert (ROOT / "configs" / stage / "tiny.yaml").exists(), stage
+
+
+@pytest.mark.parametrize("stage", list(STAGE_DIRS))
+def test_validate_and_test_subcommands_run_on_tiny(stage, run_recipe, capsys):
+    for subcommand in ("validate", "test"):
+        run_recipe(stage, subcommand, "--config", f"configs/{stage}/tiny.yaml")
+    assert "val/" in capsys.readouterr().out  # the metrics tables are printed
