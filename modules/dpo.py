@@ -17,8 +17,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.aggregation import MeanMetric
 
 from modules.losses.dpo import dpo_loss, uses_average_logprobs
-from modules.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer, save_hf
-from modules.ops import shifted_logprobs
+from modules.models import (
+    ModelSpec,
+    as_spec,
+    completion_logits,
+    is_peft,
+    load_causal_lm,
+    load_tokenizer,
+    save_hf,
+)
+from modules.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
 from modules.optim import adamw, configure_optim, keep_trainable
 
 REFERENCES = ("copy", "adapter", "precomputed")
@@ -138,9 +146,11 @@ class DPOModule(LightningModule):
         """Sequence log-probs for the loss (sums; per-token means for ipo) and per-row mean token log-prob,
         both (2b,)."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
-        logits = model(**inputs, use_cache=False).logits  # (2b, t, v)
-        logps, mask = shifted_logprobs(logits, batch["labels"])  # (2b, t-1), 0 off the completion
-        total = logps.sum(-1)  # (2b,)
+        # the vocabulary head runs on completion positions only: (n, v) logits, not (2b, t, v)
+        logits, targets = completion_logits(model, batch["labels"], **inputs)
+        logps = token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]  # (n,)
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (2b, t-1)
+        total = rowwise_sum(logps, mask)  # (2b,)
         mean = total / mask.sum(-1).clamp(min=1)  # (2b,)
         return (mean if self.average else total), mean
 

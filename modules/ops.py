@@ -91,3 +91,9 @@ def last_true_index(mask: torch.Tensor) -> torch.Tensor:
     t = mask.shape[-1]
     positions = torch.arange(t, device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), positions, torch.zeros_like(positions)).max(-1).values
+
+
+def rowwise_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum per row of values gathered as `x[mask]`: values (n,), mask (b, t) with n true entries -> (b,)."""
+    rows = mask.nonzero(as_tuple=True)[0]  # (n,) row of each value, in row-major order like x[mask]
+    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
