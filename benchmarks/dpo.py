@@ -24,6 +24,7 @@ from benchmarks.common import build_standard_model, hh_pairs, peak_rss_gib, repo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reference", default="copy", choices=["copy", "precomputed"])
+    parser.add_argument("--packing", action="store_true", help="padding-free packed rows")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
@@ -51,14 +52,14 @@ def main() -> None:
             if batch_idx == args.warmup:
                 clock["start"] = time.perf_counter()
             if batch_idx >= args.warmup:
-                clock["pairs"] += batch["input_ids"].shape[0] // 2
+                clock["pairs"] += batch["margin"].shape[0]
 
         def on_train_end(self, trainer, module):
             clock["end"] = time.perf_counter()
 
     dm = PreferenceDataModule(
         train_file=str(data), val_file=str(data), tokenizer=str(model_dir), max_length=512, max_prompt_length=256,
-        batch_size=8,
+        batch_size=8, packing=args.packing,
     )
     module = DPOModule(ModelSpec(path=str(model_dir)), reference=args.reference, beta=0.1, save_dir=str(tmp / "out"))
     trainer = Trainer(
@@ -70,7 +71,7 @@ def main() -> None:
     trainer.fit(module, dm)
     seconds = clock["end"] - clock["start"]
     report(
-        f"dpo-{args.reference}",
+        f"dpo-{args.reference}" + ("-packed" if args.packing else ""),
         {
             "pairs_timed": clock["pairs"],
             "seconds": round(seconds, 2),

@@ -39,6 +39,9 @@ class PreferenceDataModule(LightningDataModule):
         batch_size: pairs (layout pairs: 2 * batch_size rows) or prompts (layout rankings) per device per step.
         layout: "pairs": every non-tied pair of a record (better first) is its own example; "rankings":
             each record is one group of its K responses.
+        packing: layout pairs, for DPO: pack a batch's 2b sequences into as few rows of max_length as fit,
+            with position ids restarting per sequence (no padding, no attention across sequences) and a
+            `sequence_ids` map (rows, t) back to the 2b sequences.
         skip_bad_rows: skip malformed rows (counted per reason) instead of stopping at the first.
         strength_map: preference-strength label -> margin; None uses Llama 2's (significantly better 1.0 ...
             negligibly better 0.0).
@@ -58,6 +61,7 @@ class PreferenceDataModule(LightningDataModule):
         max_prompt_length: int = 256,
         batch_size: int = 8,
         layout: Literal["pairs", "rankings"] = "pairs",
+        packing: bool = False,
         skip_bad_rows: bool = False,
         strength_map: dict[str, float] | None = None,
         train_split: str = "train",
@@ -73,7 +77,10 @@ class PreferenceDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.train_file, self.val_file, self.tokenizer_path = train_file, val_file, tokenizer
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        if packing and layout != "pairs":
+            raise ValueError("packing is for layout 'pairs' (DPO)")
         self.batch_size, self.layout, self.skip_bad_rows = batch_size, layout, skip_bad_rows
+        self.packing = packing
         self.strength_map = strength_map
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.num_workers, self.seed = num_workers, seed
@@ -146,6 +153,8 @@ class PreferenceDataModule(LightningDataModule):
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
         if self.layout == "rankings":
             return collate_rankings(rows, self.tokenizer.pad_token_id)
+        if self.packing:
+            return collate_pairs_packed(rows, self.tokenizer.pad_token_id, self.max_length)
         return collate_pairs(rows, self.tokenizer.pad_token_id)
 
     def _loader(self, rows, shuffle: bool) -> DataLoader:
@@ -195,6 +204,28 @@ def collate_pairs(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
     """[(chosen (p, c), rejected (p, c), margin, index)] x b -> 2b rows (chosen first), margin (b,), index (b,)."""
     ids, labels = _rows([r[0] for r in rows] + [r[1] for r in rows])
     batch = _pad(ids, labels, pad_id)
+    batch["margin"] = torch.tensor([r[2] for r in rows], dtype=torch.float32)  # (b,)
+    batch["index"] = torch.tensor([r[3] for r in rows], dtype=torch.long)  # (b,)
+    return batch
+
+
+def collate_pairs_packed(rows: list, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Like collate_pairs, but the 2b sequences (chosen first) are packed first-fit into rows of max_length:
+    input_ids, labels, position_ids (restarting per sequence) and sequence_ids (-1 on the padding tail)."""
+    ids, labels = _rows([r[0] for r in rows] + [r[1] for r in rows])
+    bins: list[list[int]] = []
+    for s, seq in enumerate(ids):
+        fit = next((b for b in bins if sum(len(ids[i]) for i in b) + len(seq) <= max_length), None)
+        bins.append([s]) if fit is None else fit.append(s)
+    width = max(sum(len(ids[i]) for i in b) for b in bins)
+    out = {"input_ids": [], "labels": [], "position_ids": [], "sequence_ids": []}
+    for b in bins:
+        n = sum(len(ids[i]) for i in b)
+        out["input_ids"].append([t for i in b for t in ids[i]] + [pad_id] * (width - n))
+        out["labels"].append([t for i in b for t in labels[i]] + [IGNORE_INDEX] * (width - n))
+        out["position_ids"].append([k for i in b for k in range(len(ids[i]))] + list(range(width - n)))
+        out["sequence_ids"].append([i for i in b for _ in ids[i]] + [-1] * (width - n))
+    batch = {k: torch.tensor(v) for k, v in out.items()}
     batch["margin"] = torch.tensor([r[2] for r in rows], dtype=torch.float32)  # (b,)
     batch["index"] = torch.tensor([r[3] for r in rows], dtype=torch.long)  # (b,)
     return batch

@@ -143,15 +143,18 @@ class DPOModule(LightningModule):
             raise ValueError(f"DPO trains on chosen/rejected pairs: set data.layout: pairs, not {layout!r}")
 
     def sequence_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence log-probs for the loss (sums; per-token means for ipo) and per-row mean token log-prob,
-        both (2b,)."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        """Sequence log-probs for the loss (sums; per-token means for ipo) and mean token log-probs: (2b,) each."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         # the vocabulary head runs on completion positions only: (n, v) logits, not (2b, t, v)
         logits, targets = completion_logits(model, batch["labels"], **inputs)
         logps = token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]  # (n,)
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (2b, t-1)
-        total = rowwise_sum(logps, mask)  # (2b,)
-        mean = total / mask.sum(-1).clamp(min=1)  # (2b,)
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX  # (rows, t-1)
+        if "sequence_ids" in batch:  # packed rows: sum by the sequence each target token belongs to
+            seq, zeros = batch["sequence_ids"][:, 1:][keep], logps.new_zeros(2 * batch["margin"].shape[0])
+            total, count = zeros.index_add(0, seq, logps), zeros.index_add(0, seq, torch.ones_like(logps))
+        else:
+            total, count = rowwise_sum(logps, keep), keep.sum(-1)  # (2b,)
+        mean = total / count.clamp(min=1)  # (2b,)
         return (mean if self.average else total), mean
 
     def reference_logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> torch.Tensor:

@@ -261,3 +261,24 @@ def test_precomputed_fit_checkpoints_tables_and_resume_skips_the_pass(monkeypatc
     _fit(resumed, pairs, tmp_path, steps=3, ckpt_path=str(tmp_path / "last.ckpt"))
     assert passes == [{"train", "val"}]  # the tables came back from the checkpoint
     torch.testing.assert_close(resumed.ref_train, state["ref_train"])
+
+
+def test_packed_pairs_give_the_same_sequence_logps_as_padded(tiny_model_dir):
+    from datamodules.preference import collate_pairs, collate_pairs_packed
+    from modules.dpo import DPOModule
+    from modules.models import ModelSpec
+
+    module = DPOModule(ModelSpec(path=str(tiny_model_dir)))
+    module.configure_model()
+    rows = [(([5, 6, 7], [8, 9, 2]), ([5, 6, 7], [10, 2]), 0.0, 0), (([11], [12, 13, 14, 2]), ([11], [15, 2]), 0.0, 1)]
+    padded = collate_pairs(rows, pad_id=0)
+    packed = collate_pairs_packed(rows, pad_id=0, max_length=9)
+    # literal packing: first-fit of lengths [6, 5, 5, 3] into rows of 9 -> [seq 0, seq 3], [seq 1], [seq 2]
+    assert packed["sequence_ids"].tolist() == [
+        [0, 0, 0, 0, 0, 0, 3, 3, 3], [1, 1, 1, 1, 1, -1, -1, -1, -1], [2, 2, 2, 2, 2, -1, -1, -1, -1]]
+    assert packed["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    with torch.no_grad():
+        total_p, mean_p = module.sequence_logps(module.policy, padded)
+        total_k, mean_k = module.sequence_logps(module.policy, packed)
+    torch.testing.assert_close(total_k, total_p, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean_k, mean_p, rtol=1e-4, atol=1e-4)
