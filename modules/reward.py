@@ -82,7 +82,10 @@ class RewardModule(LightningModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores (rows,) of a preference batch: (2b,) chosen then rejected, or (N,) ranking rows."""
-        return sequence_scores(self.backbone, batch["input_ids"], batch["attention_mask"])
+        return sequence_scores(
+            self.backbone, batch["input_ids"], batch.get("attention_mask"), batch.get("sequence_ids"),
+            batch.get("position_ids"),
+        )
 
     def _loss(self, batch: dict[str, torch.Tensor], scores: torch.Tensor) -> RewardLossOutput:
         if "group" in batch:  # rankings: (N,) rows, group (N,), ranks (N,)

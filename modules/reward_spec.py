@@ -17,8 +17,13 @@ from modules.models import ModelSpec, as_spec, is_peft, load_sequence_classifier
 from modules.ops import last_true_index
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score per row: (b, t), (b, t) -> (b,) float32, for left or right padding.
+def sequence_scores(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scalar score per sequence: (b, t), (b, t) -> (b,) float32, for left or right padding; or, for packed
+    rows (no attention mask; `sequence_ids` (rows, t) says which sequence each token is, -1 on padding, and
+    position ids restart per sequence), one score per sequence id.
 
     Decoder classifiers (`score` head on a base model: Llama, Qwen, GPT-2, ..., also inside a peft wrapper):
     run the base model, take the hidden state at the last real token, apply the head. Anything else (an
@@ -27,14 +32,22 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     inner = model.get_base_model() if is_peft(model) else model  # LoRA layers stay active in place
     prefix = getattr(inner, "base_model_prefix", "")
     if hasattr(inner, "score") and prefix and hasattr(inner, prefix):
-        # right padding keeps positions 0..n-1 for real tokens; left padding needs them restarted
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
+        if position_ids is None:  # right padding keeps positions 0..n-1; left padding needs them restarted
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
         hidden = getattr(inner, prefix)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (b, t, h)
+        if sequence_ids is not None:  # packed: the last flat position of each sequence id
+            flat, where = sequence_ids.flatten(), torch.arange(sequence_ids.numel(), device=hidden.device)
+            real = flat >= 0  # -1 marks the padding tail
+            last = torch.full((int(flat.max()) + 1,), -1, device=hidden.device)
+            last = last.scatter_reduce(0, flat[real], where[real], "amax")
+            return inner.score(hidden.flatten(0, 1)[last]).squeeze(-1).float()  # (n_seq,)
         last = last_true_index(attention_mask)  # (b,): the score goes on the last real token
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (b, h)
         return inner.score(picked).squeeze(-1).float()  # (b,)
+    if sequence_ids is not None:
+        raise ValueError("packed batches need a decoder reward model (a `score` head on a base model)")
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
 
 

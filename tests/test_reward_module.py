@@ -262,3 +262,18 @@ def test_int8_base_with_lora_trains(tiny_model_dir):
     assert torch.isfinite(out.loss)
     changed = {n for n, p in module.backbone.named_parameters() if not torch.equal(before[n], p)}
     assert changed and changed <= trainable and any(".score." in n for n in changed)
+
+
+def test_packed_pairs_score_like_padded_pairs(tiny_model_dir):
+    from datamodules.preference import collate_pairs, collate_pairs_packed
+    from modules.models import ModelSpec
+    from modules.reward import RewardModule
+
+    module = RewardModule(ModelSpec(path=str(tiny_model_dir)))
+    module.configure_model()
+    rows = [(([5, 6, 7], [8, 9, 2]), ([5, 6, 7], [10, 2]), 0.0, 0), (([11], [12, 13, 14, 2]), ([11], [15, 2]), 0.0, 1)]
+    with torch.no_grad():
+        padded = module(collate_pairs(rows, pad_id=0))
+        packed = module(collate_pairs_packed(rows, pad_id=0, max_length=9))
+    assert packed.shape == (4,)
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-4)
