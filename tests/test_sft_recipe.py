@@ -1,7 +1,6 @@
 """Recipe tier: `rlhf sft` end to end on the tiny config, --help, --print_config, config composition, DDP."""
 
 import json
-import os
 import subprocess
 import sys
 
