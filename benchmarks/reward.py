@@ -3,7 +3,7 @@
 512 HH-RLHF pairs, pairwise loss, batch 8 pairs (16 rows), max length 512, 20 optimizer steps timed after 3
 warm-up steps, through the real PreferenceDataModule + RewardModule + Lightning Trainer.
 
-    python benchmarks/reward.py [--packing]
+    python benchmarks/reward.py [--packing | --share-prompt]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from benchmarks.common import build_standard_model, hh_pairs, peak_rss_gib, repo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--packing", action="store_true", help="padding-free packed rows")
+    parser.add_argument("--share-prompt", action="store_true", help="prompt-shared packed rows (prompt encoded once)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
@@ -57,7 +58,7 @@ def main() -> None:
 
     dm = PreferenceDataModule(
         train_file=str(data), val_file=str(data), tokenizer=str(model_dir), max_length=512, max_prompt_length=256,
-        batch_size=8, packing=args.packing,
+        batch_size=8, packing=args.packing, share_prompt=args.share_prompt,
     )
     module = RewardModule(ModelSpec(path=str(model_dir)), save_dir=str(tmp / "out"))
     trainer = Trainer(
@@ -69,7 +70,7 @@ def main() -> None:
     trainer.fit(module, dm)
     seconds = clock["end"] - clock["start"]
     report(
-        "reward" + ("-packed" if args.packing else ""),
+        "reward" + ("-packed" if args.packing else "") + ("-shared-prompt" if args.share_prompt else ""),
         {
             "pairs_timed": clock["pairs"],
             "seconds": round(seconds, 2),

@@ -16,6 +16,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.formats import DataError, render_prompt
+from datamodules.packing import collate_pairs_packed, collate_pairs_shared, collate_shared_prefix
 from datamodules.preference_formats import Ranking, read_preferences
 from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, pad_right
 from modules.models import load_tokenizer
@@ -42,6 +43,9 @@ class PreferenceDataModule(LightningDataModule):
         packing: layout pairs, for DPO: pack a batch's 2b sequences into as few rows of max_length as fit,
             with position ids restarting per sequence (no padding, no attention across sequences) and a
             `sequence_ids` map (rows, t) back to the 2b sequences.
+        share_prompt: reward models, either layout: the responses to one prompt are packed as one unit
+            [common prefix, rest of response 1, ..., rest of response K] under a tree attention mask, so the
+            prompt is encoded once per pair/group instead of once per response (exact same scores).
         skip_bad_rows: skip malformed rows (counted per reason) instead of stopping at the first.
         strength_map: preference-strength label -> margin; None uses Llama 2's (significantly better 1.0 ...
             negligibly better 0.0).
@@ -62,6 +66,7 @@ class PreferenceDataModule(LightningDataModule):
         batch_size: int = 8,
         layout: Literal["pairs", "rankings"] = "pairs",
         packing: bool = False,
+        share_prompt: bool = False,
         skip_bad_rows: bool = False,
         strength_map: dict[str, float] | None = None,
         train_split: str = "train",
@@ -78,9 +83,9 @@ class PreferenceDataModule(LightningDataModule):
         self.train_file, self.val_file, self.tokenizer_path = train_file, val_file, tokenizer
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         if packing and layout != "pairs":
-            raise ValueError("packing is for layout 'pairs' (DPO)")
+            raise ValueError("packing is for layout 'pairs'; for rankings use share_prompt (reward models)")
         self.batch_size, self.layout, self.skip_bad_rows = batch_size, layout, skip_bad_rows
-        self.packing = packing
+        self.packing, self.share_prompt = packing, share_prompt
         self.strength_map = strength_map
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.num_workers, self.seed = num_workers, seed
@@ -153,9 +158,15 @@ class PreferenceDataModule(LightningDataModule):
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
         if self.layout == "rankings":
             return collate_rankings(rows, self.tokenizer.pad_token_id)
+        pad = self.tokenizer.pad_token_id
+        if self.share_prompt and self.layout == "rankings":
+            units = [[p + c for p, c in enc] for enc, _, _ in rows]
+            return {**collate_shared_prefix(units, pad, self.max_length), **_ranking_extras(rows)}
+        if self.share_prompt:
+            return collate_pairs_shared(rows, pad, self.max_length)
         if self.packing:
-            return collate_pairs_packed(rows, self.tokenizer.pad_token_id, self.max_length)
-        return collate_pairs(rows, self.tokenizer.pad_token_id)
+            return collate_pairs_packed(rows, pad, self.max_length)
+        return collate_pairs(rows, pad)
 
     def _loader(self, rows, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -209,33 +220,15 @@ def collate_pairs(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def collate_pairs_packed(rows: list, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """Like collate_pairs, but the 2b sequences (chosen first) are packed first-fit into rows of max_length:
-    input_ids, labels, position_ids (restarting per sequence) and sequence_ids (-1 on the padding tail)."""
-    ids, labels = _rows([r[0] for r in rows] + [r[1] for r in rows])
-    bins: list[list[int]] = []
-    for s, seq in enumerate(ids):
-        fit = next((b for b in bins if sum(len(ids[i]) for i in b) + len(seq) <= max_length), None)
-        bins.append([s]) if fit is None else fit.append(s)
-    width = max(sum(len(ids[i]) for i in b) for b in bins)
-    out = {"input_ids": [], "labels": [], "position_ids": [], "sequence_ids": []}
-    for b in bins:
-        n = sum(len(ids[i]) for i in b)
-        out["input_ids"].append([t for i in b for t in ids[i]] + [pad_id] * (width - n))
-        out["labels"].append([t for i in b for t in labels[i]] + [IGNORE_INDEX] * (width - n))
-        out["position_ids"].append([k for i in b for k in range(len(ids[i]))] + list(range(width - n)))
-        out["sequence_ids"].append([i for i in b for _ in ids[i]] + [-1] * (width - n))
-    batch = {k: torch.tensor(v) for k, v in out.items()}
-    batch["margin"] = torch.tensor([r[2] for r in rows], dtype=torch.float32)  # (b,)
-    batch["index"] = torch.tensor([r[3] for r in rows], dtype=torch.long)  # (b,)
-    return batch
-
-
 def collate_rankings(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
     """[(K x (p, c), ranks [K], margin)] x g -> N = sum K rows, group (N,), ranks (N,), margin (g,)."""
     ids, labels = _rows([e for enc, _, _ in rows for e in enc])
-    batch = _pad(ids, labels, pad_id)
-    batch["group"] = torch.tensor([g for g, (enc, _, _) in enumerate(rows) for _ in enc], dtype=torch.long)
-    batch["ranks"] = torch.tensor([x for _, ranks, _ in rows for x in ranks], dtype=torch.float32)
-    batch["margin"] = torch.tensor([m for _, _, m in rows], dtype=torch.float32)  # (g,)
-    return batch
+    return {**_pad(ids, labels, pad_id), **_ranking_extras(rows)}
+
+
+def _ranking_extras(rows: list) -> dict[str, torch.Tensor]:
+    return {
+        "group": torch.tensor([g for g, (enc, _, _) in enumerate(rows) for _ in enc], dtype=torch.long),  # (N,)
+        "ranks": torch.tensor([x for _, ranks, _ in rows for x in ranks], dtype=torch.float32),  # (N,)
+        "margin": torch.tensor([m for _, _, m in rows], dtype=torch.float32),  # (g,)
+    }

@@ -114,8 +114,7 @@ class DPOModule(LightningModule):
         if reference == "adapter" and reference_model is not None:
             raise ValueError("reference='adapter' uses the policy's own base weights: drop reference_model")
         if self.policy_spec.quantization != "none" and self.policy_spec.lora is None:
-            quant = self.policy_spec.quantization
-            raise ValueError(f"quantization={quant} trains only with a LoRA adapter: set lora")
+            raise ValueError(f"quantization={self.policy_spec.quantization} trains only with a LoRA adapter: set lora")
         # the loss checks its own arguments: run it once on zeros so a bad combination fails here
         z = torch.zeros(1)
         dpo_loss(z, z, z, z, beta, loss_type, label_smoothing, chosen_nll=z, nll_weight=nll_weight)
@@ -138,9 +137,10 @@ class DPOModule(LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        layout = getattr(self.trainer.datamodule, "layout", "pairs")
-        if layout != "pairs":  # runs before configure_model: no weights loaded yet
-            raise ValueError(f"DPO trains on chosen/rejected pairs: set data.layout: pairs, not {layout!r}")
+        data = self.trainer.datamodule  # runs before configure_model: no weights loaded yet
+        if getattr(data, "layout", "pairs") != "pairs" or getattr(data, "share_prompt", False):
+            raise ValueError("DPO trains on chosen/rejected pairs: set data.layout: pairs and data.share_prompt: "
+                             f"false (got {data.layout!r}, {data.share_prompt})")
 
     def sequence_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence log-probs for the loss (sums; per-token means for ipo) and mean token log-probs: (2b,) each."""

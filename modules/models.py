@@ -49,6 +49,9 @@ class ModelSpec:
         gradient_checkpointing: recompute activations in backward to save memory.
         trust_remote_code: run modelling code shipped with the checkpoint. Off unless you trust it.
         attn_implementation: eager, sdpa or flash_attention_2; None lets transformers choose.
+        train_top_layers: full-weight training of only the top N transformer blocks and what follows them
+            (final norm, score head, an untied vocabulary head); the embeddings and lower blocks stay frozen,
+            so backward stops at block L - N (faster, leaner). None trains every weight. Not with lora.
     """
 
     path: str
@@ -60,6 +63,12 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    train_top_layers: int | None = None
+
+    def __post_init__(self):
+        if self.train_top_layers is not None and (self.train_top_layers < 1 or self.lora is not None):
+            raise ValueError(f"train_top_layers must be a positive number of blocks, without lora; got "
+                             f"{self.train_top_layers} with lora={self.lora}")
 
 
 def as_spec(spec: ModelSpec | dict | str) -> ModelSpec:
@@ -130,7 +139,32 @@ def _finish(model, spec: ModelSpec, task_type: str):
             target_modules=spec.lora.target_modules,
         )
         model = get_peft_model(model, config)
+    if spec.train_top_layers is not None:
+        train_top_layers(model, spec.train_top_layers)
     return model
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The transformer blocks: the longest ModuleList (config.num_hidden_layers long where the config says)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    n = getattr(model.config, "num_hidden_layers", None)
+    matching = [m for m in lists if len(m) == n] or lists
+    if not matching:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return max(matching, key=len)
+
+
+def train_top_layers(model, n: int) -> None:
+    """Freeze everything but the top n blocks and the modules after them (norm, heads); embeddings (token,
+    position, and a vocabulary head tied to them) stay frozen."""
+    blocks = decoder_blocks(model)
+    if n > len(blocks):
+        raise ValueError(f"train_top_layers={n} but the model has {len(blocks)} blocks")
+    in_blocks = {id(p) for p in blocks.parameters()}
+    top = {id(p) for b in list(blocks)[len(blocks) - n :] for p in b.parameters()}
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in top or (id(p) not in in_blocks and id(p) not in embedding))
 
 
 def load_causal_lm(spec: ModelSpec | dict | str, device: str | torch.device | None = None, trainable: bool = True):

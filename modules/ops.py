@@ -97,3 +97,18 @@ def rowwise_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum per row of values gathered as `x[mask]`: values (n,), mask (b, t) with n true entries -> (b,)."""
     rows = mask.nonzero(as_tuple=True)[0]  # (n,) row of each value, in row-major order like x[mask]
     return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
+def prefix_tree_mask(tree_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask (rows, 1, t, t), True = may attend, for prompt-shared packed rows
+    (datamodules/packing.py).
+
+    Query i may see key j <= i of the same unit (tree id) when j is in the shared prefix (branch 0) or in
+    i's own branch; the padding tail (tree id -1) sees only itself, so no row of the softmax is empty.
+    """
+    t = tree_ids.shape[-1]
+    q_tree, k_tree = tree_ids[:, :, None], tree_ids[:, None, :]  # (rows, t, 1), (rows, 1, t)
+    q_branch, k_branch = branch_ids[:, :, None], branch_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=tree_ids.device).tril()  # (t, t)
+    allowed = (q_tree == k_tree) & (q_tree >= 0) & ((k_branch == 0) | (k_branch == q_branch)) & causal
+    return (allowed | torch.eye(t, dtype=torch.bool, device=tree_ids.device)).unsqueeze(1)  # (rows, 1, t, t)

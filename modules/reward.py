@@ -84,7 +84,7 @@ class RewardModule(LightningModule):
         """Scores (rows,) of a preference batch: (2b,) chosen then rejected, or (N,) ranking rows."""
         return sequence_scores(
             self.backbone, batch["input_ids"], batch.get("attention_mask"), batch.get("sequence_ids"),
-            batch.get("position_ids"),
+            batch.get("position_ids"), batch if "score_index" in batch else None,
         )
 
     def _loss(self, batch: dict[str, torch.Tensor], scores: torch.Tensor) -> RewardLossOutput:

@@ -14,16 +14,17 @@ import torch
 
 from modules.losses.reward import llama2_combine, weighted_sum, whiten_scores
 from modules.models import ModelSpec, as_spec, is_peft, load_sequence_classifier, load_tokenizer
-from modules.ops import last_true_index
+from modules.ops import last_true_index, prefix_tree_mask
 
 
 def sequence_scores(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None, tree: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scalar score per sequence: (b, t), (b, t) -> (b,) float32, for left or right padding; or, for packed
     rows (no attention mask; `sequence_ids` (rows, t) says which sequence each token is, -1 on padding, and
-    position ids restart per sequence), one score per sequence id.
+    position ids restart per sequence), one score per sequence id; or, for prompt-shared rows
+    (datamodules/packing.py), `tree` = {tree_ids, branch_ids, score_index} -> (n_seq,) in score_index order.
 
     Decoder classifiers (`score` head on a base model: Llama, Qwen, GPT-2, ..., also inside a peft wrapper):
     run the base model, take the hidden state at the last real token, apply the head. Anything else (an
@@ -32,11 +33,15 @@ def sequence_scores(
     inner = model.get_base_model() if is_peft(model) else model  # LoRA layers stay active in place
     prefix = getattr(inner, "base_model_prefix", "")
     if hasattr(inner, "score") and prefix and hasattr(inner, prefix):
-        if position_ids is None:  # right padding keeps positions 0..n-1; left padding needs them restarted
+        if tree is not None:  # prompt-shared rows: a tree mask instead of a padding mask
+            attention_mask = _tree_attention_mask(inner, tree)
+        elif position_ids is None:  # right padding keeps positions 0..n-1; left padding needs them restarted
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
         hidden = getattr(inner, prefix)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (b, t, h)
+        if tree is not None:
+            return inner.score(hidden.flatten(0, 1)[tree["score_index"]]).squeeze(-1).float()  # (n_seq,)
         if sequence_ids is not None:  # packed: the last flat position of each sequence id
             flat, where = sequence_ids.flatten(), torch.arange(sequence_ids.numel(), device=hidden.device)
             real = flat >= 0  # -1 marks the padding tail
@@ -46,9 +51,23 @@ def sequence_scores(
         last = last_true_index(attention_mask)  # (b,): the score goes on the last real token
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (b, h)
         return inner.score(picked).squeeze(-1).float()  # (b,)
-    if sequence_ids is not None:
+    if sequence_ids is not None or tree is not None:
         raise ValueError("packed batches need a decoder reward model (a `score` head on a base model)")
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def _tree_attention_mask(model, tree: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The 4D mask of prompt-shared rows in the form the model's attention takes (transformers passes a 4D mask
+    through as is): boolean for sdpa, additive for eager (0 / lowest value)."""
+    allowed = prefix_tree_mask(tree["tree_ids"], tree["branch_ids"])  # (rows, 1, t, t)
+    impl = str(getattr(model.config, "_attn_implementation", "eager"))
+    if impl == "sdpa":
+        return allowed
+    if impl != "eager":
+        raise ValueError(f"share_prompt needs sdpa or eager attention (a custom 4D mask), not {impl!r}")
+    dtype = torch.get_autocast_dtype(allowed.device.type) if torch.is_autocast_enabled(allowed.device.type) else model.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
 
 
 def _flag(value) -> bool:

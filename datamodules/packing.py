@@ -1,0 +1,126 @@
+"""Padding-free batches for preference data: packed rows, and prompt-shared trees for reward models.
+
+`collate_pairs_packed` (DPO, reward): a batch's 2b sequences packed first-fit into rows, position ids restarting
+per sequence, a `sequence_ids` map back to the sequences.
+
+`collate_shared_prefix` (reward models): the responses to one prompt share the prompt's computation. A unit
+= the K token sequences of one pair/ranking group is laid out as [common prefix, rest of seq 1, ..., rest of
+seq K]; positions restart at the prefix length for every branch, and a tree attention mask (built on the
+model's device by `modules.ops.prefix_tree_mask` from `tree_ids`/`branch_ids`) lets branch k see the prefix and
+itself only. Every sequence's hidden states are then exactly those of its own padded row, but the prompt (most
+of an HH-RLHF pair) is encoded once instead of K times. `score_index` holds each sequence's last token as a
+flat position into (rows * t).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from datamodules.tokenize import IGNORE_INDEX
+
+
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Item indices grouped into bins of at most `capacity` total length, first fit in the given order; an
+    item longer than capacity gets a bin of its own."""
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        fit = next((k for k, u in enumerate(used) if u + n <= capacity), None)
+        if fit is None:
+            bins.append([i])
+            used.append(n)
+        else:
+            bins[fit].append(i)
+            used[fit] += n
+    return bins
+
+
+def _ids_and_labels(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[list[int]]]:
+    return [p + c for p, c in encoded], [[IGNORE_INDEX] * len(p) + c for p, c in encoded]
+
+
+def _pair_extras(rows: list) -> dict[str, torch.Tensor]:
+    return {
+        "margin": torch.tensor([r[2] for r in rows], dtype=torch.float32),  # (b,)
+        "index": torch.tensor([r[3] for r in rows], dtype=torch.long),  # (b,)
+    }
+
+
+def collate_pairs_packed(rows: list, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """[(chosen (p, c), rejected (p, c), margin, index)] x b -> the 2b sequences (chosen first) packed first-fit
+    into rows of max_length: input_ids, labels, position_ids (restarting per sequence) and sequence_ids (-1 on
+    the padding tail), plus margin (b,) and index (b,)."""
+    ids, labels = _ids_and_labels([r[0] for r in rows] + [r[1] for r in rows])
+    bins = first_fit([len(x) for x in ids], max_length)
+    width = max(sum(len(ids[i]) for i in b) for b in bins)
+    out = {"input_ids": [], "labels": [], "position_ids": [], "sequence_ids": []}
+    for b in bins:
+        n = sum(len(ids[i]) for i in b)
+        out["input_ids"].append([t for i in b for t in ids[i]] + [pad_id] * (width - n))
+        out["labels"].append([t for i in b for t in labels[i]] + [IGNORE_INDEX] * (width - n))
+        out["position_ids"].append([k for i in b for k in range(len(ids[i]))] + list(range(width - n)))
+        out["sequence_ids"].append([i for i in b for _ in ids[i]] + [-1] * (width - n))
+    return {**{k: torch.tensor(v) for k, v in out.items()}, **_pair_extras(rows)}
+
+
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    """Length of the longest common prefix of all sequences, kept one short of the shortest sequence so that
+    every sequence has at least its last token in its own branch (where its score is read)."""
+    n = min(len(s) for s in seqs) - 1
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return max(n, 0)
+
+
+def collate_shared_prefix(units: list[list[list[int]]], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Units of token sequences (the K responses of one prompt, prompt included) -> prompt-shared packed rows.
+
+    Returns input_ids, position_ids, tree_ids (-1 on the padding tail), branch_ids (0 = shared prefix, k = the
+    rest of sequence k, 1-based) all (rows, t), and score_index (n_seq,): the flat position of each sequence's
+    last token, sequences in unit order (unit 0's K, then unit 1's, ...). Rows hold at least max_length tokens,
+    more when a single unit is longer.
+    """
+    layouts = []  # (prefix length, sequences) per unit
+    for seqs in units:
+        layouts.append((common_prefix_length(seqs), seqs))
+    sizes = [L + sum(len(s) - L for s in seqs) for L, seqs in layouts]
+    bins = first_fit(sizes, max(max_length, max(sizes)))
+    width = max(sum(sizes[u] for u in b) for b in bins)
+    out = {"input_ids": [], "position_ids": [], "tree_ids": [], "branch_ids": []}
+    last = [0] * sum(len(seqs) for _, seqs in layouts)
+    first_seq = [0]
+    for _, seqs in layouts:
+        first_seq.append(first_seq[-1] + len(seqs))
+    for r, b in enumerate(bins):
+        ids, pos, tree, branch = [], [], [], []
+        for u in b:
+            L, seqs = layouts[u]
+            ids += seqs[0][:L]
+            pos += list(range(L))
+            tree += [u] * L
+            branch += [0] * L
+            for k, s in enumerate(seqs):
+                ids += s[L:]
+                pos += list(range(L, len(s)))
+                tree += [u] * (len(s) - L)
+                branch += [k + 1] * (len(s) - L)
+                last[first_seq[u] + k] = r * width + len(ids) - 1
+        pad = width - len(ids)
+        out["input_ids"].append(ids + [pad_id] * pad)
+        out["position_ids"].append(pos + list(range(pad)))
+        out["tree_ids"].append(tree + [-1] * pad)
+        out["branch_ids"].append(branch + [0] * pad)
+    batch = {k: torch.tensor(v) for k, v in out.items()}
+    batch["score_index"] = torch.tensor(last)
+    return batch
+
+
+def collate_pairs_shared(rows: list, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """Pairs -> prompt-shared rows; score_index reordered to the pairs layout (chosen 0..b-1, rejected b..2b-1)."""
+    ids = [_ids_and_labels([r[0], r[1]])[0] for r in rows]
+    batch = collate_shared_prefix(ids, pad_id, max_length)
+    b = len(rows)
+    order = [2 * i for i in range(b)] + [2 * i + 1 for i in range(b)]
+    batch["score_index"] = batch["score_index"][order]
+    return {**batch, **_pair_extras(rows)}
