@@ -6,6 +6,7 @@ over the 64 prompts; the second is timed.
 
     python benchmarks/ppo.py                    # layout separate: policy, frozen reference, value model
     python benchmarks/ppo.py --layout shared    # one base: LoRA policy, adapter-off reference, value head
+    python benchmarks/ppo.py --padded           # score/train on left-padded rows instead of packed ones
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from benchmarks.common import build_standard_model, hh_pairs, peak_rss_gib, repo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layout", default="separate", choices=["separate", "shared"])
+    parser.add_argument("--padded", action="store_true", help="left-padded rows (PPOModule packing=False)")
     args = parser.parse_args()
     setup_threads(2)
     from lightning.pytorch import Callback, Trainer
@@ -63,7 +65,7 @@ def main() -> None:
         ModelSpec(path=str(model_dir), lora=lora),
         RewardSpec(models=[ModelSpec(path=str(tmp / "rm"))]),
         SamplingSpec(max_new_tokens=64, temperature=1.0),
-        layout=args.layout, ppo_epochs=4, num_minibatches=1, save_dir=str(tmp / "out"),
+        layout=args.layout, ppo_epochs=4, num_minibatches=1, save_dir=str(tmp / "out"), packing=not args.padded,
     )
     dm = PromptDataModule(train_file=str(data), val_file=str(data), tokenizer=str(model_dir), max_prompt_length=448,
                           batch_size=16)
@@ -73,7 +75,7 @@ def main() -> None:
     )
     trainer.fit(module, dm)
     seconds = clock["end"] - clock["start"]
-    report(f"ppo-{args.layout}", {
+    report(f"ppo-{args.layout}" + ("-padded" if args.padded else ""), {
         "episodes_timed": clock["episodes"], "seconds": round(seconds, 2),
         "episodes_per_s": round(clock["episodes"] / seconds, 3), "peak_rss_gib": round(peak_rss_gib(), 2)})
 

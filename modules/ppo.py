@@ -35,7 +35,15 @@ from modules.models import (
 from modules.ops import entropy_from_logits, masked_sum, token_logprobs
 from modules.optim import adamw, configure_optim, keep_trainable
 from modules.reward_spec import RewardSpec, as_reward_spec
-from modules.rollout import Experience, minibatches, position_ids, repeat_each, response_slice
+from modules.rollout import (
+    Experience,
+    Packed,
+    minibatches,
+    pack_sequences,
+    repeat_each,
+    response_logits,
+    response_values,
+)
 
 
 class PPOModule(LightningModule):
@@ -77,6 +85,7 @@ class PPOModule(LightningModule):
         seed: seed of the rollout/minibatch generator (+ rank); validation re-seeds with seed + 1 every time.
         save_dir: where the Hugging Face policy goes at the end of fit (default: <log dir>/hf_model).
         merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
+        packing: score and train on padding-free packed rows (rollout.pack_sequences) instead of left-padded ones.
     """
 
     def __init__(
@@ -111,6 +120,7 @@ class PPOModule(LightningModule):
         seed: int = 0,
         save_dir: str | None = None,
         merge_lora: bool = True,
+        packing: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -133,7 +143,7 @@ class PPOModule(LightningModule):
         self.missing_eos_penalty = missing_eos_penalty
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay, self.seed = warmup_steps, decay, seed
-        self.save_dir, self.merge_lora = save_dir, merge_lora
+        self.save_dir, self.merge_lora, self.packing = save_dir, merge_lora, packing
         self.policy = self.reference = self.value_model = self.value_head = self.tokenizer = None
         self.generator: torch.Generator | None = None  # rollouts and minibatch order; saved in checkpoints
         self.val_generator: torch.Generator | None = None
@@ -165,44 +175,32 @@ class PPOModule(LightningModule):
         if self._pending_state is not None:
             self._restore_state(self._pending_state)
 
-    # ----- forward passes over prompt + response rows (b, p + r) -----
+    # ----- forward passes over prompt + response rows (b, p + r); packed: their pack_sequences layout -----
 
-    def policy_forward(self, sequences, attention_mask, p: int, values: bool = True):
+    def pack(self, sequences, attention_mask, p: int) -> Packed | None:
+        return pack_sequences(sequences, attention_mask, p) if self.packing else None
+
+    def policy_forward(self, sequences, attention_mask, p: int, values: bool = True, packed: Packed | None = None):
         """Response-token log-probs (b, r), values (b, r) or None, and temperature-scaled logits (b, r, v)."""
-        r = sequences.shape[1] - p
+        packed = self.pack(sequences, attention_mask, p) if packed is None else packed
         shared_values = values and self.layout == "shared"
-        out = self.policy(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-            use_cache=False, logits_to_keep=r + 1, output_hidden_states=shared_values,
-        )
-        logits = out.logits[:, :-1] / self.temperature  # (b, r, v): the positions that predict the response
+        logits, hidden = response_logits(self.policy, sequences, attention_mask, p, packed, hidden=shared_values)
+        logits = logits / self.temperature  # (b, r, v): the positions that predict the response
         logp = token_logprobs(logits, sequences[:, p:])  # (b, r)
         if not values:
             return logp, None, logits
         if shared_values:
-            hidden = response_slice(out.hidden_states[-1], p)  # (b, r, h)
             v = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         else:
-            v = self.value_forward(sequences, attention_mask, p)
+            v = response_values(self.value_model, sequences, attention_mask, p, packed)  # layout separate
         return logp, v.float(), logits
 
-    def value_forward(self, sequences, attention_mask, p: int) -> torch.Tensor:
-        """Layout separate: the value model's scalar head at every response position -> (b, r)."""
-        # a peft wrapper's base; a model with a transformers-loaded adapter has no wrapper (but a peft_config)
-        inner = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
-        hidden = getattr(inner, inner.base_model_prefix)(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-        ).last_hidden_state  # (b, p + r, h)
-        return inner.score(response_slice(hidden, p)).squeeze(-1).float()  # (b, r)
-
-    def reference_logp(self, sequences, attention_mask, p: int) -> torch.Tensor:
+    def reference_logp(self, sequences, attention_mask, p: int, packed: Packed | None = None) -> torch.Tensor:
+        packed = self.pack(sequences, attention_mask, p) if packed is None else packed
         if self.layout == "shared":
             with self.policy.disable_adapter():  # the base without the adapter is the initial policy
-                return self.policy_forward(sequences, attention_mask, p, values=False)[0]
-        logits = self.reference(
-            input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-            use_cache=False, logits_to_keep=sequences.shape[1] - p + 1,
-        ).logits[:, :-1]
+                return self.policy_forward(sequences, attention_mask, p, values=False, packed=packed)[0]
+        logits = response_logits(self.reference, sequences, attention_mask, p, packed)[0]
         return token_logprobs(logits, sequences[:, p:], self.temperature)  # (b, r)
 
     def _no_dropout(self) -> None:
@@ -228,11 +226,12 @@ class PPOModule(LightningModule):
         logp, ref_logp, values, entropy = [], [], [], []
         for rows in torch.arange(len(texts), device=mask.device).split(chunk):
             seq, am = out.sequences[rows], out.attention_mask[rows]
-            lp, v, logits = self.policy_forward(seq, am, p)
+            packed = self.pack(seq, am, p)  # one layout for the policy, value and reference forwards
+            lp, v, logits = self.policy_forward(seq, am, p, packed=packed)
             logp.append(lp)
             values.append(v)
             entropy.append(masked_sum(entropy_from_logits(logits), mask[rows], dim=-1))  # (chunk,)
-            ref_logp.append(self.reference_logp(seq, am, p))
+            ref_logp.append(self.reference_logp(seq, am, p, packed))
         logp, ref_logp, values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values)
         shaped = losses.shape_scores(scores, out.has_eos, self.missing_eos_penalty, self.score_clip)
         rewards, kl = losses.token_rewards(shaped, logp, ref_logp, mask, kl_coef, self.kl_kind)  # (b, r): score on last token
