@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.test_configs import documented_command
 
 TINY = "configs/reward/tiny.yaml"
 CONFIGS = sorted((ROOT / "configs" / "reward").glob("*.yaml"))
@@ -53,7 +54,8 @@ def test_reward_config_parses(path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["rlhf reward"])
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--config", str(path), "--print_config"])  # parses only: no weights are loaded
+        # an overlay config parses on top of the configs its header's command names; no weights are loaded
+        main(["fit", *[a for c in documented_command(path)[1] for a in ("--config", c)], "--print_config"])
     assert exit_.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["backbone"]["path"] and config["data"]["train_file"]
