@@ -25,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reference", default="copy", choices=["copy", "precomputed"])
     parser.add_argument("--packing", action="store_true", help="padding-free packed rows")
+    parser.add_argument("--share-prompt", action="store_true", help="prompt-shared packed rows (prompt encoded once)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
@@ -59,7 +60,7 @@ def main() -> None:
 
     dm = PreferenceDataModule(
         train_file=str(data), val_file=str(data), tokenizer=str(model_dir), max_length=512, max_prompt_length=256,
-        batch_size=8, packing=args.packing,
+        batch_size=8, packing=args.packing, share_prompt=args.share_prompt,
     )
     module = DPOModule(ModelSpec(path=str(model_dir)), reference=args.reference, beta=0.1, save_dir=str(tmp / "out"))
     trainer = Trainer(
@@ -71,7 +72,7 @@ def main() -> None:
     trainer.fit(module, dm)
     seconds = clock["end"] - clock["start"]
     report(
-        f"dpo-{args.reference}" + ("-packed" if args.packing else ""),
+        f"dpo-{args.reference}" + ("-packed" if args.packing else "") + ("-shared-prompt" if args.share_prompt else ""),
         {
             "pairs_timed": clock["pairs"],
             "seconds": round(seconds, 2),

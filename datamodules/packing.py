@@ -3,7 +3,7 @@
 `collate_pairs_packed` (DPO, reward): a batch's 2b sequences packed first-fit into rows, position ids restarting
 per sequence, a `sequence_ids` map back to the sequences.
 
-`collate_shared_prefix` (reward models): the responses to one prompt share the prompt's computation. A unit
+`collate_shared_prefix` (reward models, DPO): the responses to one prompt share the prompt's computation. A unit
 = the K token sequences of one pair/ranking group is laid out as [common prefix, rest of seq 1, ..., rest of
 seq K]; positions restart at the prefix length for every branch, and a tree attention mask (built on the
 model's device by `modules.ops.prefix_tree_mask` from `tree_ids`/`branch_ids`) lets branch k see the prefix and
@@ -73,13 +73,17 @@ def common_prefix_length(seqs: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def collate_shared_prefix(units: list[list[list[int]]], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+def collate_shared_prefix(
+    units: list[list[list[int]]], pad_id: int, max_length: int, prompt_lengths: list[list[int]] | None = None
+) -> dict[str, torch.Tensor]:
     """Units of token sequences (the K responses of one prompt, prompt included) -> prompt-shared packed rows.
 
     Returns input_ids, position_ids, tree_ids (-1 on the padding tail), branch_ids (0 = shared prefix, k = the
     rest of sequence k, 1-based) all (rows, t), and score_index (n_seq,): the flat position of each sequence's
     last token, sequences in unit order (unit 0's K, then unit 1's, ...). Rows hold at least max_length tokens,
-    more when a single unit is longer.
+    more when a single unit is longer. With `prompt_lengths` (same nesting as units), also the completion
+    tokens for log-probs (DPO): target_ids (n,), source_index (n,) = the flat position whose output predicts
+    that token (a branch's first token is predicted by the prefix's last), target_seq (n,) = its sequence.
     """
     layouts = []  # (prefix length, sequences) per unit
     for seqs in units:
@@ -92,20 +96,28 @@ def collate_shared_prefix(units: list[list[list[int]]], pad_id: int, max_length:
     first_seq = [0]
     for _, seqs in layouts:
         first_seq.append(first_seq[-1] + len(seqs))
+    targets: dict[str, list[int]] = {"target_ids": [], "source_index": [], "target_seq": []}
     for r, b in enumerate(bins):
         ids, pos, tree, branch = [], [], [], []
         for u in b:
             L, seqs = layouts[u]
+            prefix_start = r * width + len(ids)
             ids += seqs[0][:L]
             pos += list(range(L))
             tree += [u] * L
             branch += [0] * L
             for k, s in enumerate(seqs):
+                branch_start = r * width + len(ids) - L  # flat position of coordinate j >= L is branch_start + j
                 ids += s[L:]
                 pos += list(range(L, len(s)))
                 tree += [u] * (len(s) - L)
                 branch += [k + 1] * (len(s) - L)
                 last[first_seq[u] + k] = r * width + len(ids) - 1
+                if prompt_lengths is not None:
+                    for j in range(max(prompt_lengths[u][k], 1), len(s)):  # token j is predicted by token j - 1
+                        targets["target_ids"].append(s[j])
+                        targets["source_index"].append((prefix_start if j - 1 < L else branch_start) + j - 1)
+                        targets["target_seq"].append(first_seq[u] + k)
         pad = width - len(ids)
         out["input_ids"].append(ids + [pad_id] * pad)
         out["position_ids"].append(pos + list(range(pad)))
@@ -113,14 +125,18 @@ def collate_shared_prefix(units: list[list[list[int]]], pad_id: int, max_length:
         out["branch_ids"].append(branch + [0] * pad)
     batch = {k: torch.tensor(v) for k, v in out.items()}
     batch["score_index"] = torch.tensor(last)
+    if prompt_lengths is not None:
+        batch.update({k: torch.tensor(v, dtype=torch.long) for k, v in targets.items()})
     return batch
 
 
 def collate_pairs_shared(rows: list, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """Pairs -> prompt-shared rows; score_index reordered to the pairs layout (chosen 0..b-1, rejected b..2b-1)."""
+    """Pairs -> prompt-shared rows (with DPO's completion targets); sequences renumbered to the pairs layout
+    (chosen 0..b-1, rejected b..2b-1) in score_index and target_seq."""
     ids = [_ids_and_labels([r[0], r[1]])[0] for r in rows]
-    batch = collate_shared_prefix(ids, pad_id, max_length)
+    batch = collate_shared_prefix(ids, pad_id, max_length, [[len(r[0][0]), len(r[1][0])] for r in rows])
     b = len(rows)
-    order = [2 * i for i in range(b)] + [2 * i + 1 for i in range(b)]
+    order = torch.tensor([2 * i for i in range(b)] + [2 * i + 1 for i in range(b)])
     batch["score_index"] = batch["score_index"][order]
+    batch["target_seq"] = (batch["target_seq"] % 2) * b + batch["target_seq"] // 2  # unit-order (u, k) -> k*b + u
     return {**batch, **_pair_extras(rows)}

@@ -43,9 +43,9 @@ class PreferenceDataModule(LightningDataModule):
         packing: layout pairs, for DPO: pack a batch's 2b sequences into as few rows of max_length as fit,
             with position ids restarting per sequence (no padding, no attention across sequences) and a
             `sequence_ids` map (rows, t) back to the 2b sequences.
-        share_prompt: reward models, either layout: the responses to one prompt are packed as one unit
-            [common prefix, rest of response 1, ..., rest of response K] under a tree attention mask, so the
-            prompt is encoded once per pair/group instead of once per response (exact same scores).
+        share_prompt: reward models (either layout) and DPO: the responses to one prompt are packed as one
+            unit [common prefix, rest of response 1, ..., rest of response K] under a tree attention mask, so
+            the prompt is encoded once per pair/group instead of once per response (same scores/log-probs).
         skip_bad_rows: skip malformed rows (counted per reason) instead of stopping at the first.
         strength_map: preference-strength label -> margin; None uses Llama 2's (significantly better 1.0 ...
             negligibly better 0.0).

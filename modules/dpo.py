@@ -16,16 +16,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.aggregation import MeanMetric
 
+from modules.forward import completion_logits, tree_completion_logits
 from modules.losses.dpo import dpo_loss, uses_average_logprobs
-from modules.models import (
-    ModelSpec,
-    as_spec,
-    completion_logits,
-    is_peft,
-    load_causal_lm,
-    load_tokenizer,
-    save_hf,
-)
+from modules.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer, save_hf
 from modules.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
 from modules.optim import adamw, configure_optim, keep_trainable
 
@@ -137,20 +130,23 @@ class DPOModule(LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule  # runs before configure_model: no weights loaded yet
-        if getattr(data, "layout", "pairs") != "pairs" or getattr(data, "share_prompt", False):
-            raise ValueError("DPO trains on chosen/rejected pairs: set data.layout: pairs and data.share_prompt: "
-                             f"false (got {data.layout!r}, {data.share_prompt})")
+        layout = getattr(self.trainer.datamodule, "layout", "pairs")
+        if layout != "pairs":  # runs before configure_model: no weights loaded yet
+            raise ValueError(f"DPO trains on chosen/rejected pairs: set data.layout: pairs, not {layout!r}")
 
     def sequence_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence log-probs for the loss (sums; per-token means for ipo) and mean token log-probs: (2b,) each."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         # the vocabulary head runs on completion positions only: (n, v) logits, not (2b, t, v)
-        logits, targets = completion_logits(model, batch["labels"], **inputs)
+        if "source_index" in batch:  # prompt-shared rows: targets gathered with their sequence ids
+            (logits, targets), seq = tree_completion_logits(model, batch), batch["target_seq"]
+        else:
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            logits, targets = completion_logits(model, batch["labels"], **inputs)
+            keep = batch["labels"][:, 1:] != IGNORE_INDEX  # (rows, t-1)
+            seq = batch["sequence_ids"][:, 1:][keep] if "sequence_ids" in batch else None  # packed: (n,)
         logps = token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]  # (n,)
-        keep = batch["labels"][:, 1:] != IGNORE_INDEX  # (rows, t-1)
-        if "sequence_ids" in batch:  # packed rows: sum by the sequence each target token belongs to
-            seq, zeros = batch["sequence_ids"][:, 1:][keep], logps.new_zeros(2 * batch["margin"].shape[0])
+        if seq is not None:  # packed rows: sum by the sequence each target token belongs to
+            zeros = logps.new_zeros(2 * batch["margin"].shape[0])
             total, count = zeros.index_add(0, seq, logps), zeros.index_add(0, seq, torch.ones_like(logps))
         else:
             total, count = rowwise_sum(logps, keep), keep.sum(-1)  # (2b,)

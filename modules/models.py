@@ -193,26 +193,6 @@ def load_sequence_classifier(
     return _finish(model, spec, "SEQ_CLS").train()
 
 
-def completion_logits(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the labelled (completion) positions only: (n, v) and their targets (n,).
-
-    The decoder runs on every token, but the vocabulary head only where a label follows: prompt tokens
-    (often most of a conversation) cost no (t, v) logits, which is most of the memory and a fifth of the
-    FLOPs of a small model. Models that post-process logits (soft-capping, scaling) get a full forward.
-    """
-    inner = model.get_base_model() if is_peft(model) else model
-    config = inner.config
-    head = inner.get_output_embeddings()
-    decoder = getattr(inner, inner.base_model_prefix, None)
-    targets = labels[:, 1:]
-    keep = targets != -100  # (b, t-1): position i predicts token i + 1
-    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        logits = model(**inputs, use_cache=False).logits[:, :-1]
-        return logits[keep], targets[keep]
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (b, t-1, h)
-    return head(hidden[keep]), targets[keep]  # (n, v), (n,)
-
-
 def freeze(model):
     model.eval()
     for p in model.parameters():

@@ -12,9 +12,10 @@ from typing import Literal
 
 import torch
 
+from modules.forward import tree_attention_mask
 from modules.losses.reward import llama2_combine, weighted_sum, whiten_scores
 from modules.models import ModelSpec, as_spec, is_peft, load_sequence_classifier, load_tokenizer
-from modules.ops import last_true_index, prefix_tree_mask
+from modules.ops import last_true_index
 
 
 def sequence_scores(
@@ -34,7 +35,7 @@ def sequence_scores(
     prefix = getattr(inner, "base_model_prefix", "")
     if hasattr(inner, "score") and prefix and hasattr(inner, prefix):
         if tree is not None:  # prompt-shared rows: a tree mask instead of a padding mask
-            attention_mask = _tree_attention_mask(inner, tree)
+            attention_mask = tree_attention_mask(inner, tree)
         elif position_ids is None:  # right padding keeps positions 0..n-1; left padding needs them restarted
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
         hidden = getattr(inner, prefix)(
@@ -54,20 +55,6 @@ def sequence_scores(
     if sequence_ids is not None or tree is not None:
         raise ValueError("packed batches need a decoder reward model (a `score` head on a base model)")
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-
-
-def _tree_attention_mask(model, tree: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The 4D mask of prompt-shared rows in the form the model's attention takes (transformers passes a 4D mask
-    through as is): boolean for sdpa, additive for eager (0 / lowest value)."""
-    allowed = prefix_tree_mask(tree["tree_ids"], tree["branch_ids"])  # (rows, 1, t, t)
-    impl = str(getattr(model.config, "_attn_implementation", "eager"))
-    if impl == "sdpa":
-        return allowed
-    if impl != "eager":
-        raise ValueError(f"share_prompt needs sdpa or eager attention (a custom 4D mask), not {impl!r}")
-    dtype = torch.get_autocast_dtype(allowed.device.type) if torch.is_autocast_enabled(allowed.device.type) else model.dtype
-    dtype = dtype if dtype.is_floating_point else torch.float32
-    return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
 
 
 def _flag(value) -> bool:

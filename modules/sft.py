@@ -11,7 +11,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from modules.models import ModelSpec, as_spec, completion_logits, load_causal_lm, load_tokenizer, save_hf
+from modules.forward import completion_logits
+from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer, save_hf
 from modules.ops import token_logprobs
 from modules.optim import adamw, configure_optim, keep_trainable
 

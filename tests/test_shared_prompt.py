@@ -121,10 +121,66 @@ def test_datamodule_share_prompt_batches(tiny_model_dir, synthetic_dir):
     assert int((b["tree_ids"] >= 0).sum()) < int(a["attention_mask"].sum())
 
 
-def test_dpo_refuses_shared_prompt_batches(run_recipe):
-    with pytest.raises(ValueError, match="share_prompt"):
-        run_recipe("dpo", "fit", "--config", "configs/dpo/tiny.yaml", "--data.share_prompt", "true",
-                   "--trainer.max_steps", "1")
+def test_completion_targets_by_hand():
+    # [1, 2 | 3, 9 | 4, 5, 9], prompts of 2 tokens: token j of a sequence is predicted by its token j - 1
+    batch = collate_shared_prefix([[[1, 2, 3, 9], [1, 2, 4, 5, 9]]], pad_id=0, max_length=8,
+                                  prompt_lengths=[[2, 2]])
+    # seq 0: 3 <- coord 1 (prefix, flat 1), 9 <- coord 2 (branch 1, flat 2)
+    # seq 1: 4 <- coord 1 (prefix, flat 1), 5 <- coord 2 (branch 2 starts at flat 4), 9 <- coord 3 (flat 5)
+    assert batch["target_ids"].tolist() == [3, 9, 4, 5, 9]
+    assert batch["source_index"].tolist() == [1, 2, 1, 4, 5]
+    assert batch["target_seq"].tolist() == [0, 0, 1, 1, 1]
+    # a shared prefix reaching into the completions: prompts of 1 token, token 2 is labelled in both sequences
+    batch = collate_shared_prefix([[[1, 2, 3, 9], [1, 2, 4, 5, 9]]], pad_id=0, max_length=8,
+                                  prompt_lengths=[[1, 1]])
+    assert batch["target_ids"].tolist() == [2, 3, 9, 2, 4, 5, 9]
+    assert batch["source_index"].tolist() == [0, 1, 2, 0, 1, 4, 5]
+    assert batch["target_seq"].tolist() == [0, 0, 0, 1, 1, 1, 1]
+
+
+def test_pairs_shared_targets_use_pairs_order():
+    rows = [(([1, 2], [3, 9]), ([1, 2], [4, 9]), 0.0, 0), (([6], [7, 9]), ([6], [8, 9]), 0.0, 1)]
+    batch = collate_pairs_shared(rows, pad_id=0, max_length=16)
+    # unit order c0, r0, c1, r1 -> pairs order c0 = 0, c1 = 1, r0 = 2, r1 = 3; two completion tokens each
+    assert batch["target_seq"].tolist() == [0, 0, 2, 2, 1, 1, 3, 3]
+    assert batch["target_ids"].tolist() == [3, 9, 4, 9, 7, 9, 8, 9]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dpo_logps_and_grads_on_shared_rows_equal_padded(tiny_model_dir, attn):
+    from modules.dpo import DPOModule
+
+    module = DPOModule(ModelSpec(path=str(tiny_model_dir), attn_implementation=attn))
+    module.configure_model()
+    padded = module.sequence_logps(module.policy, collate_pairs(PAIRS, pad_id=0))[0]
+    shared = module.sequence_logps(module.policy, collate_pairs_shared(PAIRS, pad_id=0, max_length=8))[0]
+    assert shared.shape == (6,)
+    torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(shared.sum(), params), torch.autograd.grad(padded.sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_lora_adapter_reference_on_shared_rows_equals_padded(tiny_model_dir):
+    from modules.dpo import DPOModule
+    from modules.models import LoraSpec
+
+    spec = ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0))
+    module = DPOModule(spec, reference="adapter")
+    module.configure_model()
+    with torch.no_grad():
+        padded = module.reference_logps(collate_pairs(PAIRS, pad_id=0))
+        shared = module.reference_logps(collate_pairs_shared(PAIRS, pad_id=0, max_length=8))
+        policy = module.sequence_logps(module.policy, collate_pairs_shared(PAIRS, pad_id=0, max_length=8))[0]
+    torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(policy, padded, rtol=1e-5, atol=1e-5)  # a fresh adapter (B = 0) changes nothing
+
+
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_dpo_recipe_trains_with_shared_prompt(run_recipe, tmp_path, reference):
+    run_recipe("dpo", "fit", "--config", "configs/dpo/tiny.yaml", "--data.share_prompt", "true",
+               "--model.reference", reference, "--trainer.max_steps", "2", f"--model.save_dir={tmp_path / 'dpo'}")
+    assert (tmp_path / "dpo" / "config.json").exists()
 
 
 def test_reward_recipe_trains_with_shared_prompt(run_recipe, tmp_path):
