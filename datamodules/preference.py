@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from datamodules.formats import DataError, render_prompt
 from datamodules.packing import collate_pairs_packed, collate_pairs_shared, collate_shared_prefix
 from datamodules.preference_formats import Ranking, read_preferences
+from datamodules.resumable import ResumableLoader
 from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, pad_right
 from modules.models import load_tokenizer
 
@@ -174,7 +175,9 @@ class PreferenceDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_rows, shuffle=True)
+        # seeded per-epoch order; a run resumed from a mid-epoch checkpoint continues at the same batch
+        return ResumableLoader(self.train_rows, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                               collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_rows, shuffle=False)
