@@ -7,6 +7,7 @@ C(K, 2) non-tied pairs formed from the scores (InstructGPT, arXiv 2203.02155, se
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from typing import Literal
@@ -156,10 +157,12 @@ class PreferenceDataModule(LightningDataModule):
                 pairs.append((enc[i], enc[j], float(r.margin), len(pairs)))
         return pairs
 
-    def collate(self, rows: list) -> dict[str, torch.Tensor]:
-        if self.layout == "rankings":
+    def collate(self, rows: list, padded: bool = False) -> dict[str, torch.Tensor]:
+        if self.layout == "rankings" and (padded or not self.share_prompt):
             return collate_rankings(rows, self.tokenizer.pad_token_id)
         pad = self.tokenizer.pad_token_id
+        if padded:
+            return collate_pairs(rows, pad)
         if self.share_prompt and self.layout == "rankings":
             units = [[p + c for p, c in enc] for enc, _, _ in rows]
             return {**collate_shared_prefix(units, pad, self.max_length), **_ranking_extras(rows)}
@@ -186,7 +189,9 @@ class PreferenceDataModule(LightningDataModule):
         return self.val_dataloader()  # `test --data.val_file FILE` evaluates FILE
 
     def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        # one padded row per response: predictions are written per (prompt, response) text
+        return DataLoader(self.val_rows, batch_size=self.batch_size, shuffle=False,
+                          collate_fn=functools.partial(self.collate, padded=True), num_workers=self.num_workers)
 
 
 def ranked_pairs(ranks) -> list[tuple[int, int]]:

@@ -103,3 +103,20 @@ def test_killed_and_resumed_preference_run_logs_the_same_losses(run_recipe, tmp_
     assert sorted(after) == [3, 4, 5]
     for step, loss in after.items():
         assert loss == pytest.approx(full[step], rel=1e-5), step
+
+
+@pytest.mark.parametrize("flag", ["--data.share_prompt", "--data.packing"])
+def test_predict_writes_one_row_per_response_from_packed_configs(run_recipe, tmp_path, flag):
+    scores = tmp_path / "scores.jsonl"
+    run_recipe("reward", "predict", "--config", TINY, flag, "true", f"--model.predict_file={scores}")
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert len(rows) == 2 * 32 and rows[0]["prompt"].startswith("Reverse:")
+
+
+def test_rankings_with_shared_prompt_fit_and_validate(run_recipe, tmp_path, capsys):
+    data = ["--data.layout", "rankings", "--data.share_prompt", "true",
+            "--data.train_file", "tests/fixtures/synthetic/rankings_train.jsonl",
+            "--data.val_file", "tests/fixtures/synthetic/rankings_val.jsonl"]
+    run_recipe("reward", "fit", "--config", TINY, *data, "--trainer.max_steps", "2", f"--model.save_dir={tmp_path / 'rm'}")
+    run_recipe("reward", "validate", "--config", TINY, *data, f"--model.backbone.path={tmp_path / 'rm'}")
+    assert "val/ranking_accuracy" in capsys.readouterr().out
