@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import os
 from collections.abc import Iterable
 from typing import Literal
 
@@ -18,9 +17,10 @@ from torchmetrics.aggregation import MeanMetric
 
 from modules.forward import completion_logits, tree_completion_logits
 from modules.losses.dpo import dpo_loss, uses_average_logprobs
-from modules.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer, save_hf
+from modules.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer
 from modules.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
-from modules.optim import adamw, configure_optim, keep_trainable
+from modules.optim import adamw, keep_trainable
+from modules.stage import StageHooks
 
 REFERENCES = ("copy", "adapter", "precomputed")
 VAL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -28,7 +28,7 @@ VAL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
 SPLITS = ("train", "val")
 
 
-class DPOModule(LightningModule):
+class DPOModule(StageHooks, LightningModule):
     """DPO and its variants (IPO, SLiC hinge, robust DPO, RPO's NLL term) on a `PreferenceDataModule`
     with layout "pairs": one forward pass over the (2b, t) batch scores chosen rows [0, b) and rejected
     rows [b, 2b). Sequence log-probs are sums over completion tokens (per-token means for ipo).
@@ -317,16 +317,6 @@ class DPOModule(LightningModule):
 
     # ---- optimisation and checkpoints ----
 
-    def configure_optimizers(self):
-        return configure_optim(
-            self,
-            self.optimizer_factory,
-            self.scheduler_factory,
-            self.warmup_steps,
-            self.decay,
-            self.trainer.estimated_stepping_batches,
-        )
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         tables = {f"ref_{s}": state[f"ref_{s}"] for s in SPLITS if f"ref_{s}" in state}
@@ -338,9 +328,3 @@ class DPOModule(LightningModule):
         for name in (f"ref_{s}" for s in SPLITS):
             if name in checkpoint["state_dict"]:  # size the buffer so load_state_dict can copy into it
                 setattr(self, name, torch.empty_like(checkpoint["state_dict"][name], device=self.device))
-
-    def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.interrupted:
-            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
-            path = save_hf(self.policy, self.tokenizer, out, merge_lora=self.merge_lora)
-            print(f"saved policy (Hugging Face format) to {path}")

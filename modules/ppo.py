@@ -13,7 +13,6 @@ a linear head on the policy's last hidden state (an 8-bit base works: quantizati
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Literal
 
 import torch
@@ -30,10 +29,9 @@ from modules.models import (
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
-    save_hf,
 )
 from modules.ops import entropy_from_logits, masked_sum, token_logprobs
-from modules.optim import adamw, configure_optim, keep_trainable
+from modules.optim import adamw, keep_trainable
 from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.rollout import (
     Experience,
@@ -44,9 +42,10 @@ from modules.rollout import (
     response_logits,
     response_values,
 )
+from modules.stage import StageHooks
 
 
-class PPOModule(LightningModule):
+class PPOModule(StageHooks, LightningModule):
     """PPO from prompts: the policy samples, a RewardSpec scores, a KL penalty keeps it near the reference.
 
     Under manual optimisation `trainer.max_steps` and `global_step` count OPTIMIZER steps: one batch of
@@ -319,11 +318,11 @@ class PPOModule(LightningModule):
 
     # ----- optimizer, checkpoints, export -----
 
-    def configure_optimizers(self):
+    def optimizer_steps(self) -> int:
         steps = self.trainer.estimated_stepping_batches
         if self.trainer.max_steps == -1:  # counted in batches of prompts, each several optimizer steps
             steps *= self.ppo_epochs * self.num_minibatches
-        return configure_optim(self, self.optimizer_factory, self.scheduler_factory, self.warmup_steps, self.decay, steps)
+        return steps
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep_trainable(self, checkpoint)
@@ -341,9 +340,3 @@ class PPOModule(LightningModule):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.generator.set_state(state["generator"].cpu())
         self._pending_state = None
-
-    def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.interrupted:
-            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
-            path = save_hf(self.policy, self.tokenizer, out, merge_lora=self.merge_lora)
-            print(f"saved policy (Hugging Face format) to {path}")

@@ -27,10 +27,11 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from modules.generation import Rollout, SamplingSpec, decode_responses, generate
-from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer, save_hf
+from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from modules.ops import IGNORE_INDEX, masked_mean, shifted_logprobs
-from modules.optim import adamw, configure_optim, keep_trainable
+from modules.optim import adamw
 from modules.reward_spec import RewardSpec, as_reward_spec
+from modules.stage import StageHooks
 
 
 def select_best(scores: Tensor, min_score: float | None = None) -> tuple[Tensor, Tensor]:
@@ -74,7 +75,7 @@ def collate_examples(rows: list[tuple[list[int], list[int]]], pad_id: int) -> di
     }
 
 
-class RejectionSamplingModule(LightningModule):
+class RejectionSamplingModule(StageHooks, LightningModule):
     """Rejection-sampling fine-tuning of a causal LM (full weights or LoRA) against a reward.
 
     Args:
@@ -255,22 +256,3 @@ class RejectionSamplingModule(LightningModule):
         with path.open("w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.predictions)
         print(f"wrote {len(self.predictions)} best-of-{self.sampling.num_samples} samples to {path}")
-
-    def configure_optimizers(self):
-        return configure_optim(
-            self,
-            self.optimizer_factory,
-            self.scheduler_factory,
-            self.warmup_steps,
-            self.decay,
-            self.trainer.estimated_stepping_batches,
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep_trainable(self, checkpoint)
-
-    def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.interrupted:
-            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
-            path = save_hf(self.policy, self.tokenizer, out, merge_lora=self.merge_lora)
-            print(f"saved policy (Hugging Face format) to {path}")

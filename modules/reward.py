@@ -13,13 +13,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
 from modules.losses.reward import RewardLossOutput, pairwise_loss, ranking_loss
-from modules.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer, save_hf
+from modules.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
 from modules.ops import IGNORE_INDEX
-from modules.optim import adamw, configure_optim, keep_trainable
+from modules.optim import adamw
 from modules.reward_spec import sequence_scores
+from modules.stage import StageHooks
 
 
-class RewardModule(LightningModule):
+class RewardModule(StageHooks, LightningModule):
     """Reward model: r(prompt, response) read at the response's last real token (its EOS).
 
     Pairs (InstructGPT, arXiv 2203.02155; Llama 2 margin, arXiv 2307.09288 eq. 2): -log sigmoid(r_w - r_l - m).
@@ -44,6 +45,11 @@ class RewardModule(LightningModule):
         predict_file: where `predict` writes one json line per (prompt, response) row with its score
             (default: <log dir>/scores.jsonl).
     """
+
+    saved_name = "reward model"
+
+    def saved_model(self):
+        return self.backbone
 
     def __init__(
         self,
@@ -160,24 +166,6 @@ class RewardModule(LightningModule):
             print(f"wrote {len(rows)} scores to {out}")
         self.predicted, self.predicted_groups = [], 0
 
-    def configure_optimizers(self):
-        return configure_optim(
-            self,
-            self.optimizer_factory,
-            self.scheduler_factory,
-            self.warmup_steps,
-            self.decay,
-            self.trainer.estimated_stepping_batches,
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep_trainable(self, checkpoint)
-
-    def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.interrupted:
-            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
-            path = save_hf(self.backbone, self.tokenizer, out, merge_lora=self.merge_lora)
-            print(f"saved reward model (Hugging Face format) to {path}")
 
 
 def group_accuracies(scores: torch.Tensor, group: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:

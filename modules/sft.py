@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from typing import Literal
 
@@ -12,12 +11,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
 from modules.forward import completion_logits
-from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer, save_hf
+from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from modules.ops import token_logprobs
-from modules.optim import adamw, configure_optim, keep_trainable
+from modules.optim import adamw
+from modules.stage import StageHooks
 
 
-class SFTModule(LightningModule):
+class SFTModule(StageHooks, LightningModule):
     """Supervised fine-tuning of a causal LM (full weights or LoRA) on prompt/completion demonstrations.
 
     Args:
@@ -87,22 +87,3 @@ class SFTModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
-
-    def configure_optimizers(self):
-        return configure_optim(
-            self,
-            self.optimizer_factory,
-            self.scheduler_factory,
-            self.warmup_steps,
-            self.decay,
-            self.trainer.estimated_stepping_batches,
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep_trainable(self, checkpoint)
-
-    def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.interrupted:
-            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
-            path = save_hf(self.policy, self.tokenizer, out, merge_lora=self.merge_lora)
-            print(f"saved policy (Hugging Face format) to {path}")
