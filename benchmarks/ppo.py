@@ -7,6 +7,7 @@ over the 64 prompts; the second is timed.
     python benchmarks/ppo.py                    # layout separate: policy, frozen reference, value model
     python benchmarks/ppo.py --layout shared    # one base: LoRA policy, adapter-off reference, value head
     python benchmarks/ppo.py --padded           # score/train on left-padded rows instead of packed ones
+    python benchmarks/ppo.py --value-top-layers 2   # the value model trains only its top 2 blocks and head
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from benchmarks.common import build_standard_model, hh_pairs, peak_rss_gib, repo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layout", default="separate", choices=["separate", "shared"])
+    parser.add_argument("--value-top-layers", type=int, default=None,
+                        help="layout separate: the value model trains only its top N blocks and head")
     parser.add_argument("--padded", action="store_true", help="left-padded rows (PPOModule packing=False)")
     args = parser.parse_args()
     setup_threads(2)
@@ -66,6 +69,7 @@ def main() -> None:
         RewardSpec(models=[ModelSpec(path=str(tmp / "rm"))]),
         SamplingSpec(max_new_tokens=64, temperature=1.0),
         layout=args.layout, ppo_epochs=4, num_minibatches=1, save_dir=str(tmp / "out"), packing=not args.padded,
+        value_model=ModelSpec(path=str(tmp / "rm"), train_top_layers=args.value_top_layers),
     )
     dm = PromptDataModule(train_file=str(data), val_file=str(data), tokenizer=str(model_dir), max_prompt_length=448,
                           batch_size=16)
@@ -75,7 +79,9 @@ def main() -> None:
     )
     trainer.fit(module, dm)
     seconds = clock["end"] - clock["start"]
-    report(f"ppo-{args.layout}" + ("-padded" if args.padded else ""), {
+    name = f"ppo-{args.layout}" + ("-padded" if args.padded else "")
+    name += f"-value-top-{args.value_top_layers}" if args.value_top_layers else ""
+    report(name, {
         "episodes_timed": clock["episodes"], "seconds": round(seconds, 2),
         "episodes_per_s": round(clock["episodes"] / seconds, 3), "peak_rss_gib": round(peak_rss_gib(), 2)})
 
