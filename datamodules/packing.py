@@ -17,29 +17,15 @@ from __future__ import annotations
 import torch
 
 from datamodules.tokenize import IGNORE_INDEX
+from modules.ops import first_fit
 
 
-def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Item indices grouped into bins of at most `capacity` total length, first fit in the given order; an
-    item longer than capacity gets a bin of its own."""
-    bins: list[list[int]] = []
-    used: list[int] = []
-    for i, n in enumerate(lengths):
-        fit = next((k for k, u in enumerate(used) if u + n <= capacity), None)
-        if fit is None:
-            bins.append([i])
-            used.append(n)
-        else:
-            bins[fit].append(i)
-            used[fit] += n
-    return bins
-
-
-def _ids_and_labels(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[list[int]]]:
+def ids_and_labels(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[list[int]]]:
+    """[(prompt_ids, completion_ids)] -> token rows and label rows (-100 on the prompt), unpadded."""
     return [p + c for p, c in encoded], [[IGNORE_INDEX] * len(p) + c for p, c in encoded]
 
 
-def _pair_extras(rows: list) -> dict[str, torch.Tensor]:
+def pair_extras(rows: list) -> dict[str, torch.Tensor]:
     return {
         "margin": torch.tensor([r[2] for r in rows], dtype=torch.float32),  # (b,)
         "index": torch.tensor([r[3] for r in rows], dtype=torch.long),  # (b,)
@@ -50,7 +36,7 @@ def collate_pairs_packed(rows: list, pad_id: int, max_length: int) -> dict[str, 
     """[(chosen (p, c), rejected (p, c), margin, index)] x b -> the 2b sequences (chosen first) packed first-fit
     into rows of max_length: input_ids, labels, position_ids (restarting per sequence) and sequence_ids (-1 on
     the padding tail), plus margin (b,) and index (b,)."""
-    ids, labels = _ids_and_labels([r[0] for r in rows] + [r[1] for r in rows])
+    ids, labels = ids_and_labels([r[0] for r in rows] + [r[1] for r in rows])
     bins = first_fit([len(x) for x in ids], max_length)
     width = max(sum(len(ids[i]) for i in b) for b in bins)
     out = {"input_ids": [], "labels": [], "position_ids": [], "sequence_ids": []}
@@ -60,7 +46,7 @@ def collate_pairs_packed(rows: list, pad_id: int, max_length: int) -> dict[str, 
         out["labels"].append([t for i in b for t in labels[i]] + [IGNORE_INDEX] * (width - n))
         out["position_ids"].append([k for i in b for k in range(len(ids[i]))] + list(range(width - n)))
         out["sequence_ids"].append([i for i in b for _ in ids[i]] + [-1] * (width - n))
-    return {**{k: torch.tensor(v) for k, v in out.items()}, **_pair_extras(rows)}
+    return {**{k: torch.tensor(v) for k, v in out.items()}, **pair_extras(rows)}
 
 
 def common_prefix_length(seqs: list[list[int]]) -> int:
@@ -133,10 +119,10 @@ def collate_shared_prefix(
 def collate_pairs_shared(rows: list, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
     """Pairs -> prompt-shared rows (with DPO's completion targets); sequences renumbered to the pairs layout
     (chosen 0..b-1, rejected b..2b-1) in score_index and target_seq."""
-    ids = [_ids_and_labels([r[0], r[1]])[0] for r in rows]
+    ids = [ids_and_labels([r[0], r[1]])[0] for r in rows]
     batch = collate_shared_prefix(ids, pad_id, max_length, [[len(r[0][0]), len(r[1][0])] for r in rows])
     b = len(rows)
     order = torch.tensor([2 * i for i in range(b)] + [2 * i + 1 for i in range(b)])
     batch["score_index"] = batch["score_index"][order]
     batch["target_seq"] = (batch["target_seq"] % 2) * b + batch["target_seq"] // 2  # unit-order (u, k) -> k*b + u
-    return {**batch, **_pair_extras(rows)}
+    return {**batch, **pair_extras(rows)}

@@ -17,7 +17,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.formats import DataError, render_prompt
-from datamodules.packing import collate_pairs_packed, collate_pairs_shared, collate_shared_prefix
+from datamodules.packing import (
+    collate_pairs_packed,
+    collate_pairs_shared,
+    collate_shared_prefix,
+    ids_and_labels,
+    pair_extras,
+)
 from datamodules.preference_formats import Ranking, read_preferences
 from datamodules.resumable import ResumableLoader
 from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, pad_right
@@ -172,10 +178,9 @@ class PreferenceDataModule(LightningDataModule):
             return collate_pairs_packed(rows, pad, self.max_length)
         return collate_pairs(rows, pad)
 
-    def _loader(self, rows, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            rows, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate, num_workers=self.num_workers
-        )
+    def _loader(self, rows, shuffle: bool, collate=None) -> DataLoader:
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate or self.collate,
+                          num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         # seeded per-epoch order; a run resumed from a mid-epoch checkpoint continues at the same batch
@@ -190,8 +195,7 @@ class PreferenceDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         # one padded row per response: predictions are written per (prompt, response) text
-        return DataLoader(self.val_rows, batch_size=self.batch_size, shuffle=False,
-                          collate_fn=functools.partial(self.collate, padded=True), num_workers=self.num_workers)
+        return self._loader(self.val_rows, shuffle=False, collate=functools.partial(self.collate, padded=True))
 
 
 def ranked_pairs(ranks) -> list[tuple[int, int]]:
@@ -201,13 +205,6 @@ def ranked_pairs(ranks) -> list[tuple[int, int]]:
 
 def _ties_after_truncation(record: Ranking, enc: Encoded) -> bool:
     return any(enc[i] == enc[j] for i, j in ranked_pairs(record.ranks))
-
-
-def _rows(examples: Encoded) -> tuple[list[list[int]], list[list[int]]]:
-    """[(prompt_ids, completion_ids)] -> token rows and label rows (-100 on the prompt), unpadded."""
-    ids = [p + c for p, c in examples]
-    labels = [[IGNORE_INDEX] * len(p) + c for p, c in examples]
-    return ids, labels
 
 
 def _pad(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -221,16 +218,13 @@ def _pad(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str
 
 def collate_pairs(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
     """[(chosen (p, c), rejected (p, c), margin, index)] x b -> 2b rows (chosen first), margin (b,), index (b,)."""
-    ids, labels = _rows([r[0] for r in rows] + [r[1] for r in rows])
-    batch = _pad(ids, labels, pad_id)
-    batch["margin"] = torch.tensor([r[2] for r in rows], dtype=torch.float32)  # (b,)
-    batch["index"] = torch.tensor([r[3] for r in rows], dtype=torch.long)  # (b,)
-    return batch
+    ids, labels = ids_and_labels([r[0] for r in rows] + [r[1] for r in rows])
+    return {**_pad(ids, labels, pad_id), **pair_extras(rows)}
 
 
 def collate_rankings(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
     """[(K x (p, c), ranks [K], margin)] x g -> N = sum K rows, group (N,), ranks (N,), margin (g,)."""
-    ids, labels = _rows([e for enc, _, _ in rows for e in enc])
+    ids, labels = ids_and_labels([e for enc, _, _ in rows for e in enc])
     return {**_pad(ids, labels, pad_id), **_ranking_extras(rows)}
 
 

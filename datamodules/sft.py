@@ -12,6 +12,7 @@ from datamodules.formats import read_demonstrations, render_prompt
 from datamodules.resumable import ResumableLoader
 from datamodules.tokenize import IGNORE_INDEX, check_lengths, completion_text, encode_completions, pad_right
 from modules.models import load_tokenizer
+from modules.ops import first_fit
 
 
 class SFTDataModule(LightningDataModule):
@@ -125,19 +126,7 @@ def pack(rows: list, max_length: int, seed: int) -> list[list[tuple[list[int], l
     """Greedy first-fit of shuffled examples into bins of at most max_length tokens."""
     order = list(rows)
     random.Random(seed).shuffle(order)
-    bins: list[list] = []
-    room: list[int] = []
-    for p, c in order:
-        n = len(p) + len(c)
-        for i, free in enumerate(room):
-            if n <= free:
-                bins[i].append((p, c))
-                room[i] -= n
-                break
-        else:
-            bins.append([(p, c)])
-            room.append(max_length - n)
-    return bins
+    return [[order[i] for i in b] for b in first_fit([len(p) + len(c) for p, c in order], max_length)]
 
 
 def collate_packed(bins: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from modules.models import is_peft
 from modules.ops import prefix_tree_mask
+
+
+def lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder trunk, vocabulary head) of a causal LM, peft-wrapped or not; None when it has no separate
+    trunk or post-processes its logits (soft-capping, scaling): such a model takes the padded path."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config, decoder, head = inner.config, getattr(inner, inner.base_model_prefix, None), inner.get_output_embeddings()
+    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    return decoder, head
 
 
 def completion_logits(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,17 +25,14 @@ def completion_logits(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tens
     (often most of a conversation) cost no (t, v) logits, which is most of the memory and a fifth of the
     FLOPs of a small model. Models that post-process logits (soft-capping, scaling) get a full forward.
     """
-    inner = model.get_base_model() if is_peft(model) else model
-    config = inner.config
-    head = inner.get_output_embeddings()
-    decoder = getattr(inner, inner.base_model_prefix, None)
     targets = labels[:, 1:]
     keep = targets != -100  # (b, t-1): position i predicts token i + 1
-    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    parts = lm_parts(model)
+    if parts is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         return logits[keep], targets[keep]
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (b, t-1, h)
-    return head(hidden[keep]), targets[keep]  # (n, v), (n,)
+    hidden = parts[0](**inputs, use_cache=False).last_hidden_state[:, :-1]  # (b, t-1, h)
+    return parts[1](hidden[keep]), targets[keep]  # (n, v), (n,)
 
 
 def tree_attention_mask(model, tree: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -47,11 +53,10 @@ def tree_attention_mask(model, tree: dict[str, torch.Tensor]) -> torch.Tensor:
 def tree_completion_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt-shared rows: logits (n, v) at each completion token's predicting position (`source_index`) and
     the targets (n,). The vocabulary head runs on those n positions only."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = getattr(inner, inner.base_model_prefix, None), inner.get_output_embeddings()
-    config = inner.config
-    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    parts = lm_parts(model)
+    if parts is None:
         raise ValueError("share_prompt needs a plain decoder + vocabulary head (no logit soft-capping or scaling)")
+    decoder, head = parts
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     attention_mask=tree_attention_mask(inner, batch), use_cache=False).last_hidden_state
+                     attention_mask=tree_attention_mask(decoder, batch), use_cache=False).last_hidden_state
     return head(hidden.flatten(0, 1)[batch["source_index"]]), batch["target_ids"]  # (n, v), (n,)

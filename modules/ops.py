@@ -112,3 +112,19 @@ def prefix_tree_mask(tree_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.
     causal = torch.ones(t, t, dtype=torch.bool, device=tree_ids.device).tril()  # (t, t)
     allowed = (q_tree == k_tree) & (q_tree >= 0) & ((k_branch == 0) | (k_branch == q_branch)) & causal
     return (allowed | torch.eye(t, dtype=torch.bool, device=tree_ids.device)).unsqueeze(1)  # (rows, 1, t, t)
+
+
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Item indices grouped into bins of at most `capacity` total length, first fit in the given order; an
+    item longer than capacity gets a bin of its own."""
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        fit = next((k for k, u in enumerate(used) if u + n <= capacity), None)
+        if fit is None:
+            bins.append([i])
+            used.append(n)
+        else:
+            bins[fit].append(i)
+            used[fit] += n
+    return bins

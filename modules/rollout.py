@@ -8,6 +8,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from modules.forward import lm_parts
+from modules.ops import first_fit
+
 
 class Experience(NamedTuple):
     """One PPO rollout, everything fixed before the updates; b rows, p prompt and r response columns.
@@ -94,14 +97,14 @@ def pack_sequences(sequences: Tensor, attention_mask: Tensor, prompt_length: int
     if p < 1 or min(lengths) <= width - p:
         raise ValueError("pack_sequences: every row needs at least one real prompt token")
     capacity = max(row_length or width, max(lengths))
+    order = sorted(range(b), key=lambda j: -lengths[j])  # first fit, longest first
     used: list[int] = []
     row, start = [0] * b, [0] * b
-    for j in sorted(range(b), key=lambda j: -lengths[j]):  # first fit, longest first
-        k = next((k for k, u in enumerate(used) if u + lengths[j] <= capacity), len(used))
-        if k == len(used):
-            used.append(0)
-        row[j], start[j] = k, used[k]
-        used[k] += lengths[j]
+    for k, bin_ in enumerate(first_fit([lengths[j] for j in order], capacity)):
+        used.append(0)
+        for j in (order[i] for i in bin_):
+            row[j], start[j] = k, used[k]
+            used[k] += lengths[j]
     rows, t = len(used), max(used)
     cols = torch.arange(width, device=device)
     local = cols[None] - (p - prompt_lens)[:, None]  # (b, p + r) position in its sequence, < 0 on left padding
@@ -114,16 +117,6 @@ def pack_sequences(sequences: Tensor, attention_mask: Tensor, prompt_length: int
     pos = pos.flatten()
     pos[dest[keep]] = local[keep]
     return Packed(input_ids.view(rows, t), pos.view(rows, t), dest[:, p - 1 : -1])  # column p-1+i predicts token i
-
-
-def lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """(decoder trunk, vocabulary head) of a causal LM, peft-wrapped or not; None when it has no separate
-    trunk or post-processes its logits (soft-capping, scaling): such a model takes the padded path."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config, decoder, head = inner.config, getattr(inner, inner.base_model_prefix, None), inner.get_output_embeddings()
-    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        return None
-    return decoder, head
 
 
 def response_hidden(trunk, sequences: Tensor, attention_mask: Tensor, p: int, packed: Packed | None = None) -> Tensor:

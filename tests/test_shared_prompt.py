@@ -4,10 +4,10 @@ hand, the mask by hand, and scores/gradients equal to padded rows on the tiny mo
 import pytest
 import torch
 
-from datamodules.packing import collate_pairs_shared, collate_shared_prefix, common_prefix_length, first_fit
+from datamodules.packing import collate_pairs_shared, collate_shared_prefix, common_prefix_length
 from datamodules.preference import collate_pairs, collate_rankings
 from modules.models import ModelSpec
-from modules.ops import prefix_tree_mask
+from modules.ops import first_fit, prefix_tree_mask
 from modules.reward import RewardModule
 
 
