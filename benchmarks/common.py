@@ -6,11 +6,14 @@ a randomly initialised Llama (hidden 384, 6 layers, 6 heads, intermediate 1024),
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import resource
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,3 +81,57 @@ def machine() -> dict:
 
 def report(name: str, result: dict) -> None:
     print(json.dumps({"benchmark": name, **result, **machine()}))
+
+
+def preference_parser() -> argparse.ArgumentParser:
+    """Flags shared by the pairs benchmarks (reward.py, dpo.py)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--packing", action="store_true", help="padding-free packed rows")
+    parser.add_argument("--share-prompt", action="store_true", help="prompt-shared packed rows (prompt encoded once)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    return parser
+
+
+def run_preference(name: str, args: argparse.Namespace, make_module: Callable[[str, Path], object]) -> None:
+    """The standard workload as pairs through PreferenceDataModule + `make_module(model_dir, out_dir)` + a
+    Lightning Trainer: pairs/s over `args.steps` steps after `args.warmup`, whole-fit seconds, peak RSS."""
+    setup_threads(2)
+    from lightning.pytorch import Callback, Trainer
+
+    from datamodules.preference import PreferenceDataModule
+    from recipes.common import quiet
+
+    quiet()
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    pairs = hh_pairs(512)
+    data = tmp / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    model_dir = build_standard_model(tmp / "model", [p["prompt"] + p["chosen"] for p in pairs])
+    clock = {"pairs": 0}
+
+    class Timer(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                clock["start"] = time.perf_counter()
+            if batch_idx >= args.warmup:
+                clock["pairs"] += batch["margin"].shape[0]
+
+        def on_train_end(self, trainer, module):
+            clock["end"] = time.perf_counter()
+
+    dm = PreferenceDataModule(
+        train_file=str(data), val_file=str(data), tokenizer=str(model_dir), max_length=512, max_prompt_length=256,
+        batch_size=8, packing=args.packing, share_prompt=args.share_prompt,
+    )
+    trainer = Trainer(
+        accelerator="cpu", precision="32-true", max_steps=args.warmup + args.steps, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Timer()],
+    )
+    started = time.perf_counter()
+    trainer.fit(make_module(str(model_dir), tmp / "out"), dm)
+    seconds = clock["end"] - clock["start"]
+    report(name + ("-packed" if args.packing else "") + ("-shared-prompt" if args.share_prompt else ""), {
+        "pairs_timed": clock["pairs"], "seconds": round(seconds, 2), "pairs_per_s": round(clock["pairs"] / seconds, 2),
+        "fit_seconds_total": round(clock["end"] - started, 1), "peak_rss_gib": round(peak_rss_gib(), 2)})
