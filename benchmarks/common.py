@@ -135,3 +135,19 @@ def run_preference(name: str, args: argparse.Namespace, make_module: Callable[[s
     report(name + ("-packed" if args.packing else "") + ("-shared-prompt" if args.share_prompt else ""), {
         "pairs_timed": clock["pairs"], "seconds": round(seconds, 2), "pairs_per_s": round(clock["pairs"] / seconds, 2),
         "fit_seconds_total": round(clock["end"] - started, 1), "peak_rss_gib": round(peak_rss_gib(), 2)})
+
+
+def hf_step_timer(warmup: int, clock: dict):
+    """A transformers TrainerCallback (for the TRL side-by-side scripts) that sets clock["start"] when optimizer
+    step `warmup` begins and clock["end"] when training ends."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                clock["start"] = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            clock["end"] = time.perf_counter()
+
+    return Timer()

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import build_standard_model, hh_pairs, peak_rss_gib, report, setup_threads  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    build_standard_model,
+    hf_step_timer,
+    hh_pairs,
+    peak_rss_gib,
+    report,
+    setup_threads,
+)
 
 WARMUP, STEPS, MAX_LENGTH, MAX_PROMPT = 3, 20, 512, 256
 
@@ -27,7 +33,7 @@ WARMUP, STEPS, MAX_LENGTH, MAX_PROMPT = 3, 20, 512, 256
 def main() -> None:
     setup_threads(2)
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-trl-reward-"))
@@ -47,21 +53,13 @@ def main() -> None:
     pairs_per_step: list[int] = []
     clock = {}
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == WARMUP:
-                clock["start"] = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            clock["end"] = time.perf_counter()
-
     config = RewardConfig(
         output_dir=str(tmp / "out"), per_device_train_batch_size=8, max_length=MAX_LENGTH + 8,
         max_steps=WARMUP + STEPS, learning_rate=1e-5, logging_steps=1000, save_strategy="no", report_to=[],
         use_cpu=True, dataloader_num_workers=0, bf16=False, gradient_checkpointing=False,
     )
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                            callbacks=[Timer()])
+                            callbacks=[hf_step_timer(WARMUP, clock)])
     kept = len(trainer.train_dataset)
     collate = trainer.data_collator
 

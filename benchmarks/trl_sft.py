@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import build_standard_model, hh_pairs, peak_rss_gib, report, setup_threads  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    build_standard_model,
+    hf_step_timer,
+    hh_pairs,
+    peak_rss_gib,
+    report,
+    setup_threads,
+)
 
 WARMUP, STEPS = 3, 20
 
@@ -22,7 +28,7 @@ WARMUP, STEPS = 3, 20
 def main() -> None:
     setup_threads(2)
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-trl-sft-"))
@@ -34,20 +40,13 @@ def main() -> None:
     tokens_per_batch: list[int] = []
     clock = {}
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == WARMUP:
-                clock["start"] = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            clock["end"] = time.perf_counter()
-
     config = SFTConfig(
         output_dir=str(tmp / "out"), per_device_train_batch_size=8, max_length=512, truncation_mode="keep_end",
         max_steps=WARMUP + STEPS, learning_rate=1e-5, logging_steps=1000, save_strategy="no", report_to=[],
         use_cpu=True, dataloader_num_workers=0, bf16=False,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[Timer()])
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
+                         callbacks=[hf_step_timer(WARMUP, clock)])
     collate = trainer.data_collator
 
     def counting_collate(examples):
