@@ -164,17 +164,16 @@ class PreferenceDataModule(LightningDataModule):
         return pairs
 
     def collate(self, rows: list, padded: bool = False) -> dict[str, torch.Tensor]:
-        if self.layout == "rankings" and (padded or not self.share_prompt):
-            return collate_rankings(rows, self.tokenizer.pad_token_id)
+        """The configured batch layout; `padded` forces one padded row per response (predict)."""
         pad = self.tokenizer.pad_token_id
-        if padded:
-            return collate_pairs(rows, pad)
-        if self.share_prompt and self.layout == "rankings":
-            units = [[p + c for p, c in enc] for enc, _, _ in rows]
-            return {**collate_shared_prefix(units, pad, self.max_length), **_ranking_extras(rows)}
-        if self.share_prompt:
+        if self.layout == "rankings":
+            if self.share_prompt and not padded:
+                units = [[p + c for p, c in enc] for enc, _, _ in rows]
+                return {**collate_shared_prefix(units, pad, self.max_length), **_ranking_extras(rows)}
+            return collate_rankings(rows, pad)
+        if self.share_prompt and not padded:
             return collate_pairs_shared(rows, pad, self.max_length)
-        if self.packing:
+        if self.packing and not padded:
             return collate_pairs_packed(rows, pad, self.max_length)
         return collate_pairs(rows, pad)
 
