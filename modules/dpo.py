@@ -52,7 +52,11 @@ class DPOModule(StageHooks, LightningModule):
         decay: built-in schedule after warm-up: constant, linear or cosine.
         save_dir: where the Hugging Face policy goes at the end of fit (default: <log dir>/hf_model).
         merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
+        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
+            lightning_rlhf.json, is always replaced; anything else stops fit before training).
     """
+
+    stage = "dpo"
 
     def __init__(
         self,
@@ -69,6 +73,7 @@ class DPOModule(StageHooks, LightningModule):
         decay: Literal["constant", "linear", "cosine"] = "constant",
         save_dir: str | None = None,
         merge_lora: bool = True,
+        overwrite: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -87,6 +92,7 @@ class DPOModule(StageHooks, LightningModule):
         self.average = uses_average_logprobs(loss_type)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay = warmup_steps, decay
+        self.overwrite = overwrite
         self.save_dir, self.merge_lora = save_dir, merge_lora
         self.policy = None
         self.reference = None
@@ -130,6 +136,7 @@ class DPOModule(StageHooks, LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         layout = getattr(self.trainer.datamodule, "layout", "pairs")
         if layout != "pairs":  # runs before configure_model: no weights loaded yet
             raise ValueError(f"DPO trains on chosen/rejected pairs: set data.layout: pairs, not {layout!r}")

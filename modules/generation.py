@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from modules.guard import NonFiniteError
+
 
 @dataclass
 class SamplingSpec:
@@ -55,8 +57,11 @@ class Rollout(NamedTuple):
 
 
 def sample_next(logits: Tensor, spec: SamplingSpec, generator: torch.Generator | None = None) -> Tensor:
-    """Next tokens from last-position logits (b, v) -> (b,): temperature, top-k, top-p, multinomial."""
+    """Next tokens from last-position logits (b, v) -> (b,): temperature, top-k, top-p, multinomial.
+    Non-finite logits (a diverged model) raise NonFiniteError instead of sampling garbage."""
     logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError("logits while sampling")
     if spec.temperature == 0:
         return logits.argmax(-1)
     logits = logits / spec.temperature

@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from modules.outputs import write_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger(__name__)
@@ -204,30 +205,33 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = True) -> Path:
-    """Save in Hugging Face format (safetensors) so `from_pretrained(out_dir)` loads it. Written to a sibling
-    temp dir first and swapped in, so an existing output is never half-overwritten.
+def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = True, overwrite: bool = False,
+            info: dict | None = None) -> Path:
+    """Save in Hugging Face format (safetensors) so `from_pretrained(out_dir)` loads it, with our marker file
+    (outputs.py: `info` goes into it). Written to a sibling temp dir first and swapped in, so an existing output
+    is never half-overwritten; a folder we did not write is replaced only with overwrite.
 
     A LoRA model is merged into its base (merge_lora) or saved as an adapter; a quantised base cannot be
-    merged losslessly and is always saved as an adapter."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    merged losslessly and is always saved as an adapter. An adapter records its base as an absolute path
+    when the base is a local folder, so it loads from any working directory."""
     to_save = model
     if is_peft(model) and merge_lora:
         if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) or _quantised(model):
             log.warning("quantised base: saving the LoRA adapter only (merge it into a full-precision base)")
         else:
             to_save = _untie_output(copy.deepcopy(model)).merge_and_unload()
-    to_save.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    old = out.with_name(out.name + f".old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    if is_peft(to_save):
+        for config in to_save.peft_config.values():
+            base = config.base_model_name_or_path
+            if base and Path(base).expanduser().is_dir():
+                config.base_model_name_or_path = str(Path(base).expanduser().resolve())
+
+    def write(tmp: Path) -> None:
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_dir(out_dir, write, info or {}, overwrite)
 
 
 def _untie_output(peft_model):
@@ -257,6 +261,7 @@ def build_tiny_model(
     max_position_embeddings: int = 256,
     seed: int = 0,
     intermediate_size: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train a byte-level BPE on texts and save it with a randomly initialised Llama: a base model for
     tests and the quickstart that needs no download. Returns out_dir."""
@@ -289,10 +294,10 @@ def build_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    return save_hf(model, tok, out_dir)
+    return save_hf(model, tok, out_dir, overwrite=overwrite, info={"model": "tiny test model"})
 
 
-def convert_gguf(path: str, gguf_file: str, out_dir: str | os.PathLike) -> Path:
+def convert_gguf(path: str, gguf_file: str, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Dequantise a GGUF checkpoint into a safetensors HF directory (loads in well under a second after).
     The object `from_pretrained(gguf_file=...)` returns cannot `save_pretrained` itself: rebuild it from its
     config and load the state dict into the fresh model first."""
@@ -305,4 +310,4 @@ def convert_gguf(path: str, gguf_file: str, out_dir: str | os.PathLike) -> Path:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    return save_hf(fresh, load_tokenizer(spec), out_dir)
+    return save_hf(fresh, load_tokenizer(spec), out_dir, overwrite=overwrite, info={"converted_from": gguf_file})

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from modules.guard import NonFiniteError, nonfinite_names
+
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 
 
@@ -40,6 +42,11 @@ def configure_optim(module, optimizer: OptimizerFactory, scheduler, warmup_steps
 
 def keep_trainable(module, checkpoint: dict) -> None:
     """Drop frozen weights (references, quantised or LoRA bases) from a checkpoint: they come back from the
-    ModelSpec on resume. Pair with `module.strict_loading = False`."""
+    ModelSpec on resume. Pair with `module.strict_loading = False`. Non-finite trainable weights raise
+    NonFiniteError, so the last checkpoint written stays the last finite one."""
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    bad = nonfinite_names((k, v) for k, v in checkpoint["state_dict"].items() if k in trainable)
+    if bad:  # the last good checkpoint stays the last one
+        raise NonFiniteError(f"{type(module).__name__}: non-finite weights ({', '.join(bad)}) at step "
+                             f"{checkpoint.get('global_step')}: checkpoint not written")
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

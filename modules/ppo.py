@@ -84,8 +84,12 @@ class PPOModule(StageHooks, LightningModule):
         seed: seed of the rollout/minibatch generator (+ rank); validation re-seeds with seed + 1 every time.
         save_dir: where the Hugging Face policy goes at the end of fit (default: <log dir>/hf_model).
         merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
+        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
+            lightning_rlhf.json, is always replaced; anything else stops fit before training).
         packing: score and train on padding-free packed rows (rollout.pack_sequences) instead of left-padded ones.
     """
+
+    stage = "ppo"
 
     def __init__(
         self,
@@ -119,6 +123,7 @@ class PPOModule(StageHooks, LightningModule):
         seed: int = 0,
         save_dir: str | None = None,
         merge_lora: bool = True,
+        overwrite: bool = False,
         packing: bool = True,
     ):
         super().__init__()
@@ -142,6 +147,7 @@ class PPOModule(StageHooks, LightningModule):
         self.missing_eos_penalty = missing_eos_penalty
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay, self.seed = warmup_steps, decay, seed
+        self.overwrite = overwrite
         self.save_dir, self.merge_lora, self.packing = save_dir, merge_lora, packing
         self.policy = self.reference = self.value_model = self.value_head = self.tokenizer = None
         self.generator: torch.Generator | None = None  # rollouts and minibatch order; saved in checkpoints
@@ -216,8 +222,9 @@ class PPOModule(StageHooks, LightningModule):
         """Sample, score and evaluate one batch of prompts: Experience plus per-row stats (b,) for logging."""
         self._no_dropout()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        out = generate(self.policy, batch["input_ids"], batch["attention_mask"], self.sampling, eos, pad, generator,
-                       self.tokenizer)
+        with self.sampling_guard():
+            out = generate(self.policy, batch["input_ids"], batch["attention_mask"], self.sampling, eos, pad,
+                           generator, self.tokenizer)
         n, p, mask = self.sampling.num_samples, out.prompt_length, out.response_mask.bool()
         texts = decode_responses(self.tokenizer, out, eos)
         meta = repeat_each(batch.get("meta") or [{}] * len(batch["prompts"]), n)

@@ -95,10 +95,14 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         sampling_seed: seed of the sampling streams (each batch's depends on it, split, epoch, batch, rank).
         save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model).
         merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
+        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
+            lightning_rlhf.json, is always replaced; anything else stops fit before training).
         predict_file: where `predict` writes best-of-K jsonl rows {prompt, completion, score, mean_score}
             (default: <log dir>/best_of_k.jsonl); `rlhf sft fit` reads it as prompt/completion data. Rows
             below min_score or with a blank best completion are left out.
     """
+
+    stage = "rs"
 
     def __init__(
         self,
@@ -117,6 +121,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         sampling_seed: int = 0,
         save_dir: str | None = None,
         merge_lora: bool = True,
+        overwrite: bool = False,
         predict_file: str | None = None,
     ):
         super().__init__()
@@ -129,6 +134,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.warmup_steps, self.decay = warmup_steps, decay
         self.sft_epochs, self.sft_batch_size, self.max_grad_norm = sft_epochs, sft_batch_size, max_grad_norm
         self.sampling_seed, self.predict_file = sampling_seed, predict_file
+        self.overwrite = overwrite
         self.save_dir, self.merge_lora = save_dir, merge_lora
         self.policy = None
         self.tokenizer = None
@@ -154,10 +160,11 @@ class RejectionSamplingModule(StageHooks, LightningModule):
     ) -> tuple[Rollout, list[str], Tensor]:
         """spec.num_samples responses per prompt: the rollout (b*n rows), their texts and scores (b*n,)."""
         n = spec.num_samples
-        rollout = generate(
-            self.policy, batch["input_ids"], batch["attention_mask"], spec,
-            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator, self.tokenizer,
-        )
+        with self.sampling_guard():
+            rollout = generate(
+                self.policy, batch["input_ids"], batch["attention_mask"], spec,
+                self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator, self.tokenizer,
+            )
         responses = decode_responses(self.tokenizer, rollout)
         prompts = [p for p in batch["prompts"] for _ in range(n)]  # rows i*n .. i*n+n-1 answer prompt i
         meta = [m for m in batch["meta"] for _ in range(n)] if batch.get("meta") is not None else None

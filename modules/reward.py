@@ -42,10 +42,13 @@ class RewardModule(StageHooks, LightningModule):
         save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model);
             it loads with AutoModelForSequenceClassification.
         merge_lora: save a LoRA model merged into its base (True) or as an adapter (False).
+        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
+            lightning_rlhf.json, is always replaced; anything else stops fit before training).
         predict_file: where `predict` writes one json line per (prompt, response) row with its score
             (default: <log dir>/scores.jsonl).
     """
 
+    stage = "reward"
     saved_name = "reward model"
 
     def saved_model(self):
@@ -61,6 +64,7 @@ class RewardModule(StageHooks, LightningModule):
         center_coef: float = 0.0,
         save_dir: str | None = None,
         merge_lora: bool = True,
+        overwrite: bool = False,
         predict_file: str | None = None,
     ):
         super().__init__()
@@ -69,6 +73,7 @@ class RewardModule(StageHooks, LightningModule):
         self.hparams["backbone"] = asdict(self.backbone_spec)  # plain data: checkpoints load with weights_only=True
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay, self.center_coef = warmup_steps, decay, center_coef
+        self.overwrite = overwrite
         self.save_dir, self.merge_lora, self.predict_file = save_dir, merge_lora, predict_file
         self.backbone = None
         self.tokenizer = None

@@ -28,7 +28,11 @@ class SFTModule(StageHooks, LightningModule):
         decay: built-in schedule after warm-up: constant, linear or cosine.
         save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model).
         merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
+        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
+            lightning_rlhf.json, is always replaced; anything else stops fit before training).
     """
+
+    stage = "sft"
 
     def __init__(
         self,
@@ -39,6 +43,7 @@ class SFTModule(StageHooks, LightningModule):
         decay: Literal["constant", "linear", "cosine"] = "constant",
         save_dir: str | None = None,
         merge_lora: bool = True,
+        overwrite: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -46,6 +51,7 @@ class SFTModule(StageHooks, LightningModule):
         self.hparams["policy"] = asdict(self.policy_spec)  # plain data: checkpoints load with weights_only=True
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay = warmup_steps, decay
+        self.overwrite = overwrite
         self.save_dir, self.merge_lora = save_dir, merge_lora
         self.policy = None
         self.tokenizer = None

@@ -1,19 +1,28 @@
-"""Hooks every stage's LightningModule shares: the optimizer and LR schedule, trainable-only checkpoints, and the
-Hugging Face save at the end of fit."""
+"""Hooks every stage's LightningModule shares: the optimizer and LR schedule, trainable-only checkpoints, the
+non-finite guard, and the Hugging Face save at the end of fit."""
 
 from __future__ import annotations
 
-import os
+import math
+from contextlib import contextmanager
+from pathlib import Path
 
+import torch
+
+from modules.guard import NonFiniteError, grad_norm, nonfinite_names
 from modules.models import save_hf
 from modules.optim import configure_optim, keep_trainable
+from modules.outputs import check_writable, config_hash
 
 
 class StageHooks:
     """Mix in before LightningModule. The module provides optimizer_factory, scheduler_factory, warmup_steps,
-    decay, save_dir, merge_lora and tokenizer; `saved_model()` (default: self.policy) is what fit saves."""
+    decay, save_dir, overwrite, merge_lora and tokenizer; `saved_model()` (default: self.policy) is what fit
+    saves, `stage` names the stage in messages and in the export's marker."""
 
+    stage = "stage"
     saved_name = "policy"
+    _nonfinite_loss: float | None = None  # a non-finite loss seen since the last optimizer step
 
     def saved_model(self):
         return self.policy
@@ -26,11 +35,61 @@ class StageHooks:
         return configure_optim(self, self.optimizer_factory, self.scheduler_factory, self.warmup_steps, self.decay,
                                self.optimizer_steps())
 
+    def export_dir(self) -> Path:
+        """Where fit saves the model: save_dir (a relative one under trainer.default_root_dir, the run's root),
+        else <log dir>/hf_model."""
+        if not self.save_dir:
+            return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hf_model"
+        path = Path(self.save_dir).expanduser()
+        return path if path.is_absolute() else Path(self.trainer.default_root_dir) / path
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.save_dir:  # before any weights load: an output we must not replace stops here
+            check_writable(self.export_dir(), self.overwrite)
+
+    # ----- non-finite guard: checked before every optimizer step, so the weights never take a bad one -----
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            self._nonfinite_loss = loss.detach().float().sum().item()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        bad, self._nonfinite_loss = self._nonfinite_loss, None
+        if bad is not None:
+            self._stop_nonfinite(f"loss ({bad})", self._at_next_step())
+        norm = grad_norm(p for group in optimizer.param_groups for p in group["params"]).item()
+        if not math.isfinite(norm):  # DDP: gradients are all-reduced, so every rank stops here together
+            self._stop_nonfinite(f"gradient norm ({norm})", self._at_next_step())
+
+    @contextmanager
+    def sampling_guard(self):
+        """Sampling from a policy whose weights overflowed: name the stage and step."""
+        try:
+            yield
+        except NonFiniteError as err:
+            self._stop_nonfinite(str(err), f"after optimizer step {self.trainer.global_step}")
+
+    def _at_next_step(self) -> str:
+        return f"at optimizer step {self.trainer.global_step + 1} (epoch {self.trainer.current_epoch}); stopped before it"
+
+    def _stop_nonfinite(self, quantity: str, where: str) -> None:
+        callback = self.trainer.checkpoint_callback
+        last = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
+        raise NonFiniteError(
+            f"{self.stage}: non-finite {quantity} {where}: no weights, checkpoint or Hugging Face export was "
+            f"written from it; last checkpoint (finite weights): {last or 'none yet'} (lower the learning rate "
+            "or check the data)"
+        )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep_trainable(self, checkpoint)  # frozen weights (references, quantised bases) stay out
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.interrupted:
-            out = self.save_dir or os.path.join(self.trainer.log_dir or ".", "hf_model")
-            path = save_hf(self.saved_model(), self.tokenizer, out, merge_lora=self.merge_lora)
+            model = self.saved_model()
+            bad = nonfinite_names(model.named_parameters())
+            if bad:
+                self._stop_nonfinite(f"weights ({', '.join(bad)})", f"after optimizer step {self.trainer.global_step}")
+            info = {"stage": self.stage, "config_hash": config_hash(dict(self.hparams))}
+            path = save_hf(model, self.tokenizer, self.export_dir(), self.merge_lora, self.overwrite, info)
             print(f"saved {self.saved_name} (Hugging Face format) to {path}")

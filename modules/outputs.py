@@ -1,0 +1,112 @@
+"""Output folders we write (Hugging Face exports): a marker says they are ours, and only ours are replaced.
+
+A folder is written whole to a sibling `<name>.tmp-<pid>`, the marker last, then swapped in with two renames
+(`<name>` -> `<name>.old-<pid>`, tmp -> `<name>`). A kill between the renames leaves no `<name>`, a complete
+tmp and an old: `recover` (run before every check and save) puts the newest complete one back and removes
+the leftovers of dead processes. A folder without the marker is never replaced unless asked (overwrite).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+MARKER = "lightning_rlhf.json"
+
+
+class OutputExistsError(FileExistsError):
+    """The output path holds something we did not write; str() is one line saying what to do."""
+
+
+def is_ours(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def config_hash(config: dict | None) -> str | None:
+    if config is None:
+        return None
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _leftovers(out: Path) -> list[tuple[str, int, Path]]:
+    """(kind "tmp" | "old", pid, path) of swap leftovers next to `out` whose process is gone."""
+    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)$")
+    found = []
+    if out.parent.is_dir():
+        for p in out.parent.iterdir():
+            m = pattern.match(p.name)
+            if m and not _alive(int(m.group(2))):
+                found.append((m.group(1), int(m.group(2)), p))
+    return found
+
+
+def recover(out: str | os.PathLike) -> list[str]:
+    """Finish or undo a swap a killed process left half done; returns what was done, one line each.
+
+    With `out` missing, a complete tmp (marker written, so every file before it was) is the newer model and
+    goes in place; else an old one goes back. Leftovers no longer needed are deleted: they are ours by name.
+    """
+    out, done = Path(out), []
+    left = _leftovers(out)
+    if not out.exists():
+        newest = [p for kind, _, p in sorted(left, key=lambda x: -x[1]) if kind == "tmp" and is_ours(p)]
+        newest += [p for kind, _, p in sorted(left, key=lambda x: -x[1]) if kind == "old"]
+        if newest:
+            newest[0].rename(out)
+            done.append(f"recovered {out} from {newest[0].name} (an earlier save was interrupted)")
+    for _, _, p in left:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p} (left by an interrupted save)")
+    return done
+
+
+def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise OutputExistsError unless `out` is free, an empty folder, or a folder we wrote (or overwrite)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file, not a model folder: choose another --model.save_dir")
+    if out.is_dir() and not overwrite and not is_ours(out) and any(out.iterdir()):
+        raise OutputExistsError(
+            f"{out} exists and was not written by lightning-rlhf (no {MARKER}); nothing was changed: "
+            "choose a new --model.save_dir, or pass --model.overwrite true to replace it"
+        )
+    return out
+
+
+def write_dir(out: str | os.PathLike, write: Callable[[Path], None], info: dict, overwrite: bool = False) -> Path:
+    """write(tmp) fills a fresh folder, then it replaces `out` (checked by check_writable) in one swap."""
+    out = Path(out)
+    for line in recover(out):
+        print(line)
+    check_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    marker = {"written_by": "lightning-rlhf", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")  # last: a tmp with it is complete
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
