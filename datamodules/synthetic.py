@@ -13,12 +13,12 @@ Stdlib only. Every ``make_*`` generator is deterministic in its ``seed`` and tak
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import tempfile
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
+
+from modules.outputs import write_jsonl
 
 LETTERS = "abcdefgh"
 PROMPT_PREFIX = "Reverse:"
@@ -205,18 +205,6 @@ def make_ratings(
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; os.replace: never a half-written file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_task(
     out_dir: str | os.PathLike, n_train: int = 2000, n_val: int = 200, seed: int = 0
 ) -> dict[str, Path]:
@@ -231,7 +219,7 @@ def write_task(
         data[f"{name}_val"] = make(n_val, seed + VAL_SEED_OFFSET, exclude=seen)
     paths = {name: out / f"{name}.jsonl" for name in sorted(data)}
     for name, path in paths.items():
-        _write_jsonl(path, data[name])
+        write_jsonl(path, data[name])
     return paths
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,3 +111,19 @@ def write_dir(out: str | os.PathLike, write: Callable[[Path], None], info: dict,
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """One JSON line per row, written to a temp file and renamed over `path`: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

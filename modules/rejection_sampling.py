@@ -14,10 +14,7 @@ accumulate_grad_batches.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import zlib
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,6 +27,7 @@ from modules.generation import Rollout, SamplingSpec, decode_responses, generate
 from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from modules.ops import IGNORE_INDEX, masked_mean, shifted_logprobs
 from modules.optim import adamw
+from modules.outputs import write_jsonl
 from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.stage import StageHooks
 
@@ -256,10 +254,8 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        path = Path(self.predict_file or os.path.join(self.trainer.log_dir or ".", "best_of_k.jsonl"))
+        path = self.output_path(self.predict_file, "best_of_k.jsonl")
         if self.trainer.world_size > 1:  # one file per rank, no gather
             path = path.with_name(f"{path.name}.rank{self.global_rank}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.predictions)
+        write_jsonl(path, self.predictions)
         print(f"wrote {len(self.predictions)} best-of-{self.sampling.num_samples} samples to {path}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict
 from typing import Literal
 
@@ -16,6 +14,7 @@ from modules.losses.reward import RewardLossOutput, pairwise_loss, ranking_loss
 from modules.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
 from modules.ops import IGNORE_INDEX
 from modules.optim import adamw
+from modules.outputs import write_jsonl
 from modules.reward_spec import sequence_scores
 from modules.stage import StageHooks
 
@@ -164,10 +163,7 @@ class RewardModule(StageHooks, LightningModule):
             torch.distributed.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
         if self.trainer.is_global_zero:
-            out = self.predict_file or os.path.join(self.trainer.log_dir or ".", "scores.jsonl")
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            out = write_jsonl(self.output_path(self.predict_file, "scores.jsonl"), rows)
             print(f"wrote {len(rows)} scores to {out}")
         self.predicted, self.predicted_groups = [], 0
 

@@ -35,13 +35,17 @@ class StageHooks:
         return configure_optim(self, self.optimizer_factory, self.scheduler_factory, self.warmup_steps, self.decay,
                                self.optimizer_steps())
 
-    def export_dir(self) -> Path:
-        """Where fit saves the model: save_dir (a relative one under trainer.default_root_dir, the run's root),
-        else <log dir>/hf_model."""
-        if not self.save_dir:
-            return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hf_model"
-        path = Path(self.save_dir).expanduser()
+    def output_path(self, path: str | None, default_name: str) -> Path:
+        """An output the user named (a relative one under trainer.default_root_dir, the run's root), else
+        <log dir>/default_name."""
+        if not path:
+            return Path(self.trainer.log_dir or self.trainer.default_root_dir) / default_name
+        path = Path(path).expanduser()
         return path if path.is_absolute() else Path(self.trainer.default_root_dir) / path
+
+    def export_dir(self) -> Path:
+        """Where fit saves the Hugging Face model."""
+        return self.output_path(self.save_dir, "hf_model")
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.save_dir:  # before any weights load: an output we must not replace stops here

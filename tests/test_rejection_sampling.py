@@ -101,8 +101,8 @@ def test_one_step_finite_loss_and_policy_changes(synthetic_dir, tiny_model_dir, 
     assert (tmp_path / "hf" / "model.safetensors").exists()
 
 
-def test_sft_epochs_and_minibatches_set_the_optimizer_steps(synthetic_dir, tiny_model_dir):
-    module = _module(tiny_model_dir, sft_epochs=2, sft_batch_size=2, max_grad_norm=1.0)
+def test_sft_epochs_and_minibatches_set_the_optimizer_steps(synthetic_dir, tiny_model_dir, tmp_path):
+    module = _module(tiny_model_dir, sft_epochs=2, sft_batch_size=2, max_grad_norm=1.0, save_dir=str(tmp_path / "hf"))
     trainer = _trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     trainer.fit(module, _dm(synthetic_dir, tiny_model_dir, batch_size=4))
     assert trainer.global_step == 2 * 2  # 2 passes x (4 prompts / 2 per step); global_step counts optimizer steps
@@ -162,6 +162,28 @@ def test_fit_tiny_recipe_writes_loadable_model(run_recipe, tmp_path):
     assert "rs/gain_step" in metrics and "train/loss" in metrics and "val/reward" in metrics
     ckpt = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["state_dict"] and all(k.startswith("policy.") for k in ckpt["state_dict"])
+
+
+def test_killed_and_resumed_run_logs_the_same_losses(run_recipe, tmp_path):
+    """rs links rounds to max_epochs, so its train loader is built before the checkpoint is restored; the
+    resumed run still continues the epoch at prompt batch 2 (of 32), with the same samples and losses."""
+    import csv
+
+    def fit(name, *extra):
+        out = tmp_path / name
+        run_recipe("rs", "fit", "--config", TINY, "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
+                   "--checkpoint.every_n_train_steps=2", f"--trainer.default_root_dir={out}",
+                   f"--trainer.logger.init_args.save_dir={out}", f"--model.save_dir={out / 'hf'}", *extra, outputs=False)
+        rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+    full = fit("full", "--trainer.max_steps=4")
+    fit("killed", "--trainer.max_steps=2")  # stands in for a kill after the step-2 checkpoint
+    ckpt = next((tmp_path / "killed").rglob("last.ckpt"))
+    resumed = fit("resumed", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
+    assert sorted(resumed) == [2, 3]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(full[step], rel=1e-5), step
 
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "rs").glob("*.yaml")))
