@@ -1,20 +1,16 @@
-"""User data -> canonical records; a bad row -> DataError naming file and line. Pairs: preference_formats."""
+"""Rows -> canonical records; a bad row -> DataError naming file and line. Files: sources; pairs: preference_formats."""
 
-import csv
-import errno
-import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from datamodules.sources import DataError, source_rows
 
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
 Text = str | Messages
-FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 _TURN = re.compile(r"\n\n(Human|Assistant):")  # an HH-RLHF turn marker; "Assistant:" mid-line is text
 log = logging.getLogger(__name__)
 
@@ -33,80 +29,11 @@ class PromptRecord:
     meta: dict = field(default_factory=dict)  # the row's other columns, e.g. {"target": "42"}
 
 
-class DataError(ValueError):
-    """str(): "{where}: {reason} ({detail})"; reason has no row-specific values (skip mode counts by it)."""
-    def __init__(self, where: str, reason: str = "", detail: str = ""):  # cls(message) works too (pickle)
-        self.where, self.reason, self.detail = where, reason, detail
-        super().__init__((f"{where}: {reason}" + (f" ({detail})" if detail else "")) if reason else where)
-
-
 class ReadResult(list):
     """The records (this list), `skipped`: skip mode's count of bad rows per reason, `total`: rows seen."""
     def __init__(self, records: list, skipped: Counter, total: int):
         super().__init__(records)
         self.skipped, self.total = skipped, total
-
-
-def _rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
-    """(where, item): a row dict, or what stands in a row's place (a DataError when it cannot be read)."""
-    path = Path(source).expanduser()
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        import datasets
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(source, f"no split '{split}'", f"splits: {', '.join(ds)}")
-            ds, source = ds[split], f"{source}[{split}]"
-        yield from ((f"{source} row {i}", row) for i, row in enumerate(ds, 1))
-    elif path.is_file() and suffix == ".parquet":
-        import pyarrow.parquet as pq
-        rows = (row for batch in pq.ParquetFile(path).iter_batches() for row in batch.to_pylist())
-        yield from ((f"{source} row {i}", row) for i, row in enumerate(rows, 1))
-    elif path.is_file() and suffix in FILE_TYPES:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            yield from (_csv_rows if suffix == ".csv" else _json_rows)(source, f)
-    elif path.exists():
-        raise DataError(source, "unsupported file type", f"use {', '.join(FILE_TYPES)} or a saved dataset")
-    elif suffix in FILE_TYPES or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source)
-    else:
-        import datasets
-        try:
-            ds = datasets.load_dataset(source, split=split)
-        except Exception as e:  # offline, unknown id, unknown split: all end here
-            raise DataError(source, "no such local file or folder, and the Hugging Face hub can't load it",
-                            f"{type(e).__name__}: {str(e)[:300]}") from e
-        yield from ((f"{source}[{split}] row {i}", row) for i, row in enumerate(ds, 1))
-
-
-def _json_rows(source: str, f) -> Iterator[tuple[str, Any]]:
-    if source.lower().endswith(".json") and f.read(4096).lstrip().startswith("["):  # a top-level list
-        f.seek(0)
-        try:
-            yield from ((f"{source}[{i}]", item) for i, item in enumerate(json.load(f)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{source}:{e.lineno}", "invalid JSON", f"{e.msg} at column {e.colno}") from e
-        return
-    f.seek(0)
-    for n, line in enumerate(f, 1):  # JSON lines; blank lines are skipped but still counted
-        if line.strip():
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                item = DataError(f"{source}:{n}", "invalid JSON", f"{e.msg} at column {e.colno}")
-            yield f"{source}:{n}", item
-
-
-def _csv_rows(source: str, f) -> Iterator[tuple[str, Any]]:
-    reader = csv.reader(f)
-    header, start = next(reader, None), reader.line_num + 1
-    for row in reader:  # a quoted field may span lines: `where` is the line the row starts on
-        where, start = f"{source}:{start}", reader.line_num + 1
-        if row and len(row) != len(header):
-            yield where, DataError(where, "wrong number of columns", f"{len(row)}, header has {len(header)}")
-        elif row:  # blank lines are skipped
-            yield where, dict(zip(header, row))
 
 
 def _as_row(where: str, item: Any) -> dict:
@@ -119,14 +46,14 @@ def _as_row(where: str, item: Any) -> dict:
 
 def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
     """(where, row) from a .jsonl/.json/.csv/.parquet file, saved dataset or hub id; bad row: DataError."""
-    yield from ((where, _as_row(where, item)) for where, item in _rows(source, split))
+    yield from ((where, _as_row(where, item)) for where, item in source_rows(source, split))
 
 
 def read_records(source: str, parse: Callable[[dict, str], Any], split: str = "train",
                  skip_bad_rows: bool = False) -> ReadResult:
     """parse(row, where) for every row. Strict: the first bad row raises. Skip: count, log a summary."""
     records, skipped, total = [], Counter(), 0
-    for where, item in _rows(source, split):
+    for where, item in source_rows(source, split):
         total += 1
         try:
             records.append(parse(_as_row(where, item), where))
@@ -136,7 +63,7 @@ def read_records(source: str, parse: Callable[[dict, str], Any], split: str = "t
             skipped[err.reason] += 1
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
     if not records:
-        raise DataError(source, f"no usable rows in {source}", f"{total} rows" + (f": {why}" if why else ""))
+        raise DataError(source, "no usable rows", f"{total} rows" + (f": {why}" if why else ""))
     if skipped:
         log.warning(f"skipped {total - len(records)} of {total} rows in {source}: {why}")
     return ReadResult(records, skipped, total)
@@ -146,10 +73,18 @@ def has(row: dict, key: str) -> bool:
     return row.get(key) is not None  # datasets/parquet fill a row's absent columns with None
 
 
+def no_shape(row: dict, where: str, expected: str, keys: tuple[str, ...]) -> DataError:
+    """The error for a row that matches no shape: name a null expected field before listing the keys."""
+    null = [k for k in keys if k in row and row[k] is None]
+    if null:
+        return DataError(where, f"field '{null[0]}' is null", expected)
+    return DataError(where, expected, f"got {', '.join(row)}")
+
+
 def text_field(row: dict, key: str, where: str) -> str:
     value = row.get(key)
     if value is None:
-        raise DataError(where, f"missing field '{key}'")
+        raise DataError(where, f"field '{key}' is null" if key in row else f"missing field '{key}'")
     if not isinstance(value, str):
         raise DataError(where, f"field '{key}' is not a string", f"got {type(value).__name__}")
     if not value.strip():
@@ -212,7 +147,8 @@ def _demonstration(row: dict, where: str) -> Demonstration:
         return Demonstration(prompt_field(row, where), text_field(row, key, where), where)
     if has(row, "chosen"):
         return Demonstration(*split_hh(text_field(row, "chosen", where), where), where)
-    raise DataError(where, "expected fields prompt+completion, messages, or chosen", f"got {', '.join(row)}")
+    raise no_shape(row, where, "expected fields prompt+completion, messages, or chosen",
+                   ("prompt", "messages", "chosen"))
 
 
 def read_demonstrations(source: str, split: str = "train", skip_bad_rows: bool = False) -> ReadResult:
@@ -226,7 +162,7 @@ def _prompt_record(row: dict, where: str) -> PromptRecord:
     elif has(row, "chosen"):
         key, prompt = "chosen", split_hh(text_field(row, "chosen", where), where, allow_empty=True)[0]
     else:
-        raise DataError(where, "expected field prompt or chosen", f"got {', '.join(row)}")
+        raise no_shape(row, where, "expected field prompt or chosen", ("prompt", "chosen"))
     return PromptRecord(prompt, where, {k: v for k, v in row.items() if k != key})
 
 

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.formats import DataError, render_prompt
+from datamodules.formats import render_prompt
 from datamodules.packing import (
     collate_pairs_packed,
     collate_pairs_shared,
@@ -25,7 +25,7 @@ from datamodules.packing import (
     pair_extras,
 )
 from datamodules.preference_formats import Ranking, read_preferences
-from datamodules.resumable import ResumableLoader
+from datamodules.resumable import EvalSampler, ResumableLoader
 from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, pad_right
 from modules.models import load_tokenizer
 
@@ -55,8 +55,13 @@ class PreferenceDataModule(LightningDataModule):
             unit [common prefix, rest of response 1, ..., rest of response K] under a tree attention mask, so
             the prompt is encoded once per pair/group instead of once per response (same scores/log-probs).
         skip_bad_rows: skip malformed rows (counted per reason) instead of stopping at the first.
+        truncation: responses over max_length: "left" cuts the prompt from the left (keeping
+            max_prompt_length), then the response from the right (losing its EOS); "skip" drops their records;
+            "error" stops at the first. Cut or dropped rows are counted per reason and reported once per file.
         strength_map: preference-strength label -> margin; None uses Llama 2's (significantly better 1.0 ...
             negligibly better 0.0).
+        rating_scale: (lowest, highest) valid `ratings` value (InstructGPT's 1-7 Likert scale); a rating
+            outside it, NaN or inf is a bad row.
         train_split: split to read from hub/saved datasets for training.
         val_split: split to read from hub/saved datasets for validation.
         val_fraction: fraction of training prompts held out when val_file is None.
@@ -76,7 +81,9 @@ class PreferenceDataModule(LightningDataModule):
         packing: bool = False,
         share_prompt: bool = False,
         skip_bad_rows: bool = False,
+        truncation: Literal["error", "left", "skip"] = "left",
         strength_map: dict[str, float] | None = None,
+        rating_scale: tuple[float, float] = (1.0, 7.0),
         train_split: str = "train",
         val_split: str = "validation",
         val_fraction: float = 0.05,
@@ -94,7 +101,7 @@ class PreferenceDataModule(LightningDataModule):
             raise ValueError("packing is for layout 'pairs'; for rankings use share_prompt (reward models)")
         self.batch_size, self.layout, self.skip_bad_rows = batch_size, layout, skip_bad_rows
         self.packing, self.share_prompt = packing, share_prompt
-        self.strength_map = strength_map
+        self.truncation, self.strength_map, self.rating_scale = truncation, strength_map, tuple(rating_scale)
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer = None
@@ -109,44 +116,33 @@ class PreferenceDataModule(LightningDataModule):
             return
         train = []
         if need_train:
-            train = self._encode(read_preferences(self.train_file, self.train_split, self.skip_bad_rows,
-                                                  self.strength_map))
+            train = self._encode(self._read(self.train_file, self.train_split))
         if self.val_file:
-            val = self._encode(read_preferences(self.val_file, self.val_split, self.skip_bad_rows,
-                                                self.strength_map))
+            val = self._encode(self._read(self.val_file, self.val_split))
         else:  # hold out whole prompts, so no pair of a held-out prompt is trained on
             random.Random(self.seed).shuffle(train)
             n_val = max(1, int(len(train) * self.val_fraction))
             train, val = train[n_val:], train[:n_val]
         self.train_rows, self.val_rows = self._examples(train), self._examples(val)
 
+    def _read(self, source: str, split: str) -> list[Ranking]:
+        return read_preferences(source, split, self.skip_bad_rows, self.strength_map, self.rating_scale)
+
     def _encode(self, records: list[Ranking]) -> list[tuple[Ranking, Encoded]]:
         """Tokenize every response of every record, prompt and response from one tokenization."""
         prompts = [render_prompt(r.prompt, self.tokenizer) for r in records]
-
-        def encode(recs, texts, skip):
-            return encode_completions(
-                self.tokenizer, [p for p, r in zip(texts, recs) for _ in r.responses],
-                [x for r in recs for x in r.responses], [r.where for r in recs for _ in r.responses],
-                self.max_length, self.max_prompt_length, skip_bad_rows=skip,
-            )
-
-        try:  # one call for all rows; a bad row raises DataError naming its file and line
-            encoded, groups, start = encode(records, prompts, False), [], 0
-            for r in records:
-                groups.append((r, encoded[start : start + len(r.responses)]))
-                start += len(r.responses)
-        except DataError:
-            if not self.skip_bad_rows:
-                raise
-            groups = []  # skip mode: one call per record, so a bad response drops its own record only
-            for r, p in zip(records, prompts):
-                try:
-                    enc = encode([r], [p], True)
-                except DataError:  # none of its responses usable
-                    continue
-                if len(enc) == len(r.responses):
-                    groups.append((r, enc))
+        # one call for all rows: a bad row raises DataError naming its file and line (or is None in skip modes)
+        encoded = encode_completions(
+            self.tokenizer, [p for p, r in zip(prompts, records) for _ in r.responses],
+            [x for r in records for x in r.responses], [r.where for r in records for _ in r.responses],
+            self.max_length, self.max_prompt_length, self.skip_bad_rows, self.truncation, aligned=True,
+        )
+        groups, start = [], 0
+        for r in records:  # skip modes: a record with a dropped response is dropped whole
+            enc, start = encoded[start : start + len(r.responses)], start + len(r.responses)
+            if None not in enc:
+                groups.append((r, enc))
+        if len(groups) < len(records):
             log.warning(f"dropped {len(records) - len(groups)} of {len(records)} records at tokenization")
         kept = [(r, enc) for r, enc in groups if not _ties_after_truncation(r, enc)]
         if len(kept) < len(groups):
@@ -187,7 +183,9 @@ class PreferenceDataModule(LightningDataModule):
                                collate_fn=self.collate, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_rows, shuffle=False)
+        # every row once across processes (Lightning's sampler would repeat rows to even out the ranks)
+        return DataLoader(self.val_rows, batch_size=self.batch_size, sampler=EvalSampler(len(self.val_rows)),
+                          collate_fn=self.collate, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()  # `test --data.val_file FILE` evaluates FILE

@@ -18,6 +18,7 @@ from datamodules.formats import (
     assistant_reply,
     has,
     messages_field,
+    no_shape,
     prompt_field,
     read_records,
     split_hh,
@@ -33,6 +34,8 @@ DEFAULT_STRENGTH_MARGINS = {
     "unsure": 0.0,
 }
 MAX_RESPONSES = 9  # InstructGPT shows labelers at most 9 responses to rank
+SHAPES = "expected fields chosen+rejected, prompt+chosen+rejected, or prompt+responses"
+RATING_SCALE = (1.0, 7.0)  # InstructGPT's 1-7 Likert scale of overall quality (arXiv 2203.02155)
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,15 @@ class Ranking:
     where: str
 
 
-def as_number(value: Any) -> float | None:
-    """A finite float from a number or a numeric string (csv cells), else None; bools are not numbers."""
+def as_number(value: Any, finite: bool = True) -> float | None:
+    """A (finite) float from a number or a numeric string (csv cells), else None; bools are not numbers."""
     if isinstance(value, bool):
         return None
     try:
         number = float(value)
     except (TypeError, ValueError):
         return None
-    return number if math.isfinite(number) else None
+    return number if math.isfinite(number) or not finite else None
 
 
 def dense_ranks(values: list[float]) -> tuple[float, ...]:
@@ -76,6 +79,8 @@ def _pair(row: dict, where: str) -> tuple[Text, tuple[str, str]]:
     chosen, rejected = _text_or_list(row, "chosen", where), _text_or_list(row, "rejected", where)
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise DataError(where, "chosen and rejected mix a string and a message list")
+    if isinstance(chosen, str) and row.get("prompt", "") is None and "\n\nAssistant:" not in chosen:
+        raise no_shape(row, where, SHAPES, ("prompt",))
     if isinstance(chosen, str) and not has(row, "prompt"):  # HH-RLHF: two whole conversations
         prompt, chosen = split_hh(chosen, where, allow_empty=True)
         other, rejected = split_hh(rejected, where, allow_empty=True)
@@ -108,18 +113,29 @@ def _responses(row: dict, where: str) -> list[str]:
     return list(responses)
 
 
-def _numbers(row: dict, key: str, count: int, where: str) -> list[float]:
+def _numbers(row: dict, key: str, count: int, where: str, finite: bool = True) -> list[float]:
     values = row[key]
     if not isinstance(values, list | tuple):
         raise DataError(where, f"field '{key}' is not a list", f"got {type(values).__name__}")
     if len(values) != count:
         detail = f"{len(values)} {key}, {count} responses"
         raise DataError(where, f"{key} and responses differ in length", detail)
-    numbers = [as_number(v) for v in values]
+    numbers = [as_number(v, finite) for v in values]
     if None in numbers:
         i = numbers.index(None)
         raise DataError(where, f"field '{key}' holds a non-number", f"{key}[{i}] = {values[i]!r}")
     return numbers
+
+
+def _ratings(row: dict, count: int, where: str, scale: tuple[float, float]) -> list[float]:
+    """Ratings within scale (NaN and +-inf are not): a typo such as 1e9 would otherwise dominate the ranks."""
+    ratings = _numbers(row, "ratings", count, where, finite=False)
+    outside = [i for i, r in enumerate(ratings) if not scale[0] <= r <= scale[1]]
+    if outside:
+        low, high = scale
+        raise DataError(where, f"rating outside rating_scale [{low:g}, {high:g}]",
+                        f"ratings[{outside[0]}] = {row['ratings'][outside[0]]!r}")
+    return ratings
 
 
 def _margin(row: dict, where: str, strengths: dict[str, float]) -> float | None:
@@ -139,14 +155,15 @@ def _margin(row: dict, where: str, strengths: dict[str, float]) -> float | None:
     return None
 
 
-def parse_preference(row: dict, where: str, strengths: dict = DEFAULT_STRENGTH_MARGINS) -> Ranking:
+def parse_preference(row: dict, where: str, strengths: dict = DEFAULT_STRENGTH_MARGINS,
+                     rating_scale: tuple[float, float] = RATING_SCALE) -> Ranking:
     """One row -> Ranking; see read_preferences for the accepted shapes."""
     if has(row, "responses"):
         prompt, responses = prompt_field(row, where), _responses(row, where)
         if has(row, "ranks") and has(row, "ratings"):
             raise DataError(where, "both ranks and ratings given")
         if has(row, "ratings"):  # higher = better: rank = number of distinct higher ratings
-            ranks = dense_ranks([-r for r in _numbers(row, "ratings", len(responses), where)])
+            ranks = dense_ranks([-r for r in _ratings(row, len(responses), where, rating_scale)])
         elif has(row, "ranks"):  # lower = better, any scale: normalised to 0, 1, ... keeping ties
             ranks = dense_ranks(_numbers(row, "ranks", len(responses), where))
         else:  # listed best first
@@ -161,8 +178,7 @@ def parse_preference(row: dict, where: str, strengths: dict = DEFAULT_STRENGTH_M
         if responses[0] == responses[1]:
             raise DataError(where, "chosen and rejected are identical")
     else:
-        raise DataError(where, "expected fields chosen+rejected, prompt+chosen+rejected, or prompt+responses",
-                        f"got {', '.join(row)}")
+        raise no_shape(row, where, SHAPES, ("prompt", "chosen", "rejected", "responses"))
     margin = _margin(row, where, strengths)
     if margin is not None and len(responses) > 2:
         raise DataError(where, "a margin is only defined for pairs", f"got {len(responses)} responses")
@@ -170,7 +186,8 @@ def parse_preference(row: dict, where: str, strengths: dict = DEFAULT_STRENGTH_M
 
 
 def read_preferences(source: str, split: str = "train", skip_bad_rows: bool = False,
-                     strength_map: dict[str, float] | None = None) -> ReadResult:
+                     strength_map: dict[str, float] | None = None,
+                     rating_scale: tuple[float, float] = RATING_SCALE) -> ReadResult:
     """Read preference rows into Ranking records (ReadResult: a list, plus skip counts).
 
     Row shapes, detected per row by their keys:
@@ -186,7 +203,11 @@ def read_preferences(source: str, split: str = "train", skip_bad_rows: bool = Fa
         split: the split to read from a DatasetDict folder or a hub dataset.
         skip_bad_rows: skip and count bad rows instead of raising on the first one.
         strength_map: strength label -> margin; None uses DEFAULT_STRENGTH_MARGINS (Llama 2).
+        rating_scale: (lowest, highest) valid rating; a rating outside it (or NaN, inf) is a bad row.
     """
     strengths = DEFAULT_STRENGTH_MARGINS if strength_map is None else strength_map
     strengths = {label.strip().lower(): float(margin) for label, margin in strengths.items()}
-    return read_records(source, partial(parse_preference, strengths=strengths), split, skip_bad_rows)
+    if not rating_scale[0] < rating_scale[1]:
+        raise ValueError(f"rating_scale must be (lowest, highest), got {rating_scale}")
+    parse = partial(parse_preference, strengths=strengths, rating_scale=tuple(rating_scale))
+    return read_records(source, parse, split, skip_bad_rows)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.formats import read_prompts, render_prompt
-from datamodules.resumable import ResumableLoader
+from datamodules.formats import DataError, read_prompts, render_prompt
+from datamodules.resumable import EvalSampler, ResumableLoader
+from datamodules.tokenize import Cuts
 from modules.models import load_tokenizer
 
 
@@ -22,10 +24,12 @@ class PromptDataModule(LightningDataModule):
             are kept as meta (e.g. `unsafe` for the Llama 2 reward combination, `target`).
         val_file: same formats; None holds out `val_fraction` of the training rows.
         tokenizer: tokenizer path (linked to the policy's path by the recipe).
-        max_prompt_length: prompts are cut from the left to this many tokens.
+        max_prompt_length: prompts longer than this many tokens are handled by `truncation`.
         batch_size: prompts per device per rollout.
         val_batch_size: prompts per device per validation batch (default: batch_size).
         skip_bad_rows: skip malformed rows (counted per reason) instead of stopping at the first.
+        truncation: prompts over max_prompt_length: "left" cuts them from the left (a task header at the start
+            is lost), "skip" drops them, "error" stops at the first. Counted and reported once per file.
         train_split: split to read from hub/saved datasets for training.
         val_split: split to read from hub/saved datasets for validation.
         val_fraction: fraction of training rows held out when val_file is None.
@@ -42,6 +46,7 @@ class PromptDataModule(LightningDataModule):
         batch_size: int = 8,
         val_batch_size: int | None = None,
         skip_bad_rows: bool = False,
+        truncation: Literal["error", "left", "skip"] = "left",
         train_split: str = "train",
         val_split: str = "validation",
         val_fraction: float = 0.05,
@@ -54,6 +59,7 @@ class PromptDataModule(LightningDataModule):
         self.max_prompt_length, self.batch_size = max_prompt_length, batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.skip_bad_rows, self.train_split, self.val_split = skip_bad_rows, train_split, val_split
+        self.truncation = truncation
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
         self.tokenizer = None
         self.train_rows: list = []
@@ -75,11 +81,16 @@ class PromptDataModule(LightningDataModule):
     def _encode(self, records) -> list[dict]:
         texts = [render_prompt(r.prompt, self.tokenizer) for r in records]
         ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        # cut from the left: the end of a conversation is what the response answers
-        return [
-            {"input_ids": i[-self.max_prompt_length :], "prompt": t, "meta": dict(r.meta)}
-            for i, t, r in zip(ids, texts, records)
-        ]
+        cuts, n, rows = Cuts(self.truncation), self.max_prompt_length, []
+        reason = f"prompt longer than max_prompt_length {n}"
+        for i, t, r in zip(ids, texts, records):
+            # cut from the left: the end of a conversation is what the response answers
+            if len(i) <= n or cuts.keep(r.where, reason, "from the left", len(i), n):
+                rows.append({"input_ids": i[-n:], "prompt": t, "meta": dict(r.meta)})
+        cuts.report(len(records), "prompts")
+        if not rows:
+            raise DataError(records[0].where.rsplit(":", 1)[0], "no usable rows after tokenization")
+        return rows
 
     def collate(self, rows: list[dict]) -> dict:
         return collate_prompts(rows, self.tokenizer.pad_token_id)
@@ -95,7 +106,9 @@ class PromptDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_rows, batch_size=self.val_batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        # every row once across processes (Lightning's sampler would repeat rows to even out the ranks)
+        return DataLoader(self.val_rows, batch_size=self.val_batch_size, sampler=EvalSampler(len(self.val_rows)),
+                          collate_fn=self.collate, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.train_rows, batch_size=self.val_batch_size, collate_fn=self.collate, num_workers=self.num_workers)

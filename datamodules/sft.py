@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.formats import read_demonstrations, render_prompt
-from datamodules.resumable import ResumableLoader
+from datamodules.resumable import EvalSampler, ResumableLoader
 from datamodules.tokenize import IGNORE_INDEX, check_lengths, completion_text, encode_completions, pad_right
 from modules.models import load_tokenizer
 from modules.ops import first_fit
@@ -29,6 +30,9 @@ class SFTDataModule(LightningDataModule):
         packing: concatenate examples into rows of max_length; position ids restart per example, so
             attention does not cross examples.
         skip_bad_rows: skip malformed rows (counted per reason) instead of stopping at the first.
+        truncation: rows over max_length: "left" cuts the prompt from the left (keeping max_prompt_length),
+            then the completion from the right (losing its EOS); "skip" drops them; "error" stops at the first.
+            Cut or dropped rows are counted per reason and reported once per file.
         train_split: split to read from hub/saved datasets for training.
         val_split: split to read from hub/saved datasets for validation.
         val_fraction: fraction of training rows held out when val_file is None.
@@ -46,6 +50,7 @@ class SFTDataModule(LightningDataModule):
         batch_size: int = 8,
         packing: bool = False,
         skip_bad_rows: bool = False,
+        truncation: Literal["error", "left", "skip"] = "left",
         train_split: str = "train",
         val_split: str = "validation",
         val_fraction: float = 0.05,
@@ -58,6 +63,7 @@ class SFTDataModule(LightningDataModule):
         self.train_file, self.val_file, self.tokenizer_path = train_file, val_file, tokenizer
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.batch_size, self.packing, self.skip_bad_rows = batch_size, packing, skip_bad_rows
+        self.truncation = truncation
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer = None
@@ -89,6 +95,7 @@ class SFTDataModule(LightningDataModule):
             self.max_length,
             self.max_prompt_length,
             self.skip_bad_rows,
+            self.truncation,
         )
 
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
@@ -107,7 +114,9 @@ class SFTDataModule(LightningDataModule):
         return self.val_dataloader()
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_rows, batch_size=self.batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        # every row once across processes (Lightning's sampler would repeat rows to even out the ranks)
+        return DataLoader(self.val_rows, batch_size=self.batch_size, sampler=EvalSampler(len(self.val_rows)),
+                          collate_fn=self.collate, num_workers=self.num_workers)
 
 
 def collate_sft(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -9,6 +10,32 @@ from collections.abc import Sequence
 from datamodules.formats import DataError
 
 IGNORE_INDEX = -100
+TRUNCATION = ("error", "left", "skip")
+log = logging.getLogger(__name__)
+
+
+class Cuts:
+    """Rows over a length limit under `truncation`: "left" cuts them, "skip" drops them, "error" raises
+    DataError naming the first. Counts per reason, with the first row's where, for one report per file."""
+
+    def __init__(self, truncation: str = "left"):
+        if truncation not in TRUNCATION:
+            raise ValueError(f"truncation must be one of {', '.join(TRUNCATION)}, got {truncation!r}")
+        self.truncation, self.counts, self.first = truncation, Counter(), {}
+
+    def keep(self, where: str, reason: str, side: str, before: int, after: int) -> bool:
+        """A row whose `before` tokens would be cut to `after` (from `side`): keep it cut (True) or drop it."""
+        if self.truncation == "error":
+            raise DataError(where, reason, f"{before - after} of {before} tokens would be cut {side}; "
+                                           "truncation='error'")
+        self.counts[reason] += 1
+        self.first.setdefault(reason, f"{where}, {before} -> {after} tokens, cut {side}")
+        return self.truncation == "left"
+
+    def report(self, total: int, noun: str) -> None:
+        verb = "truncated" if self.truncation == "left" else "skipped (truncation='skip')"
+        for reason, n in self.counts.items():
+            log.warning(f"{verb} {n} of {total} {noun}: {reason} (first: {self.first[reason]})")
 
 
 def check_lengths(max_length: int, max_prompt_length: int) -> None:
@@ -38,13 +65,16 @@ def encode_completions(
     max_length: int,
     max_prompt_length: int,
     skip_bad_rows: bool = False,
-) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, completion_ids) per row, completion ending with EOS.
+    truncation: str = "left",
+    aligned: bool = False,
+) -> list[tuple[list[int], list[int]] | None]:
+    """(prompt_ids, completion_ids) per row, completion ending with EOS; aligned: None for a dropped row.
 
     Prompt and prompt+completion are tokenized and the first must be a prefix of the second, so the
     completion tokens are exactly what the model sees after that prompt. Over max_length, the prompt is cut
     from the left, never below its last max_prompt_length tokens; then the completion is cut from the
-    right (losing its EOS). A row that breaks raises DataError naming it, or is skipped and counted.
+    right (losing its EOS); `truncation` (Cuts) decides whether such rows are cut, dropped or an error, and
+    cuts are reported once per call. A row that breaks raises DataError naming it, or is skipped and counted.
     """
     skipped: Counter = Counter()
 
@@ -53,11 +83,12 @@ def encode_completions(
             raise DataError(where, reason, detail)
         skipped[reason] += 1
 
-    eos = tokenizer.eos_token_id
+    eos, cuts = tokenizer.eos_token_id, Cuts(truncation)
     prompt_ids = _encode(tokenizer, list(prompts))
     full_ids = _encode(tokenizer, [p + c for p, c in zip(prompts, completions)])
     out = []
     for p, f, where in zip(prompt_ids, full_ids, wheres):
+        out.append(None)
         if f[: len(p)] != p:
             bad(where, "the prompt's tokens are not a prefix of prompt+completion's tokens", "a token merges "
                 "across the boundary: end the prompt before whitespace or start the completion with a space")
@@ -66,20 +97,26 @@ def encode_completions(
         if len(c) == 1:
             bad(where, "empty completion after tokenization")
             continue
-        if len(p) + len(c) > max_length:
-            keep = max(max_length - len(c), min(len(p), max_prompt_length))
-            p = p[len(p) - keep :]
-            c = c[: max_length - len(p)]
-        if not c:
+        keep = max(max_length - len(c), min(len(p), max_prompt_length))
+        if len(p) > keep and not cuts.keep(where, f"prompt longer than max_length {max_length} allows",
+                                           "from the left", len(p), keep):
+            continue
+        p = p[len(p) - min(keep, len(p)) :]
+        if len(p) >= max_length:  # only when max_prompt_length >= max_length (check_lengths forbids it)
             bad(where, "row too long to keep any completion token", f"max_length {max_length}")
             continue
-        out.append((p, c))
+        if len(p) + len(c) > max_length and not cuts.keep(
+                where, f"completion longer than max_length {max_length} allows", "from the right, with its EOS",
+                len(c), max_length - len(p)):
+            continue
+        out[-1] = (p, c[: max_length - len(p)])
     if skipped:
         counts = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
         print(f"skipped {sum(skipped.values())} of {len(wheres)} rows at tokenization: {counts}", file=sys.stderr)
-    if not out:
+    cuts.report(len(wheres), "sequences")
+    if not any(out):
         raise DataError(wheres[0].rsplit(":", 1)[0] if wheres else "data", "no usable rows after tokenization")
-    return out
+    return out if aligned else [x for x in out if x is not None]
 
 
 def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> list[list[int]]:

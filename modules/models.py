@@ -84,11 +84,25 @@ def as_spec(spec: ModelSpec | dict | str) -> ModelSpec:
     return ModelSpec(**spec)
 
 
+class ModelPathError(FileNotFoundError):
+    """A local model path (./x, /x, ~/x, a/b/c, or a/b under an existing folder a) with no folder there."""
+
+
+def check_model_path(spec: ModelSpec) -> ModelSpec:
+    """Stop at a missing local folder before transformers takes it for a hub repo id (and says so)."""
+    path, sep = spec.path, os.sep
+    local = path.startswith((".", sep, "~")) or path.count(sep) > 1 or (sep in path and Path(path.split(sep)[0]).is_dir())
+    if local and not Path(path).expanduser().is_dir():
+        what = "not a folder" if Path(path).expanduser().exists() else "no such model folder"
+        raise ModelPathError(f"{path}: {what} (a local path, so not looked up on the Hugging Face hub)")
+    return spec
+
+
 def load_tokenizer(spec: ModelSpec | str, padding_side: str = "right"):
     """Tokenizer of a model; pad falls back to EOS (then masks, not token ids, tell padding apart)."""
     from transformers import AutoTokenizer
 
-    spec = as_spec(spec)
+    spec = check_model_path(as_spec(spec))
     tok = AutoTokenizer.from_pretrained(
         spec.path, revision=spec.revision, gguf_file=spec.gguf_file, trust_remote_code=spec.trust_remote_code
     )
@@ -101,6 +115,7 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: str = "right"):
 
 
 def _load_kwargs(spec: ModelSpec, device: str | torch.device | None) -> dict:
+    check_model_path(spec)
     kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, gguf_file=spec.gguf_file)
     if spec.dtype != "auto":
         kwargs["dtype"] = DTYPES[spec.dtype]

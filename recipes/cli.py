@@ -5,6 +5,14 @@ from __future__ import annotations
 import importlib
 import sys
 
+# errors that say all a user needs in one line on stderr (no traceback), each with its exit code
+EXIT_CODES = {
+    "DataError": 3,  # a bad row or file: path:line: reason
+    "ModelPathError": 3,  # a missing local model folder
+    "NonFiniteError": 4,  # NaN/inf loss, gradient, logits or weights: stopped at that step
+    "OutputExistsError": 5,  # save_dir holds something we did not write
+}
+DATA_ERROR_EXIT = EXIT_CODES["DataError"]
 STAGES = {"sft": "recipes.sft", "reward": "recipes.reward", "dpo": "recipes.dpo", "ppo": "recipes.ppo", "rs": "recipes.rejection_sampling"}
 TOOLS = {
     "quickstart": ("recipes.quickstart", "the whole pipeline on the built-in task, offline, in minutes"),
@@ -39,8 +47,28 @@ def main(argv: list[str] | None = None):
         print(f"rlhf: unknown command {command!r}\n" + USAGE.format(tools=", ".join(TOOLS)), file=sys.stderr)
         return 2
     # sys.argv stays whole: DDP's launcher re-runs it in each child process
-    importlib.import_module(target).main(rest)
+    try:
+        importlib.import_module(target).main(rest)
+    except Exception as err:  # Lightning re-raises what fit raised, e.g. DataError from datamodule.setup
+        code = exit_code(err)
+        if code is None:
+            raise
+        print(one_line(err), file=sys.stderr)
+        return code
     return 0
+
+
+def exit_code(err: BaseException) -> int | None:
+    """EXIT_CODES of our own error classes (matched by name along the class's bases: no torch import here)."""
+    for cls in type(err).__mro__:
+        if cls.__name__ in EXIT_CODES and cls.__module__.split(".")[0] in ("modules", "datamodules"):
+            return EXIT_CODES[cls.__name__]
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """`path:line: reason (detail)` as one line: a detail quoting a hub error may span several."""
+    return " ".join(str(err).splitlines())
 
 
 if __name__ == "__main__":

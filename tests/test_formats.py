@@ -62,6 +62,9 @@ def test_demonstrations_every_row_shape(tmp_path):
     [
         ({"prompt": "Q"}, "missing field 'completion'"),
         ({"prompt": "Q", "completion": 3}, "field 'completion' is not a string (got int)"),
+        ({"prompt": "Q", "completion": None}, "field 'completion' is null"),
+        ({"prompt": None, "completion": "A"},
+         "field 'prompt' is null (expected fields prompt+completion, messages, or chosen)"),
         ({"prompt": "  \n", "completion": "A"}, "empty field 'prompt'"),
         ({"question": "Q", "answer": "A"},
          "expected fields prompt+completion, messages, or chosen (got question, answer)"),
@@ -158,6 +161,15 @@ def test_dense_ranks_and_default_strengths():
                                         "negligibly better": 0.0, "unsure": 0.0}
 
 
+def test_rating_scale_option(tmp_path):
+    src = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "P", "responses": ["a", "b"], "ratings": [0, 10]}])
+    assert read_preferences(src, rating_scale=(0, 10))[0].ranks == (1.0, 0.0)
+    with pytest.raises(DataError, match=r"r\.jsonl:1: rating outside rating_scale \[1, 7\] \(ratings\[0\] = 0\)"):
+        read_preferences(src)
+    with pytest.raises(ValueError, match="rating_scale"):
+        read_preferences(src, rating_scale=(7, 1))
+
+
 def test_custom_strength_map(tmp_path):
     src = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "P", "chosen": "a", "rejected": "b", "strength": "A"}])
     assert read_preferences(src, strength_map={"a": 3.0})[0].margin == 3.0
@@ -196,6 +208,12 @@ def test_custom_strength_map(tmp_path):
         ({"prompt": "P", "responses": ["a", "b"], "ranks": [0, 1], "ratings": [1, 0]}, "both ranks and ratings given"),
         ({"prompt": "P", "responses": ["a", "b"], "ranks": [0, True]}, "field 'ranks' holds a non-number"),
         ({"text": "P"}, "expected fields chosen+rejected, prompt+chosen+rejected, or prompt+responses"),
+        ({"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt' is null (expected fields chosen+"),
+        ({"prompt": None, "responses": ["a", "b"]}, "field 'prompt' is null"),
+        ({"prompt": "P", "responses": ["a", "b", "c", "d"], "ratings": [1e9, -50, 3, 999]},
+         "rating outside rating_scale [1, 7] (ratings[0] = 1000000000.0)"),
+        ({"prompt": "P", "responses": ["a", "b"], "ratings": [3, float("inf")]},
+         "rating outside rating_scale [1, 7] (ratings[1] = inf)"),
     ],
 )
 def test_preference_errors_name_file_line_and_reason(tmp_path, row, reason):
@@ -324,6 +342,61 @@ def test_jsonl_invalid_line_and_non_object(tmp_path):
         list(iter_rows(str(path)))
 
 
+def test_json_error_column_counts_within_the_line(tmp_path):
+    # a cut-off line: json counts the newline and reported "column 1" (of a line that does not exist)
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\r\n{"prompt": "a", "completion": "b"\n{"prompt" "a"}\n')
+    with pytest.raises(DataError, match=r"cut\.jsonl:2: invalid JSON \(Expecting ',' delimiter at the end of the line\)$"):
+        read_demonstrations(str(path))
+    rows = read_demonstrations(str(path), skip_bad_rows=True)
+    assert rows.skipped == {"invalid JSON": 2} and len(rows) == 1
+    from datamodules.sources import source_rows
+
+    third = [item for _, item in source_rows(str(path), "train")][2]
+    assert str(third) == f"{path}:3: invalid JSON (Expecting ':' delimiter at column 11)"
+
+
+def test_byte_order_marks_at_the_start_and_on_joined_lines_are_not_data(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n\xef\xbb\xbf{"prompt": "c", "completion": "d"}\n')
+    assert read_demonstrations(str(path)) == [Demonstration("a", "b", f"{path}:1"), Demonstration("c", "d", f"{path}:2")]
+
+
+def test_non_utf8_bytes_name_line_and_column_and_skip_like_bad_rows(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16; save the file"):
+        read_demonstrations(str(path))
+    rows = read_demonstrations(str(path), skip_bad_rows=True)
+    assert rows.skipped == {"not UTF-8 text": 1} and len(rows) == 1
+    multiline = tmp_path / "m.csv"  # the byte sits on line 3, inside a row that starts on line 2
+    multiline.write_bytes(b'prompt,completion\n"two\nlin\xe9s",b\nQ,A\n')
+    with pytest.raises(DataError, match=r"m\.csv:3: not UTF-8 text \(byte 0xe9 at column 4;"):
+        read_demonstrations(str(multiline))
+    assert read_demonstrations(str(multiline), skip_bad_rows=True) == [Demonstration("Q", "A", f"{multiline}:4")]
+
+
+def test_unreadable_parquet_and_plain_folders(tmp_path):
+    fake = tmp_path / "d.parquet"
+    fake.write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file \(Parquet magic bytes"):
+        read_demonstrations(str(fake))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match=r"plain: a folder, not a data file or a dataset saved with save_to_disk"):
+        read_demonstrations(str(tmp_path / "plain"))
+
+
+def test_looks_local(tmp_path, monkeypatch):
+    from datamodules.sources import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert [looks_local(p) for p in ["./x", "/x", "~/x", "a/b/c", "data/x"]] == [True] * 5
+    assert [looks_local(p) for p in ["Anthropic/hh-rlhf", "imdb"]] == [False, False]  # hub ids
+    with pytest.raises(DataError, match="^data/train: no such file or folder$"):
+        read_demonstrations("data/train")
+
+
 def test_parquet_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -351,7 +424,7 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
 def test_missing_file_and_unreachable_hub(tmp_path, monkeypatch):
     import datasets
 
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(DataError, match="nope.jsonl: no such file or folder$"):
         read_demonstrations(str(tmp_path / "nope.jsonl"))
 
     def offline(name, split):
@@ -392,7 +465,7 @@ def test_skip_mode_counts_per_reason_and_logs_a_summary(tmp_path, caplog):
 
 def test_all_bad_rows_raise_even_in_skip_mode(tmp_path):
     src = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "P"}, {"prompt": "Q"}])
-    with pytest.raises(DataError, match=r"no usable rows in .*bad\.jsonl \(2 rows: 2 missing field 'completion'\)"):
+    with pytest.raises(DataError, match=r"bad\.jsonl: no usable rows \(2 rows: 2 missing field 'completion'\)"):
         read_demonstrations(src, skip_bad_rows=True)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

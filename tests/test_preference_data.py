@@ -187,7 +187,7 @@ def test_evaluation_reads_only_the_val_file(tmp_path, tiny_model_dir):
     dm.setup("validate")
     assert len(dm.val_rows) == 1 and not dm.train_rows
     assert next(iter(dm.predict_dataloader()))["input_ids"].shape[0] == 2
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="missing.jsonl: no such file or folder"):
         dm.setup("fit")
 
 
@@ -201,3 +201,25 @@ def test_rows_identical_after_truncation_are_dropped(tmp_path, tiny_model_dir):
 def test_layout_is_checked(tiny_model_dir):
     with pytest.raises(ValueError, match="layout"):
         PreferenceDataModule("x.jsonl", layout="triples")
+
+
+def test_rating_scale_option(tmp_path, tiny_model_dir):
+    rated = {"prompt": PROMPT, "responses": [" c b a", " a b c", " b b b", " c c c"], "ratings": [1e9, -50, 3, 999]}
+    path = _write(tmp_path / "r.jsonl", [PAIR, rated])
+    with pytest.raises(DataError, match=r"r\.jsonl:2: rating outside rating_scale \[1, 7\] \(ratings\[0\] = 1000000000\.0\)"):
+        _dm(tiny_model_dir, path, path)
+    dm = _dm(tiny_model_dir, path, path, layout="rankings", rating_scale=(-100, 1e9))
+    assert dm.val_rows[1][1] == [0.0, 3.0, 2.0, 1.0]
+
+
+def test_truncation_skip_drops_the_whole_record(tmp_path, tiny_model_dir, caplog):
+    long = RANKING | {"responses": RANKING["responses"][:3] + [" a" * 80], "ranks": [1, 0, 2, 3]}
+    path = _write(tmp_path / "t.jsonl", [PAIR, long])
+    with caplog.at_level("WARNING"):
+        dm = _dm(tiny_model_dir, path, path, layout="rankings", truncation="skip")
+    assert [len(enc) for enc, _, _ in dm.val_rows] == [2]
+    assert f"skipped (truncation='skip') 1 of 6 sequences: completion longer than max_length 64 allows (first: {path}:2" \
+        in caplog.text and "dropped 1 of 2 records at tokenization" in caplog.text
+    assert len(_dm(tiny_model_dir, path, path, layout="rankings").val_rows) == 2  # left: cut and kept, reported
+    with pytest.raises(DataError, match=f"{path}:2: completion longer than max_length 64 allows"):
+        _dm(tiny_model_dir, path, path, truncation="error")

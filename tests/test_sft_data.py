@@ -113,3 +113,41 @@ def test_chat_messages_without_template_get_a_space_after_assistant(tmp_path, ti
     (p, c), = dm.train_rows
     assert dm.tokenizer.decode(p + c[:-1]) == "\n\nHuman: hi\n\nAssistant: hello"
     assert c[-1] == dm.tokenizer.eos_token_id
+
+
+def test_truncation_is_reported_per_reason_with_the_first_row(tiny_model_dir, caplog):
+    tok = load_tokenizer(str(tiny_model_dir))
+    prompts = ["Reverse: a b c\nAnswer:", "Reverse:" + " a b" * 20 + "\nAnswer:", "Reverse: a\nAnswer:"]
+    completions = [" c b a", " b a", " a b" * 30]  # row 2: long prompt, row 3: long completion
+    wheres = ["d.jsonl:1", "d.jsonl:2", "d.jsonl:3"]
+    with caplog.at_level("WARNING", logger="datamodules.tokenize"):
+        rows = encode_completions(tok, prompts, completions, wheres, 24, 8)
+    assert [len(p) + len(c) for p, c in rows][1:] == [24, 24] and rows[2][1][-1] != tok.eos_token_id
+    n_prompt, n_completion = len(tok(prompts[1])["input_ids"]), len(tok(completions[2])["input_ids"]) + 1
+    assert caplog.messages == [
+        f"truncated 1 of 3 sequences: prompt longer than max_length 24 allows (first: d.jsonl:2, {n_prompt} -> "
+        f"{24 - len(rows[1][1])} tokens, cut from the left)",
+        f"truncated 1 of 3 sequences: completion longer than max_length 24 allows (first: d.jsonl:3, {n_completion}"
+        f" -> {24 - len(rows[2][0])} tokens, cut from the right, with its EOS)",
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="datamodules.tokenize"):
+        kept = encode_completions(tok, prompts, completions, wheres, 24, 8, truncation="skip", aligned=True)
+    assert kept[0] == rows[0] and kept[1:] == [None, None]
+    assert caplog.messages[0].startswith("skipped (truncation='skip') 1 of 3 sequences: prompt longer than")
+    with pytest.raises(DataError, match=r"^d\.jsonl:2: prompt longer than max_length 24 allows \(\d+ of \d+ tokens"):
+        encode_completions(tok, prompts, completions, wheres, 24, 8, truncation="error")
+    with pytest.raises(ValueError, match="truncation must be one of error, left, skip"):
+        encode_completions(tok, prompts, completions, wheres, 24, 8, truncation="right")
+
+
+def test_datamodule_truncation_skip_drops_rows(tmp_path, tiny_model_dir):
+    rows = [{"prompt": "Reverse: a b\nAnswer:", "completion": " b a"}] * 3 + [{"prompt": "P", "completion": " a" * 80}]
+    src = _write(tmp_path / "d.jsonl", rows)
+    kw = dict(train_file=src, val_file=src, tokenizer=str(tiny_model_dir), max_length=32, max_prompt_length=16)
+    left, skip = SFTDataModule(**kw), SFTDataModule(**kw, truncation="skip")
+    left.setup("fit")
+    skip.setup("fit")
+    assert len(left.train_rows) == 4 and len(skip.train_rows) == 3
+    with pytest.raises(DataError, match=r"d\.jsonl:4: completion longer than max_length 32 allows"):
+        SFTDataModule(**kw, truncation="error").setup("fit")
