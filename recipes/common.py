@@ -1,13 +1,26 @@
-"""What every stage's LightningCLI shares: quiet libraries, run folders, last-checkpoint saving, links."""
+"""What every stage's LightningCLI shares: quiet libraries, run folders under the run root, last-checkpoint
+saving and `--ckpt_path last`, the resume contract, links."""
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 import warnings
+from copy import deepcopy
+from pathlib import Path
 
-from jsonargparse import lazy_instance
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from jsonargparse import Namespace, lazy_instance
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+RUNS = "runs"  # the default logger's save_dir, relative to trainer.default_root_dir (the run root)
+# model keys a resume may change: where the output goes and how (rs `rounds` only sets trainer.max_epochs,
+# the run's length, which every resume may change); any other differing model key is refused
+SAFE_ON_RESUME = ("save_dir", "merge_lora", "predict_file", "overwrite", "rounds")
+LIGHTNING_CKPT_PATHS = ("best", "hpc", "registry")  # special values Lightning resolves itself
 
 
 def quiet() -> None:
@@ -27,23 +40,162 @@ def quiet() -> None:
 def trainer_defaults(stage: str) -> dict:
     from lightning.pytorch.loggers import CSVLogger
 
-    return {"logger": lazy_instance(CSVLogger, save_dir="runs", name=stage)}
+    return {"logger": lazy_instance(CSVLogger, save_dir=RUNS, name=stage), "callbacks": [RestoreLoaderState()]}
+
+
+class RestoreLoaderState(Callback):
+    """Hands the checkpoint's train-loader state (ResumableLoader: epoch, batches seen) to the loader.
+
+    Lightning applies it only when the fit loop builds the loader after the restore. Under max_epochs (and
+    rs, whose rounds are max_epochs) `configure_optimizers` asks `trainer.estimated_stepping_batches`, which
+    builds the loader first, before the checkpoint is read; the fit loop then keeps that loader and the state
+    is dropped, so the resumed epoch restarts at batch 0. on_train_start runs after the restore and before the
+    first batch is drawn; Lightning clears the pending state once applied, so this is a no-op otherwise."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.fit_loop._load_combined_loader_states()
+
+
+def root_logger_dirs(config: Namespace) -> None:
+    """A relative logger save_dir (default `runs`) is taken under trainer.default_root_dir, so logs,
+    checkpoints (ModelCheckpoint follows the logger's log_dir) and config.yaml land in
+    <root>/runs/<stage>/version_N/. No root given: the current folder, as Lightning."""
+    root = config.trainer.get("default_root_dir")
+    if not root:
+        return
+    for logger in _loggers(config):
+        args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        save_dir = args.get("save_dir") if args is not None else None
+        if isinstance(save_dir, str) and "://" not in save_dir and not os.path.isabs(os.path.expanduser(save_dir)):
+            args.save_dir = os.path.join(root, save_dir)
+
+
+def _loggers(config: Namespace) -> list:
+    logger = config.trainer.get("logger")
+    return logger if isinstance(logger, list) else [logger]
+
+
+def last_checkpoint(config: Namespace, prog: str) -> str:
+    """`--ckpt_path last`: last.ckpt of the highest-numbered <logger save_dir>/<name>/version_N/checkpoints/
+    holding one (`--checkpoint.dirpath D`: D/last.ckpt); none: SystemExit naming where it looked."""
+    root = config.trainer.get("default_root_dir") or os.getcwd()
+    logger, dirpath = _loggers(config)[0], config.checkpoint.get("dirpath")
+    found, where = [], ""
+    if dirpath:
+        where = os.path.join(dirpath, "last.ckpt")
+        found = [where] if os.path.isfile(where) else []
+    elif logger is None or logger is False:  # no logger: Lightning checkpoints to <root>/checkpoints
+        where = os.path.join(root, "checkpoints", "last.ckpt")
+        found = [where] if os.path.isfile(where) else []
+    else:
+        if isinstance(logger, Namespace) and logger.get("init_args") and "save_dir" in logger.init_args:
+            base = os.path.join(logger.init_args.save_dir or root, logger.init_args.get("name") or "")
+        else:  # logger: true, Lightning's default logger
+            base = os.path.join(root, "lightning_logs")
+        where = os.path.join(base, "version_*", "checkpoints", "last.ckpt")
+        versions = [(int(m.group(1)), p) for p in Path(base).glob("version_*/checkpoints/last.ckpt")
+                    if (m := re.fullmatch(r"version_(\d+)", p.parent.parent.name))]
+        found = [str(p) for _, p in sorted(versions)]
+    if not found:
+        raise SystemExit(f"{prog}: --ckpt_path last: no checkpoint found at {where}; give the checkpoint file "
+                         "(--ckpt_path PATH) or drop --ckpt_path to start a new run")
+    return found[-1]
+
+
+def _diff(saved, given, key: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, saved, given) where two parsed config trees differ; descends only where both sides are
+    mappings, so `lora: null` against a LoRA spec is one key."""
+    saved, given = (v.as_dict() if isinstance(v, Namespace) else v for v in (saved, given))
+    if isinstance(saved, dict) and isinstance(given, dict):
+        keys = sorted(saved.keys() | given.keys())
+        return [d for k in keys for d in _diff(saved.get(k), given.get(k), f"{key}.{k}" if key else k)]
+    return [] if saved == given else [(key, saved, given)]
+
+
+def resume_conflicts(parser, config: Namespace, subcommand: str, ckpt_path: str) -> list[tuple[str, object, object]]:
+    """(model key, checkpoint's value, given value) for every model hyperparameter the checkpoint holds
+    otherwise than the current config, SAFE_ON_RESUME keys left out. Both sides go through the same parse
+    (the checkpoint's hparams over a copy of the config, as LightningCLI does), so dataclass specs stored as
+    dicts, Namespaces and defaults compare alike. optimizer/scheduler are not in hparams: never compared."""
+    hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+    hparams.pop("_instantiator", None)
+    if not hparams:
+        return []
+    try:
+        stored = parser.parse_object({subcommand: {"model": hparams}}, deepcopy(config))
+    except SystemExit:
+        sys.stderr.write(f"the hyperparameters of {ckpt_path} do not parse against this recipe\n")
+        raise
+    diffs = _diff(stored[subcommand].model, config[subcommand].model)
+    return [(key, saved, given) for key, saved, given in diffs if key.split(".")[0] not in SAFE_ON_RESUME]
+
+
+class StageCLI(LightningCLI):
+    """LightningCLI of one stage.
+
+    Run paths: the run root is trainer.default_root_dir (default: the current folder). The logger's save_dir
+    (default `runs`) is relative to it, so logs, checkpoints and the resolved config.yaml go to
+    <root>/runs/<stage>/version_N/; an absolute save_dir is kept as given. The module resolves a relative
+    model.save_dir (the Hugging Face export) against the same root. `--print_config` shows the values as given.
+
+    Resume contract (`--ckpt_path FILE`, or `last`: the highest-numbered version_N of this stage under the
+    run root that holds checkpoints/last.ckpt): the run continues with the checkpoint's model. Model keys in
+    SAFE_ON_RESUME (where the export goes and how: save_dir, merge_lora, predict_file, overwrite; rs rounds)
+    take the value given now; any other model key that differs from the checkpoint's is refused before a
+    model loads, naming each key, the checkpoint's value and the given one. Trainer, data and optimizer
+    settings are not checked (they are not stored in the checkpoint's hyperparameters).
+    """
+
+    stage = "stage"
+    links: tuple[tuple[str, str], ...] = ()  # parser.link_arguments(source, target) pairs
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # always keep last.ckpt so `--ckpt_path last` resumes a crashed run
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        for source, target in self.links:
+            parser.link_arguments(source, target)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)  # --print_config prints and exits in here, before the rooting
+        if self.config.get("subcommand"):
+            root_logger_dirs(self.config[self.config.subcommand])
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version re-parses the checkpoint's hparams over the config, silently replacing
+        `--model.*` given now; this one resolves `last` and applies the contract above instead."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config, prog = self.config[subcommand], f"rlhf {self.stage}"
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            config.ckpt_path = ckpt_path = last_checkpoint(config, prog)
+            if rank_zero_only.rank == 0:
+                print(f"{prog}: --ckpt_path last: resuming {ckpt_path}")
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_PATHS or ckpt_path.startswith("registry:") or "://" in ckpt_path:
+            return  # Lightning's own values and remote files: as Lightning
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"{prog}: --ckpt_path {ckpt_path}: no such file")
+        conflicts = resume_conflicts(self.parser, self.config, subcommand, ckpt_path)
+        if conflicts:
+            lines = "\n".join(f"  model.{key}: checkpoint {saved!r}, given {given!r}" for key, saved, given in conflicts)
+            safe = ", ".join(f"model.{key}" for key in SAFE_ON_RESUME)
+            model = config.model.as_dict()
+            spec = next((k for k, v in model.items() if isinstance(v, dict) and "path" in v), "policy")
+            raise SystemExit(
+                f"{prog}: --ckpt_path {ckpt_path} holds a run trained with other model settings:\n{lines}\n"
+                f"Resuming continues the checkpoint's run, so these cannot change (only {safe} may). Drop these "
+                "overrides (the run's own config.yaml is next to its checkpoints/ folder), or start a new run "
+                f"from the exported model: --model.{spec}.path <its save_dir>, without --ckpt_path."
+            )
 
 
 def run_cli(model_class, datamodule_class, stage: str, links: list[tuple[str, str]], args=None) -> LightningCLI:
     """One concrete LightningCLI for a stage; `links` are parser.link_arguments(source, target) pairs."""
     quiet()
-
-    class StageCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser) -> None:
-            # always keep last.ckpt so `--ckpt_path last` resumes a crashed run
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            parser.set_defaults({"checkpoint.save_last": True})
-            for source, target in links:
-                parser.link_arguments(source, target)
-
-    StageCLI.__name__ = f"{stage.upper()}CLI"
-    return StageCLI(
+    cli = type(f"{stage.upper()}CLI", (StageCLI,), {"stage": stage, "links": tuple(links)})
+    return cli(
         model_class,
         datamodule_class,
         trainer_defaults=trainer_defaults(stage),

@@ -1,10 +1,14 @@
-"""ResumableLoader: seeded per-epoch order, and a restored loader continues where the saved one stopped."""
+"""ResumableLoader: seeded per-epoch order, and a restored loader continues where the saved one stopped, also
+through a Trainer resume under max_epochs (recipes.common.RestoreLoaderState)."""
 
 from __future__ import annotations
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.resumable import ResumableLoader
+from recipes.common import RestoreLoaderState
 
 
 def _epoch(loader: ResumableLoader, epoch: int, take: int | None = None) -> list[list[int]]:
@@ -46,3 +50,39 @@ def test_state_saved_at_the_end_of_an_epoch_starts_the_next_one_whole():
     restored = ResumableLoader(list(range(10)), 3, seed=1)
     restored.load_state_dict(saved.state_dict())  # {"epoch": 0, "seen": 4}
     assert _epoch(restored, 1) == _epoch(ResumableLoader(list(range(10)), 3, seed=1), 1)
+
+
+class _Recorder(LightningModule):
+    """Records the rows of every training batch; its LR schedule length asks estimated_stepping_batches, which
+    under max_epochs builds the train loader before a checkpoint is restored (as every stage's does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.seen = torch.nn.Linear(1, 1), []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch.tolist())
+        return self.layer(batch.float().unsqueeze(-1)).sum()
+
+    def configure_optimizers(self):
+        assert self.trainer.estimated_stepping_batches > 0
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return ResumableLoader(list(range(10)), 3, seed=1)
+
+
+def _fit(tmp_path, callbacks, max_steps=-1, ckpt_path=None) -> list[list[int]]:
+    module = _Recorder()
+    checkpoint = ModelCheckpoint(tmp_path, every_n_train_steps=2, save_last=True)
+    Trainer(max_epochs=1, max_steps=max_steps, callbacks=[checkpoint, *callbacks], logger=False, enable_progress_bar=False,
+            enable_model_summary=False).fit(module, ckpt_path=ckpt_path)
+    return module.seen
+
+
+def test_max_epochs_resume_continues_mid_epoch_only_with_restore_loader_state(tmp_path):
+    full = _fit(tmp_path / "full", [])  # 4 batches: 3 + 3 + 3 + 1
+    assert _fit(tmp_path / "killed", [], max_steps=2) == full[:2]
+    last = str(tmp_path / "killed" / "last.ckpt")
+    assert _fit(tmp_path / "lightning", [], ckpt_path=last) == full[:2]  # Lightning alone: the state is dropped
+    assert _fit(tmp_path / "resumed", [RestoreLoaderState()], ckpt_path=last) == full[2:]

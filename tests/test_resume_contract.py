@@ -1,0 +1,89 @@
+"""Resume contract (recipes/common.StageCLI): on `--ckpt_path`, the model keys that say where the export goes and
+how (save_dir, merge_lora, predict_file, overwrite) take the value given now; any other model key that differs
+from the checkpoint's is refused, naming it, before a model loads."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+# one changed model hyperparameter per stage, nested ones included (the message names the dotted key)
+UNSAFE = {
+    "sft": ("--model.warmup_steps=5", "model.warmup_steps: checkpoint 0, given 5"),
+    "reward": ("--model.backbone.path=elsewhere", "model.backbone.path: checkpoint 'tests/fixtures/tiny-llama', given 'elsewhere'"),
+    "dpo": ("--model.beta=0.3", "model.beta: checkpoint 0.1, given 0.3"),
+    "ppo": ("--model.kl_coef=0.2", "model.kl_coef: checkpoint 0.05, given 0.2"),
+    "rs": ("--model.sampling.num_samples=2", "model.sampling.num_samples: checkpoint 4, given 2"),
+}
+
+
+class _Stop(Exception):
+    """Raised from a patched CLI hook: the run got that far."""
+
+
+def _fit(stage: str, monkeypatch, tmp_path, *args: str) -> None:
+    from recipes.cli import STAGES
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [f"rlhf {stage}"])
+    importlib.import_module(STAGES[stage]).main(
+        ["fit", "--config", f"configs/{stage}/tiny.yaml", f"--trainer.default_root_dir={tmp_path}", *args])
+
+
+@pytest.mark.parametrize("stage", sorted(UNSAFE))
+def test_checkpoint_hparams_match_their_config_and_a_changed_one_is_refused(stage, monkeypatch, tmp_path):
+    """The module's stored hparams (specs normalised to dicts) compare equal to the config they came from; no
+    weights load (models are built in configure_model, after these hooks)."""
+    from recipes.common import StageCLI
+
+    ckpt = tmp_path / "hparams.ckpt"
+
+    def save_hparams(cli):  # what a checkpoint of this run stores as hyper_parameters
+        torch.save({"hyper_parameters": dict(cli.model.hparams)}, ckpt)
+        raise _Stop
+
+    monkeypatch.setattr(StageCLI, "after_instantiate_classes", save_hparams)
+    with pytest.raises(_Stop):
+        _fit(stage, monkeypatch, tmp_path)
+
+    def reached(cli):
+        raise _Stop
+
+    monkeypatch.setattr(StageCLI, "before_instantiate_classes", reached)
+    with pytest.raises(_Stop):  # same config, safe keys changed: passes the check
+        _fit(stage, monkeypatch, tmp_path, f"--ckpt_path={ckpt}", f"--model.save_dir={tmp_path / 'new'}",
+             "--model.overwrite=true", "--model.merge_lora=false")
+    flag, line = UNSAFE[stage]
+    with pytest.raises(SystemExit) as refused:
+        _fit(stage, monkeypatch, tmp_path, f"--ckpt_path={ckpt}", flag)
+    message = str(refused.value)
+    assert f"rlhf {stage}: --ckpt_path {ckpt}" in message and f"  {line}\n" in message
+    assert "Drop these overrides" in message
+    assert f"--model.{'backbone' if stage == 'reward' else 'policy'}.path <its save_dir>" in message
+    assert message.count(": checkpoint ") == 1  # only the key that changed
+
+
+def test_sft_resume_honours_a_new_save_dir_and_refuses_a_new_warmup(run_recipe, tmp_path):
+    runs = tmp_path / "runs"
+    run_recipe("sft", "fit", "--config", "configs/sft/tiny.yaml", "--trainer.max_steps=3", f"--model.save_dir={tmp_path / 'a'}")
+    last = next(runs.rglob("last.ckpt"))
+    first_export = (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns
+
+    with pytest.raises(SystemExit) as refused:
+        run_recipe("sft", "fit", "--config", "configs/sft/tiny.yaml", "--trainer.max_steps=5", f"--ckpt_path={last}",
+                   "--model.warmup_steps=5", f"--model.save_dir={tmp_path / 'b'}")
+    assert "model.warmup_steps: checkpoint 0, given 5" in str(refused.value)
+    assert sorted(p.name for p in (runs / "sft").iterdir()) == ["version_0"]  # refused before a trainer ran
+    assert not (tmp_path / "b").exists()
+
+    run_recipe("sft", "fit", "--config", "configs/sft/tiny.yaml", "--trainer.max_steps=5", f"--ckpt_path={last}",
+               f"--model.save_dir={tmp_path / 'b'}")
+    assert (tmp_path / "b" / "model.safetensors").exists()  # before the contract: the checkpoint's save_dir, a/
+    assert (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns == first_export
+    ckpt = torch.load(runs / "sft" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 5 and ckpt["hyper_parameters"]["save_dir"] == str(tmp_path / "b")
