@@ -167,6 +167,23 @@ def test_value_loss_clipping_by_hand():
     close(values.grad, [[0.0, 0.5 / 3, -1.1 / 3, 0.0]])
 
 
+def test_value_clipfrac_ignores_float_rounding():
+    # v = old + one float32 ulp: far inside old +- 0.2, so nothing is clipped. Written as (old - R) + (v - old),
+    # v_clip - R rounds away from v - R, e.g. old 0.2, R 0.7: 0.2f - 0.7f rounds to -0.5 and + 1.49e-8 stays
+    # -0.5, while v - R = -0.49999997; (-0.5)^2 > 0.49999997^2 counted the token as clipped (clipfrac 1 here)
+    old, ret = torch.tensor([[0.1, 0.2, 0.7, 1.1, -0.4]]), torch.tensor([[0.3, 0.7, -0.4, -0.3, 0.2]])
+    values = torch.nextafter(old, torch.tensor(10.0))  # one ulp up
+    mask = torch.ones(1, 5)
+    out = value_loss(values, old, ret, mask, clip_eps=0.2)
+    assert out.clipfrac.item() == 0.0
+    close(out.loss, 0.5 * (values - ret).square().mean())  # the unclipped error everywhere
+    assert value_loss(old, old, ret, mask, clip_eps=0.2).clipfrac.item() == 0.0  # v == old exactly
+    # the same tokens plus one clearly clipped: old 0, v 0.5 -> v_clip 0.2, R 1: 0.64 > 0.25, so 1 of 6
+    out = value_loss(torch.cat([values, torch.tensor([[0.5]])], -1), torch.cat([old, torch.tensor([[0.0]])], -1),
+                     torch.cat([ret, torch.tensor([[1.0]])], -1), torch.ones(1, 6), clip_eps=0.2)
+    assert out.clipfrac.item() == pytest.approx(1 / 6)
+
+
 def test_entropy_bonus_uniform_and_masked():
     logits = torch.zeros(2, 3, 4)
     logits[1, 2] = torch.tensor([100.0, 0.0, 0.0, 0.0])  # padding: near-zero entropy if it leaked

@@ -112,11 +112,14 @@ class ValueLossOutput(NamedTuple):
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip_eps: float = 0.2) -> ValueLossOutput:
-    """Clipped value loss 0.5 * mean(max((v - R)^2, (v_clip - R)^2)); (b, t) inputs. Grad reaches values only."""
-    old, ret = old_values.detach(), returns.detach()
-    step = _zero_pad(values - old, mask)  # (b, t)
-    err = _zero_pad(values - ret, mask)  # v - R
-    err_clipped = _zero_pad(old - ret, mask) + step.clamp(-clip_eps, clip_eps)  # v_clipped - R
+    """Clipped value loss 0.5 * mean(max((v - R)^2, (v_clip - R)^2)); (b, t) inputs. Grad reaches values only.
+
+    v_clip = clamp(v, old - eps, old + eps) is v itself, bit for bit, inside the range, so clipfrac counts only
+    real clipping (old + clamp(v - old) rounds differently from v and counted float noise as clipping).
+    """
+    v, old, ret = (_zero_pad(x, mask) for x in (values, old_values.detach(), returns.detach()))  # (b, t)
+    v_clipped = v.clamp(old - clip_eps, old + clip_eps)  # (b, t)
+    err, err_clipped = v - ret, v_clipped - ret  # v - R, v_clipped - R; 0 on padding
     loss = 0.5 * masked_mean(torch.maximum(err.square(), err_clipped.square()), mask)
     clipfrac = masked_mean((err_clipped.square() > err.square()).to(values.dtype), mask)
     return ValueLossOutput(loss, clipfrac.detach())
