@@ -2,8 +2,10 @@
 
 Lightning saves `state_dict()` of every train loader that has one into the checkpoint and calls
 `load_state_dict()` on resume (a plain DataLoader restarts its epoch from a fresh, unseeded shuffle, so a
-resumed run sees other prompts than the uninterrupted one). The order is a pure function of (seed, epoch);
-the state is (epoch, batches seen), and a restored loader skips the batches already seen.
+resumed run sees other prompts than the uninterrupted one). Lightning drops that state when the loader was built
+before the restore, as under max_epochs: the recipes' RestoreLoaderState callback hands it over then. The order
+is a pure function of (seed, epoch); the state is (epoch, batches seen), and a restored loader skips the batches
+already seen.
 """
 
 from __future__ import annotations
@@ -25,15 +27,37 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, n: int, shuffle: bool = True, seed: int = 0):
-        single = not (dist.is_available() and dist.is_initialized())
-        kwargs = {"num_replicas": 1, "rank": 0} if single else {}
-        super().__init__(range(n), shuffle=shuffle, seed=seed, **kwargs)
+        super().__init__(range(n), shuffle=shuffle, seed=seed, **_replicas())
         self.n, self.start = n, 0  # start: indices of this epoch to skip on the next __iter__
 
     def __iter__(self) -> Iterator[int]:
         order = list(super().__iter__())
         start, self.start = self.start, 0
         return iter(order[start:])
+
+
+class EvalSampler(DistributedSampler):
+    """Indices 0..n-1 in order, this process's share under DDP without padding: rank r gets r, r + world, ...
+
+    Lightning's injected sampler repeats rows until every rank has as many, and a metric synced over ranks then
+    counts those rows twice. Evaluation needs no equal counts (metrics sync once, at epoch end), so every row
+    counts once. With fewer rows than processes it pads as Lightning does: a rank without batches would skip
+    the epoch-end sync the others wait in.
+
+    Args:
+        n: dataset length.
+    """
+
+    def __init__(self, n: int):
+        super().__init__(range(n), shuffle=False, **_replicas())
+        if n >= self.num_replicas:
+            self.total_size, self.num_samples = n, len(range(self.rank, n, self.num_replicas))
+
+
+def _replicas() -> dict:
+    """One process, unless torch.distributed is initialised (then the sampler reads world size and rank)."""
+    single = not (dist.is_available() and dist.is_initialized())
+    return {"num_replicas": 1, "rank": 0} if single else {}
 
 
 class ResumableLoader(DataLoader):

@@ -256,7 +256,10 @@ class PPOModule(StageHooks, LightningModule):
         chunk = -(-b // (self.num_minibatches * self.grad_accum))  # rows per micro-batch
         kl_coef = self.kl_ctl.value
         exp, stats = self.rollout(batch, self.generator, kl_coef, chunk)
-        self.kl_ctl.update(stats["kl"].mean().item(), n_steps=b)  # Ziegler et al.: after each rollout
+        # Ziegler et al.: after each rollout, from the mean KL over all ranks' responses, so every rank keeps one value
+        pooled = torch.stack([stats["kl"].sum(), stats["kl"].new_tensor(float(b))])  # (2,): KL sum, responses
+        kl_sum, n = self.trainer.strategy.reduce(pooled, reduce_op="sum").tolist()
+        self.kl_ctl.update(kl_sum / n, n_steps=int(n))  # n = b * world_size
         opt, sched = self.optimizers(), self.lr_schedulers()
         logs: dict[str, list] = {}
         for _ in range(self.ppo_epochs):

@@ -25,7 +25,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from modules.generation import Rollout, SamplingSpec, decode_responses, generate
 from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
-from modules.ops import IGNORE_INDEX, masked_mean, shifted_logprobs
+from modules.ops import IGNORE_INDEX, masked_sum, shifted_logprobs
 from modules.optim import adamw
 from modules.outputs import write_jsonl
 from modules.reward_spec import RewardSpec, as_reward_spec
@@ -177,12 +177,15 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         return rollout, responses, scores, best, keep
 
     def sft_loss(self, batch: dict[str, Tensor], keep: Tensor) -> Tensor:
-        """Mean NLL on the response tokens of kept rows: batch (b, t), keep (b,) -> scalar (0 if none kept)."""
+        """Mean NLL on the response tokens of kept rows: batch (b, t), keep (b,) -> scalar (0 if none kept);
+        under DDP scaled so the gradient averaged over ranks is that of the mean over all ranks' kept tokens."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         logits = self.policy(**inputs, use_cache=False).logits  # (b, t, v)
         logps, mask = shifted_logprobs(logits, batch["labels"])  # (b, t-1)
-        # dropped rows stay in the batch with no weight: every rank runs the same steps (DDP)
-        return masked_mean(-logps, mask & keep[:, None])
+        # dropped rows stay in the batch with no weight: every rank runs the same steps (DDP); the mean is over
+        # the kept tokens of all ranks, so a rank that kept nothing does not halve the others' gradient
+        mask = mask & keep[:, None]
+        return self.global_mean(masked_sum(-logps, mask), mask.sum())[0]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         epoch = self.current_epoch

@@ -73,8 +73,8 @@ class SFTModule(StageHooks, LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll = self(batch)
-        loss = nll.mean()  # mean over the batch's completion tokens
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        loss, mean = self.global_mean(nll.sum(), nll.new_tensor(nll.numel()))  # over all ranks' completion tokens
+        self.log("train/loss", mean, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/tokens", float(nll.numel()), reduce_fx="sum", batch_size=1)
         return loss
 

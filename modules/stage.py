@@ -51,6 +51,17 @@ class StageHooks:
         if stage == "fit" and self.save_dir:  # before any weights load: an output we must not replace stops here
             check_writable(self.export_dir(), self.overwrite)
 
+    def global_mean(self, total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's sum over items and their count -> (loss, mean): DDP averages gradients over ranks, so the
+        loss is total * world_size / (items on all ranks), whose averaged gradient is that of the mean over all
+        ranks' items (a per-rank mean would weight ranks, not items); mean is that global mean, detached."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        pooled = torch.stack([total.detach().float(), count.detach().float()])  # (2,): sum, items
+        if world > 1:
+            pooled = self.trainer.strategy.reduce(pooled, reduce_op="sum")
+        n = pooled[1].clamp(min=1)  # nothing anywhere: 0, never NaN
+        return total * (world / n), pooled[0] / n
+
     # ----- non-finite guard: checked before every optimizer step, so the weights never take a bad one -----
 
     def on_before_backward(self, loss: torch.Tensor) -> None:

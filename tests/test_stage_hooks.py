@@ -1,0 +1,41 @@
+"""StageHooks.global_mean: a loss whose DDP-averaged gradient is the mean over every rank's items."""
+
+import types
+
+import torch
+
+from modules.stage import StageHooks
+
+
+class Hooks(StageHooks):
+    def __init__(self, trainer=None):
+        self._trainer = trainer
+
+    @property
+    def trainer(self):
+        return self._trainer
+
+
+def two_ranks(other_sum: float, other_count: float):
+    """A trainer on 2 ranks whose reduce adds the other rank's (sum, count)."""
+    reduce = lambda t, reduce_op: t + torch.tensor([other_sum, other_count])  # noqa: E731
+    return types.SimpleNamespace(world_size=2, strategy=types.SimpleNamespace(reduce=reduce))
+
+
+def test_one_process_is_the_plain_mean_and_nothing_is_zero():
+    total = torch.tensor(6.0, requires_grad=True)
+    loss, mean = Hooks().global_mean(total, torch.tensor(3))
+    assert loss.item() == 2.0 and mean.item() == 2.0  # 6 / 3
+    loss.backward()
+    assert total.grad.item() == torch.tensor(1 / 3).item()  # d(6 * 1 / 3)/d total, in float32
+    loss, mean = Hooks().global_mean(torch.tensor(0.0), torch.tensor(0))
+    assert loss.item() == 0.0 and mean.item() == 0.0  # 0 / max(0, 1), never NaN
+
+
+def test_two_ranks_weight_items_not_ranks():
+    # rank 0: one item summing to 4; rank 1: three items summing to 6 -> global mean (4 + 6) / 4 = 2.5
+    loss0, mean0 = Hooks(two_ranks(6.0, 3.0)).global_mean(torch.tensor(4.0), torch.tensor(1))
+    loss1, mean1 = Hooks(two_ranks(4.0, 1.0)).global_mean(torch.tensor(6.0), torch.tensor(3))
+    assert loss0.item() == 4 * 2 / 4 and loss1.item() == 6 * 2 / 4  # sum * world_size / all items
+    assert (loss0.item() + loss1.item()) / 2 == 2.5  # DDP's average of the two equals the global mean
+    assert mean0.item() == mean1.item() == 2.5  # a per-rank mean would have averaged 4 and 2 to 3
