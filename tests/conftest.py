@@ -40,3 +40,27 @@ def run_recipe(monkeypatch, tmp_path):
         return importlib.import_module(STAGES[stage]).main([*args, *(extra if outputs else [])])
 
     return run
+
+
+@pytest.fixture
+def resume_runs(run_recipe, tmp_path):
+    """resume_runs(stage, config, stop, end, *extra) -> train/loss by step of an uninterrupted run to max_steps
+    `end`, and of a run resumed from the checkpoint of one stopped at step `stop` (a kill after it)."""
+    import csv
+
+    def fit(name: str, stage: str, config: str, *extra: str) -> dict[int, float]:
+        out = tmp_path / name
+        run_recipe(stage, "fit", "--config", config, "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
+                   f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+                   f"--model.save_dir={out / 'hf'}", *extra, outputs=False)
+        rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+    def runs(stage: str, config: str, stop: int, end: int, *extra: str):
+        every = f"--checkpoint.every_n_train_steps={stop}"
+        full = fit("full", stage, config, every, f"--trainer.max_steps={end}", *extra)
+        fit("killed", stage, config, every, f"--trainer.max_steps={stop}", *extra)
+        ckpt = next((tmp_path / "killed").rglob("last.ckpt"))
+        return full, fit("resumed", stage, config, every, f"--trainer.max_steps={end}", f"--ckpt_path={ckpt}", *extra)
+
+    return runs

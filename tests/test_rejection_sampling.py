@@ -164,23 +164,10 @@ def test_fit_tiny_recipe_writes_loadable_model(run_recipe, tmp_path):
     assert ckpt["global_step"] == 2 and ckpt["state_dict"] and all(k.startswith("policy.") for k in ckpt["state_dict"])
 
 
-def test_killed_and_resumed_run_logs_the_same_losses(run_recipe, tmp_path):
+def test_killed_and_resumed_run_logs_the_same_losses(resume_runs):
     """rs links rounds to max_epochs, so its train loader is built before the checkpoint is restored; the
     resumed run still continues the epoch at prompt batch 2 (of 32), with the same samples and losses."""
-    import csv
-
-    def fit(name, *extra):
-        out = tmp_path / name
-        run_recipe("rs", "fit", "--config", TINY, "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
-                   "--checkpoint.every_n_train_steps=2", f"--trainer.default_root_dir={out}",
-                   f"--trainer.logger.init_args.save_dir={out}", f"--model.save_dir={out / 'hf'}", *extra, outputs=False)
-        rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
-        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
-
-    full = fit("full", "--trainer.max_steps=4")
-    fit("killed", "--trainer.max_steps=2")  # stands in for a kill after the step-2 checkpoint
-    ckpt = next((tmp_path / "killed").rglob("last.ckpt"))
-    resumed = fit("resumed", "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
+    full, resumed = resume_runs("rs", TINY, 2, 4)
     assert sorted(resumed) == [2, 3]
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], rel=1e-5), step

@@ -74,10 +74,8 @@ def test_help_documents_reward_arguments(capsys):
 
 
 @pytest.mark.parametrize("stage,config", [("reward", TINY), ("dpo", "configs/dpo/tiny.yaml")])
-def test_killed_and_resumed_preference_run_logs_the_same_losses(run_recipe, tmp_path, stage, config):
+def test_killed_and_resumed_preference_run_logs_the_same_losses(resume_runs, stage, config):
     """The preference train loader resumes mid-epoch (32 batches an epoch; killed after 3 steps)."""
-    import csv
-
     from datamodules.preference import PreferenceDataModule
     from datamodules.resumable import ResumableLoader
 
@@ -85,20 +83,7 @@ def test_killed_and_resumed_preference_run_logs_the_same_losses(run_recipe, tmp_
                               tokenizer=str(ROOT / "tests/fixtures/tiny-llama"))
     dm.setup("fit")
     assert isinstance(dm.train_dataloader(), ResumableLoader)
-
-    def fit(name, *extra):
-        out = tmp_path / name
-        run_recipe(stage, "fit", "--config", config, "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
-                   "--checkpoint.every_n_train_steps=3", f"--trainer.default_root_dir={out}",
-                   f"--trainer.logger.init_args.save_dir={out}", f"--model.save_dir={out / 'hf'}", *extra,
-                   outputs=False)
-        rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
-        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
-
-    full = fit("full", "--trainer.max_steps=6")
-    fit("killed", "--trainer.max_steps=3")
-    ckpt = next((tmp_path / "killed").rglob("last.ckpt"))
-    resumed = fit("resumed", "--trainer.max_steps=6", f"--ckpt_path={ckpt}")
+    full, resumed = resume_runs(stage, config, 3, 6)
     after = {step: loss for step, loss in resumed.items() if step >= 3}
     assert sorted(after) == [3, 4, 5]
     for step, loss in after.items():

@@ -83,24 +83,10 @@ def test_malformed_data_stops_before_training_naming_line(tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_killed_and_resumed_epoch_run_logs_the_same_losses(run_recipe, tmp_path):
+def test_killed_and_resumed_epoch_run_logs_the_same_losses(resume_runs):
     """Under max_epochs the train loader is built before the checkpoint is restored (the LR schedule asks for
     estimated_stepping_batches); the resumed run still continues the epoch at batch 3 of 6, not at batch 0."""
-    import csv
-
-    def fit(name, *extra):
-        out = tmp_path / name
-        run_recipe("sft", "fit", "--config", TINY, "--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
-                   "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0", "--checkpoint.every_n_train_steps=3",
-                   f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-                   f"--model.save_dir={out / 'hf'}", *extra, outputs=False)
-        rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
-        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
-
-    full = fit("full", "--trainer.max_steps=-1")
-    fit("killed", "--trainer.max_steps=3")  # stands in for a kill after the step-3 checkpoint
-    ckpt = next((tmp_path / "killed").rglob("last.ckpt"))
-    resumed = fit("resumed", "--trainer.max_steps=-1", f"--ckpt_path={ckpt}")
+    full, resumed = resume_runs("sft", TINY, 3, -1, "--trainer.max_epochs=1", "--trainer.limit_train_batches=6")
     assert sorted(resumed) == [3, 4, 5]
     for step, loss in resumed.items():
         assert loss == pytest.approx(full[step], rel=1e-5), step
