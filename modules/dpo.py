@@ -19,7 +19,7 @@ from modules.forward import completion_logits, tree_completion_logits
 from modules.losses.dpo import dpo_loss, uses_average_logprobs
 from modules.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer
 from modules.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
-from modules.optim import adamw, keep_trainable
+from modules.optim import adamw
 from modules.stage import StageHooks
 
 REFERENCES = ("copy", "adapter", "precomputed")
@@ -327,7 +327,7 @@ class DPOModule(StageHooks, LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         tables = {f"ref_{s}": state[f"ref_{s}"] for s in SPLITS if f"ref_{s}" in state}
-        keep_trainable(self, checkpoint)  # drops the frozen copy and frozen bases
+        super().on_save_checkpoint(checkpoint)  # drops the frozen copy and frozen bases
         checkpoint["state_dict"].update(tables)  # a resume must not recompute the reference pass
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

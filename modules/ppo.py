@@ -31,7 +31,7 @@ from modules.models import (
     load_tokenizer,
 )
 from modules.ops import entropy_from_logits, masked_sum, token_logprobs
-from modules.optim import adamw, keep_trainable
+from modules.optim import adamw
 from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.rollout import (
     Experience,
@@ -257,9 +257,8 @@ class PPOModule(StageHooks, LightningModule):
         kl_coef = self.kl_ctl.value
         exp, stats = self.rollout(batch, self.generator, kl_coef, chunk)
         # Ziegler et al.: after each rollout, from the mean KL over all ranks' responses, so every rank keeps one value
-        pooled = torch.stack([stats["kl"].sum(), stats["kl"].new_tensor(float(b))])  # (2,): KL sum, responses
-        kl_sum, n = self.trainer.strategy.reduce(pooled, reduce_op="sum").tolist()
-        self.kl_ctl.update(kl_sum / n, n_steps=int(n))  # n = b * world_size
+        kl = self.global_mean(stats["kl"].sum(), stats["kl"].new_tensor(b))[1]
+        self.kl_ctl.update(kl.item(), n_steps=b * self.trainer.world_size)
         opt, sched = self.optimizers(), self.lr_schedulers()
         logs: dict[str, list] = {}
         for _ in range(self.ppo_epochs):
@@ -335,7 +334,7 @@ class PPOModule(StageHooks, LightningModule):
         return steps
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep_trainable(self, checkpoint)
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ppo_state"] = {"kl_ctl": self.kl_ctl.state_dict(), "generator": self.generator.get_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -56,7 +56,7 @@ class StageHooks:
         loss is total * world_size / (items on all ranks), whose averaged gradient is that of the mean over all
         ranks' items (a per-rank mean would weight ranks, not items); mean is that global mean, detached."""
         world = self.trainer.world_size if self._trainer is not None else 1
-        pooled = torch.stack([total.detach().float(), count.detach().float()])  # (2,): sum, items
+        pooled = torch.stack([total.detach().float(), count.detach().float().to(total.device)])  # (2,): sum, items
         if world > 1:
             pooled = self.trainer.strategy.reduce(pooled, reduce_op="sum")
         n = pooled[1].clamp(min=1)  # nothing anywhere: 0, never NaN
@@ -98,6 +98,7 @@ class StageHooks:
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep_trainable(self, checkpoint)  # frozen weights (references, quantised bases) stay out
+        checkpoint["stage"] = self.stage  # a resume under another stage's recipe is refused (recipes/common.py)
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.interrupted:

@@ -112,12 +112,13 @@ def _diff(saved, given, key: str = "") -> list[tuple[str, object, object]]:
     return [] if saved == given else [(key, saved, given)]
 
 
-def resume_conflicts(parser, config: Namespace, subcommand: str, ckpt_path: str) -> list[tuple[str, object, object]]:
-    """(model key, checkpoint's value, given value) for every model hyperparameter the checkpoint holds
-    otherwise than the current config, SAFE_ON_RESUME keys left out. Both sides go through the same parse
+def resume_conflicts(parser, config: Namespace, subcommand: str, ckpt: dict,
+                     ckpt_path: str) -> list[tuple[str, object, object]]:
+    """(model key, checkpoint's value, given value) for every model hyperparameter the loaded checkpoint
+    holds otherwise than the current config, SAFE_ON_RESUME keys left out. Both sides go through the same parse
     (the checkpoint's hparams over a copy of the config, as LightningCLI does), so dataclass specs stored as
     dicts, Namespaces and defaults compare alike. optimizer/scheduler are not in hparams: never compared."""
-    hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+    hparams = dict(ckpt.get("hyper_parameters", {}))
     hparams.pop("_instantiator", None)
     if not hparams:
         return []
@@ -177,7 +178,13 @@ class StageCLI(LightningCLI):
             return  # Lightning's own values and remote files: as Lightning
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"{prog}: --ckpt_path {ckpt_path}: no such file")
-        conflicts = resume_conflicts(self.parser, self.config, subcommand, ckpt_path)
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        saved_stage = ckpt.get("stage")  # written by StageHooks.on_save_checkpoint
+        if saved_stage is not None and saved_stage != self.stage:
+            raise SystemExit(f"{prog}: --ckpt_path {ckpt_path} is a checkpoint of `rlhf {saved_stage}`, not of "
+                             f"`{prog}`: resume it with `rlhf {saved_stage} fit`, or start this stage from that "
+                             "run's exported model (without --ckpt_path)")
+        conflicts = resume_conflicts(self.parser, self.config, subcommand, ckpt, ckpt_path)
         if conflicts:
             lines = "\n".join(f"  model.{key}: checkpoint {saved!r}, given {given!r}" for key, saved, given in conflicts)
             safe = ", ".join(f"model.{key}" for key in SAFE_ON_RESUME)

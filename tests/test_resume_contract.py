@@ -87,3 +87,13 @@ def test_sft_resume_honours_a_new_save_dir_and_refuses_a_new_warmup(run_recipe, 
     assert (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns == first_export
     ckpt = torch.load(runs / "sft" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5 and ckpt["hyper_parameters"]["save_dir"] == str(tmp_path / "b")
+
+    # another stage's checkpoint is refused by name, before a model loads (sft's hparams are a subset of dpo's,
+    # so only the stage tag tells them apart)
+    assert ckpt["stage"] == "sft"
+    with pytest.raises(SystemExit) as wrong:
+        run_recipe("dpo", "fit", "--config", "configs/dpo/tiny.yaml", f"--ckpt_path={last}")
+    assert str(wrong.value) == (f"rlhf dpo: --ckpt_path {last} is a checkpoint of `rlhf sft`, not of `rlhf dpo`: "
+                                "resume it with `rlhf sft fit`, or start this stage from that run's exported model "
+                                "(without --ckpt_path)")
+    assert not (runs / "dpo").exists()
