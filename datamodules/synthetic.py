@@ -63,6 +63,12 @@ def oracle_score(prompt: str, response: str) -> float:
     return sum(r == t for r, t in zip(items, target, strict=False)) / max(len(target), len(items))
 
 
+def oracle_reward(prompts: list[str], responses: list[str], meta: list[dict] | None = None) -> list[float]:
+    """``oracle_score`` per pair, as a RewardSpec reward function (``oracle: synthetic`` is its short name):
+    ``functions: ["datamodules.synthetic:oracle_reward"]``. ``meta`` is unused."""
+    return [oracle_score(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
 def mean_oracle_score(prompts: list[str], responses: list[str]) -> float:
     """Mean ``oracle_score`` over aligned prompts and responses."""
     if len(prompts) != len(responses) or not prompts:

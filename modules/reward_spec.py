@@ -1,4 +1,4 @@
-"""Reading a reward model's score, and RewardSpec: frozen reward models (or an oracle) that score text.
+"""Reading a reward model's score, and RewardSpec: frozen reward models and reward functions that score text.
 
 `sequence_scores` is the one place a score is read, so training (RewardModule) and use (PPO, rejection
 sampling through RewardSpec) agree: the score head applied at the LAST REAL token, found from the
@@ -7,6 +7,9 @@ attention mask, never from pad_token_id (pad == EOS is common and would make the
 
 from __future__ import annotations
 
+import importlib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,31 +67,79 @@ def _flag(value) -> bool:
     return bool(value)
 
 
+ORACLES = {"synthetic": "datamodules.synthetic:oracle_reward"}  # short name -> reward function path
+
+
+def import_reward_function(path: str) -> Callable:
+    """"package.module:name" (name may be dotted, e.g. "mod:Class.method") -> the callable; else ValueError
+    naming the path. Imported lazily from the string, so modules/ never imports datamodules/ at import time."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {path!r}: expected 'package.module:name'")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as err:  # missing module or dependency, or the module failed while importing
+        hint = " (is its folder on PYTHONPATH?)" if isinstance(err, ModuleNotFoundError) else ""
+        raise ValueError(f"reward function {path!r}: cannot import module {module_name!r}: {err!r}{hint}") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward function {path!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"reward function {path!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def call_reward_function(
+    path: str, fn: Callable, prompts: list[str], responses: list[str], meta: list[dict]
+) -> torch.Tensor:
+    """fn(prompts, responses, meta) checked: one finite float per pair, else ValueError naming `path`. -> (b,)"""
+    out = fn(prompts, responses, meta)
+    try:
+        values = [float(x) for x in out]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"reward function {path!r} must return one float per pair, got {type(out).__name__}") from err
+    if len(values) != len(responses):
+        raise ValueError(f"reward function {path!r} returned {len(values)} scores for {len(responses)} responses")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"reward function {path!r} returned non-finite scores at rows {bad[:10]}: {values[bad[0]]}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
 @dataclass
 class RewardSpec:
-    """Frozen reward model(s) that score (prompt, response) text pairs, combined into one reward per pair.
+    """Frozen reward model(s) and reward function(s) that score (prompt, response) text pairs, combined into
+    one reward per pair.
 
-    Call `load(device)` once (e.g. in a LightningModule's configure_model), then `score(...)`.
+    Call `load(device)` once (e.g. in a LightningModule's configure_model), then `score(...)`. Function paths
+    are imported at construction, so a bad one fails before any model loads.
 
     Args:
         models: sequence-classification reward models (e.g. saved by `rlhf reward fit`); a causal LM
             would get an untrained head, so use trained reward models here.
-        weights: one weight per model for combine="sum" (default: all 1.0).
-        combine: "sum" (weighted sum) or "llama2" (arXiv 2307.09288, eq. 4): models[0] is helpfulness,
-            models[1] safety; the safety score is used where the prompt's meta flag "unsafe" is set or
-            sigmoid(safety) < safety_threshold, else the helpfulness score.
+        functions: reward functions as "package.module:name" import paths, each a callable
+            `(prompts: list[str], responses: list[str], meta: list[dict]) -> list[float]` (one finite float
+            per pair; meta holds each prompt row's extra fields): verifiable rewards (math, code, format).
+        weights: for combine="sum", one weight per scorer in this order: models first, then functions,
+            then the oracle (default: all 1.0).
+        combine: "sum" (weighted sum of all scorers) or "llama2" (arXiv 2307.09288, eq. 4): exactly two
+            models, models[0] helpfulness, models[1] safety, and no functions or oracle (refused); the
+            safety score is used where the prompt's meta flag "unsafe" is set or sigmoid(safety) <
+            safety_threshold, else the helpfulness score.
         safety_threshold: safety probability below which llama2 uses the safety score.
         whiten: whiten the combined score (a logit) as Llama 2 does: with whiten_mean/whiten_std when
             given, else with the batch's mean and std.
         whiten_mean: fixed mean for whitening (e.g. measured on the reward model's training data).
         whiten_std: fixed std for whitening.
-        oracle: "synthetic" scores with the built-in task's oracle (datamodules.synthetic.oracle_score)
-            instead of models: a noise-free reward to show the learning signal.
+        oracle: "synthetic" is a short name for the function "datamodules.synthetic:oracle_reward", the
+            built-in task's noise-free oracle (scored after `functions`); null to use models/functions only.
         batch_size: rows per reward-model forward pass.
         max_length: tokens per scored text; longer ones keep their last max_length tokens.
     """
 
     models: list[ModelSpec] = field(default_factory=list)
+    functions: list[str] = field(default_factory=list)
     weights: list[float] | None = None
     combine: Literal["sum", "llama2"] = "sum"
     safety_threshold: float = 0.15
@@ -101,19 +152,28 @@ class RewardSpec:
 
     def __post_init__(self):
         self.models = [as_spec(m) for m in self.models]
-        if self.oracle is None and not self.models:
-            raise ValueError("RewardSpec needs reward models or oracle='synthetic'")
-        if self.oracle is not None and self.oracle != "synthetic":
+        self.functions = list(self.functions)
+        if self.oracle is not None and self.oracle not in ORACLES:
             raise ValueError(f"unknown oracle {self.oracle!r}: the one built in is 'synthetic'")
-        if self.combine == "llama2" and self.oracle is None and len(self.models) != 2:
-            raise ValueError(f"combine='llama2' takes two models (helpfulness, safety), got {len(self.models)}")
-        if self.weights is not None and len(self.weights) != len(self.models):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.models)} models")
-        self._loaded: list[tuple] = []  # (model, tokenizer) per spec, filled by load(); not a config field
+        paths = [*self.functions, *([ORACLES[self.oracle]] if self.oracle is not None else [])]
+        if not self.models and not paths:
+            raise ValueError("RewardSpec needs reward models or oracle='synthetic' or functions=['module:name']")
+        if self.combine == "llama2" and (len(self.models) != 2 or paths):
+            raise ValueError(
+                f"combine='llama2' takes two models (helpfulness, safety) and no reward functions or oracle, got "
+                f"{len(self.models)} models and functions {paths} (set oracle: null, or use combine='sum')"
+            )
+        if self.weights is not None and len(self.weights) != len(self.models) + len(paths):
+            raise ValueError(
+                f"{len(self.weights)} weights for {len(self.models)} models + {len(paths)} functions {paths}"
+            )
+        # not config fields: (path, callable) per function, and (model, tokenizer) per spec filled by load()
+        self._functions: list[tuple[str, Callable]] = [(p, import_reward_function(p)) for p in paths]
+        self._loaded: list[tuple] = []
 
     def load(self, device: str | torch.device = "cpu") -> RewardSpec:
         """Load the models frozen (eval mode, no grads) onto device; a second call does nothing."""
-        if self.oracle is not None or self._loaded:
+        if self._loaded:
             return self
         for spec in self.models:
             tok = load_tokenizer(spec, padding_side="right")
@@ -133,24 +193,22 @@ class RewardSpec:
     ) -> torch.Tensor:
         """Rewards of (rendered prompt, response) text pairs: b prompts, b responses -> (b,) float32.
 
-        Each model reads prompt + response + EOS (the layout it was trained on), right-padded.
-        meta: per-row dicts; combine="llama2" reads their "unsafe" flag.
+        Each model reads prompt + response + EOS (the layout it was trained on), right-padded; each function
+        gets the texts and meta as they are.
+        meta: per-row dicts (default: empty); combine="llama2" reads their "unsafe" flag.
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        if self.oracle is not None:
-            from datamodules.synthetic import oracle_score
-
-            combined = torch.tensor([oracle_score(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
+        if self.models and not self._loaded:
+            raise RuntimeError("RewardSpec.score before load(device)")
+        meta = [dict(m or {}) for m in (meta or [{}] * len(prompts))]
+        scores = [self._model_scores(model, tok, prompts, responses) for model, tok in self._loaded]
+        if self.combine == "llama2":  # two models, no functions (checked at construction)
+            unsafe = torch.tensor([_flag(m.get("unsafe", False)) for m in meta])
+            combined = llama2_combine(scores[0], scores[1], unsafe, self.safety_threshold)
         else:
-            if not self._loaded:
-                raise RuntimeError("RewardSpec.score before load(device)")
-            scores = [self._model_scores(model, tok, prompts, responses) for model, tok in self._loaded]
-            if self.combine == "llama2":
-                unsafe = torch.tensor([_flag((m or {}).get("unsafe", False)) for m in (meta or [{}] * len(prompts))])
-                combined = llama2_combine(scores[0], scores[1], unsafe, self.safety_threshold)
-            else:
-                combined = weighted_sum(scores, self.weights or [1.0] * len(scores))
+            scores += [call_reward_function(path, fn, prompts, responses, meta) for path, fn in self._functions]
+            combined = weighted_sum(scores, self.weights or [1.0] * len(scores))
         if self.whiten:
             combined = whiten_scores(combined, self.whiten_mean, self.whiten_std)
         return combined.to(device) if device is not None else combined
