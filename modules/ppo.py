@@ -53,7 +53,7 @@ class PPOModule(StageHooks, LightningModule):
 
     Args:
         policy: the model to train (full weights, or LoRA; layout "shared" needs LoRA).
-        reward: the frozen reward model(s) or oracle that score decoded responses.
+        reward: what scores decoded responses: frozen reward model(s), reward functions or the oracle.
         sampling: rollout sampling; log-probs divide the logits by the same temperature and use the full
             softmax, so keep top_k 0 and top_p 1.0 (truncated sampling would be off-policy).
         layout: "separate" (reference copy, value model) or "shared" (one base: adapter, adapter off, value head).

@@ -78,7 +78,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
 
     Args:
         policy: the model to sample from and fine-tune (usually the SFT policy).
-        reward: what scores (prompt, response) pairs: reward models or an oracle.
+        reward: what scores (prompt, response) pairs: reward models, reward functions or the oracle.
         sampling: how to sample; `num_samples` is K, the samples per prompt (validation draws one).
         rounds: passes over the prompt set; the recipe links trainer.max_epochs to it.
         min_score: keep a prompt's best sample only if its score reaches this (None keeps every best).
