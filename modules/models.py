@@ -194,6 +194,19 @@ def load_causal_lm(spec: ModelSpec | dict | str, device: str | torch.device | No
     return _finish(model, spec, "CAUSAL_LM").train()
 
 
+def load_saved_causal_lm(path: str | os.PathLike, dtype: str = "float32", device: str | torch.device | None = None):
+    """A saved folder for inference, frozen: a full (merged) model, or a LoRA adapter folder (adapter_config.json)
+    put on the base model it names, through peft."""
+    folder = Path(path).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        return load_causal_lm(ModelSpec(path=str(path), dtype=dtype), device, trainable=False)
+    from peft import PeftConfig, PeftModel
+
+    base_path = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    base = load_causal_lm(ModelSpec(path=base_path, dtype=dtype), device, trainable=False)
+    return freeze(PeftModel.from_pretrained(base, str(folder)))
+
+
 def load_sequence_classifier(
     spec: ModelSpec | dict | str, pad_token_id: int, device: str | torch.device | None = None, trainable: bool = True
 ):

@@ -17,6 +17,7 @@ STAGES = {"sft": "recipes.sft", "reward": "recipes.reward", "dpo": "recipes.dpo"
 TOOLS = {
     "quickstart": ("recipes.quickstart", "the whole pipeline on the built-in task, offline, in minutes"),
     "convert-gguf": ("recipes.convert", "dequantise a GGUF checkpoint into a Hugging Face folder"),
+    "generate": ("recipes.generate", "sample responses from a saved policy or checkpoint into a jsonl file"),
 }
 
 USAGE = """usage: rlhf <command> [args]

@@ -1,0 +1,244 @@
+"""`rlhf generate`: sample responses from a policy for a file of prompts, one JSON line per response.
+
+--model is a saved Hugging Face folder (a stage's export, merged or a LoRA adapter folder) or a stage's Lightning
+checkpoint (`.ckpt`: the policy is rebuilt from the checkpoint's hyperparameters and its trained weights loaded).
+Prompts come in any format `rlhf ppo`/`rlhf rs` read (`prompt` as text or as chat messages, which get the chat
+template, or HH-RLHF `chosen`); the row's other columns come back under `meta`:
+
+    rlhf generate --model runs/sft/tiny/hf_model --prompts tests/fixtures/synthetic/prompts_val.jsonl \\
+        --out samples.jsonl --num_samples 4 --temperature 0.7 --max_new_tokens 16
+
+Each row: {"prompt" (the text the model saw), "response", "sample" (0..K-1), "finish_reason" ("eos" | "stop" |
+"length"), "tokens" (response tokens, EOS included), "index" (the prompt's row in --prompts), "meta"}.
+Rows are appended batch by batch; running again with the same --out continues after the last prompt that has all
+its samples. Batch i samples from a generator seeded by (--seed, i), so with the same settings (batch size
+included) a resumed run writes exactly the rows an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+PROG = "rlhf generate"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="saved model folder (merged or LoRA adapter) or a stage's .ckpt")
+    parser.add_argument("--prompts", required=True, help="prompt file (jsonl/json/csv/parquet), saved dataset or hub id")
+    parser.add_argument("--out", type=Path, required=True, help="output .jsonl (an existing one is continued)")
+    parser.add_argument("--split", default="train", help="split of a saved or hub dataset")
+    parser.add_argument("--num_samples", type=int, default=1, help="responses per prompt (K)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1.0 = off)")
+    parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); kept in the response")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts per batch")
+    parser.add_argument("--max_prompt_length", type=int, default=None,
+                        help="cut longer prompts from the left to this many tokens (default: no cut)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                        help="weight dtype (default: a checkpoint's own, float32 for a folder)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("--num_samples, --batch_size and --max_new_tokens must be at least 1")
+
+    from recipes.common import quiet
+
+    quiet()
+    import torch
+
+    from datamodules.formats import read_prompts
+    from modules.generation import SamplingSpec
+
+    check_model_arg(args.model)
+    records = read_prompts(args.prompts, args.split)  # a bad prompt file stops here, before any weights load
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = load_policy(args.model, args.dtype, device)
+    rows = encode_prompts(records, tokenizer, args.max_prompt_length)
+    spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, num_samples=args.num_samples, stop_strings=list(args.stop))
+    run(model, tokenizer, rows, spec, args.out, args.seed, args.batch_size, device)
+
+
+def check_model_arg(path: str) -> None:
+    """A missing local --model (folder or .ckpt) is a one-line ModelPathError, before anything loads."""
+    from modules.models import ModelPathError, ModelSpec, check_model_path
+
+    if path.endswith(".ckpt"):
+        if not Path(path).expanduser().is_file():
+            raise ModelPathError(f"{path}: no such checkpoint file")
+    else:
+        check_model_path(ModelSpec(path=path))
+
+
+def load_policy(path: str, dtype: str | None, device):
+    """(frozen model in eval mode on device, left-padding tokenizer) from a folder or a Lightning checkpoint."""
+    from modules.models import load_saved_causal_lm, load_tokenizer
+
+    if path.endswith(".ckpt"):
+        return load_checkpoint_policy(path, dtype, device)
+    folder = Path(path).expanduser()
+    model = load_saved_causal_lm(path, dtype or "float32", device).to(device)
+    tokenizer_path = path
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file() and not (folder / "tokenizer_config.json").is_file():  # an adapter saved without one
+        tokenizer_path = json.loads(adapter.read_text())["base_model_name_or_path"]
+    return model, load_tokenizer(tokenizer_path, padding_side="left")
+
+
+def load_checkpoint_policy(path: str, dtype: str | None, device):
+    """Rebuild a stage's policy from the checkpoint's `hyper_parameters["policy"]` (a ModelSpec dict) and load
+    its `policy.*` weights; checkpoints hold trainable weights only, so exactly the rebuilt policy's trainable
+    parameters must be there."""
+    import torch
+
+    from modules.models import as_spec, freeze, load_causal_lm, load_tokenizer
+
+    ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    hparams, stage = ckpt.get("hyper_parameters") or {}, ckpt.get("stage", "unknown stage")
+    if stage == "reward" or "backbone" in hparams:
+        raise SystemExit(f"{PROG}: {path} is a reward-model checkpoint, not a policy: generate from a checkpoint "
+                         "of rlhf sft, dpo, ppo or rs, or from a policy's exported folder")
+    if not isinstance(hparams.get("policy"), dict) or "path" not in hparams["policy"]:
+        raise SystemExit(f"{PROG}: {path} ({stage}) has no policy ModelSpec in its hyper_parameters: not a "
+                         "checkpoint of rlhf sft, dpo, ppo or rs")
+    spec = dataclasses.replace(as_spec(hparams["policy"]), gradient_checkpointing=False)
+    if dtype is not None:
+        spec = dataclasses.replace(spec, dtype=dtype)
+    model = load_causal_lm(spec, device=device)  # the training-time structure (LoRA, train_top_layers)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
+    missing, unexpected = sorted(trainable - state.keys()), sorted(state.keys() - trainable)
+    if missing or unexpected:
+        raise SystemExit(f"{PROG}: {path} ({stage}) does not match the policy its hyper_parameters describe "
+                         f"({spec.path}): missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} "
+                         f"({len(unexpected)})")
+    model.load_state_dict(state, strict=False)
+    model = freeze(model) if spec.quantization != "none" else freeze(model).to(device)  # quantised: loaded there
+    return model, load_tokenizer(spec, padding_side="left")
+
+
+def encode_prompts(records, tokenizer, max_prompt_length: int | None) -> list[dict]:
+    """Prompt records -> {"input_ids", "prompt" (rendered text), "meta", "index"} as PromptDataModule encodes
+    them (chat template for messages, the tokenizer's special tokens, long prompts cut from the left)."""
+    from datamodules.formats import render_prompt
+    from datamodules.tokenize import Cuts
+
+    texts = [render_prompt(r.prompt, tokenizer) for r in records]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    cuts, n, rows = Cuts("left"), max_prompt_length, []
+    for index, (i, text, record) in enumerate(zip(ids, texts, records)):
+        if n is not None and len(i) > n:
+            cuts.keep(record.where, f"prompt longer than --max_prompt_length {n}", "from the left", len(i), n)
+            i = i[-n:]
+        rows.append({"input_ids": i, "prompt": text, "meta": dict(record.meta), "index": index})
+    cuts.report(len(records), "prompts")
+    return rows
+
+
+def batch_generator(seed: int, batch_index: int, device):
+    """The sampling stream of one batch: the same (seed, batch) always samples the same, resumed or not."""
+    import torch
+
+    return torch.Generator(device=device).manual_seed(zlib.crc32(repr((seed, batch_index)).encode()))
+
+
+def finished_prompts(out: Path, rows: list[dict], k: int) -> int:
+    """Prompts that `out` already holds all k samples of, in order. A trailing partial prompt (or a line cut by a
+    kill) is dropped by rewriting the file without it (atomically); rows that belong to another prompt file or
+    --num_samples stop the run (DataError naming the line)."""
+    from datamodules.formats import DataError
+
+    if not out.exists():
+        return 0
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    good = 0
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line, cut mid-write
+                break
+            raise DataError(f"{out}:{number}", "not a JSON line", "the file is not an rlhf generate output") from None
+        prompt, sample = divmod(good, k)
+        if not (isinstance(row, dict) and row.get("index") == prompt and row.get("sample") == sample
+                and prompt < len(rows) and row.get("prompt") == rows[prompt]["prompt"]):
+            raise DataError(f"{out}:{number}", "does not continue this run",
+                            f"expected prompt {prompt} sample {sample} of {len(rows)} prompts x {k} samples; "
+                            "another --prompts, --num_samples or model? use another --out")
+        good += 1
+    done = good // k
+    keep = [line if line.endswith("\n") else line + "\n" for line in lines[: done * k]]
+    if keep != lines:
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, out)
+        print(f"{PROG}: {out}: dropped {len(lines) - len(keep)} line(s) of an unfinished prompt", file=sys.stderr)
+    return done
+
+
+def finish_reasons(rollout, eos_token_id) -> list[str]:
+    """Per row: "eos" (ended with EOS), "stop" (a stop string), "length" (max_new_tokens reached)."""
+    import torch
+
+    r = rollout.response_mask.long()  # (b*n, r)
+    last = (r.sum(-1) - 1).clamp(min=0)  # index of each row's last response token
+    token = rollout.sequences[:, rollout.prompt_length:].gather(1, last[:, None]).squeeze(1)
+    ids = [eos_token_id] if eos_token_id is not None else []
+    eos = torch.isin(token, torch.tensor(ids, dtype=token.dtype, device=token.device))
+    return ["eos" if e else "stop" if ended else "length" for e, ended in zip(eos.tolist(), rollout.has_eos.tolist())]
+
+
+def run(model, tokenizer, rows: list[dict], spec, out: Path, seed: int, batch_size: int, device) -> None:
+    from datamodules.prompts import collate_prompts
+    from modules.generation import decode_responses, generate
+
+    k, total = spec.num_samples, len(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = finished_prompts(out, rows, k)
+    if done == total:
+        print(f"{PROG}: {out} already holds all {total} prompts x {k} samples", file=sys.stderr)
+        return
+    if done:
+        print(f"{PROG}: {out}: continuing after {done} of {total} prompts", file=sys.stderr)
+    eos = tokenizer.eos_token_id
+    start, tokens, clock = time.perf_counter(), 0, None
+    with out.open("a", encoding="utf-8") as f:
+        # batches are fixed slices of all prompts, so batch i (and its seed) is the same on every run; a batch
+        # a resumed run enters midway (another --batch_size) is sampled whole and only its new prompts written
+        for b in range(done // batch_size, (total + batch_size - 1) // batch_size):
+            chunk = rows[b * batch_size : (b + 1) * batch_size]
+            batch = collate_prompts(chunk, tokenizer.pad_token_id)
+            rollout = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), spec, eos,
+                               tokenizer.pad_token_id, batch_generator(seed, b, device), tokenizer)
+            texts, reasons = decode_responses(tokenizer, rollout, eos), finish_reasons(rollout, eos)
+            lengths = rollout.response_mask.sum(-1).tolist()
+            for j, row in enumerate(chunk):
+                if row["index"] < done:
+                    continue
+                for s in range(k):
+                    i = j * k + s
+                    f.write(json.dumps({"prompt": row["prompt"], "response": texts[i], "sample": s,
+                                        "finish_reason": reasons[i], "tokens": int(lengths[i]),
+                                        "index": row["index"], "meta": row["meta"]}, ensure_ascii=False, default=str) + "\n")
+                    tokens += int(lengths[i])
+            f.flush()
+            clock = time.perf_counter() - start
+            finished = min((b + 1) * batch_size, total)
+            print(f"{PROG}: {finished}/{total} prompts, {tokens} tokens, {tokens / max(clock, 1e-9):.1f} tokens/s",
+                  file=sys.stderr)
+    print(f"{PROG}: wrote {out} ({total} prompts x {k} samples)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
