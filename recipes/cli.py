@@ -18,6 +18,7 @@ TOOLS = {
     "quickstart": ("recipes.quickstart", "the whole pipeline on the built-in task, offline, in minutes"),
     "convert-gguf": ("recipes.convert", "dequantise a GGUF checkpoint into a Hugging Face folder"),
     "generate": ("recipes.generate", "sample responses from a saved policy or checkpoint into a jsonl file"),
+    "eval": ("recipes.eval", "win rate vs a baseline, judge scores, KL to a reference, from generation files"),
 }
 
 USAGE = """usage: rlhf <command> [args]
@@ -37,7 +38,7 @@ tools:
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE.format(tools="\n".join(f"  {k:<11}{v[1]}" for k, v in TOOLS.items())))
+        print(USAGE.format(tools="\n".join(f"  {k:<13}{v[1]}" for k, v in TOOLS.items())))
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in STAGES:

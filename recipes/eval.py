@@ -1,0 +1,288 @@
+"""`rlhf eval`: judge a policy's generation file against a baseline's, and measure its KL to a reference model.
+
+    rlhf generate --model runs/ppo/tiny/hf_model --prompts prompts_val.jsonl --out ppo.jsonl
+    rlhf generate --model runs/sft/tiny/hf_model --prompts prompts_val.jsonl --out sft.jsonl
+    rlhf eval --policy ppo.jsonl --baseline sft.jsonl --judge '{oracle: synthetic}' --out eval/ppo \\
+        --policy_model runs/ppo/tiny/hf_model --reference_model runs/sft/tiny/hf_model
+
+Inputs are `rlhf generate` files (rows {prompt, response, sample, finish_reason, tokens, meta}); policy and
+baseline rows are paired by (prompt, sample) (no sample field: the row's rank among rows of that prompt).
+--judge is a RewardSpec as YAML/JSON text or a file holding it (`{oracle: synthetic}`, `{models: [runs/rm]}`,
+`{functions: ["pkg.mod:fn"]}`), or a reward-model folder. Both files are scored in one call, so a judge that
+whitens with batch statistics puts them on one scale. Writes OUT/eval.json (every number, interval and
+count) and OUT/eval.md (a table, also printed). Methods (modules/losses/eval.py):
+  win rate    (wins + ties/2) / pairs, Wilson 95% score interval over the pairs (conservative with ties);
+              a tie is |policy - baseline| <= --tie_tolerance
+  judge score mean of each file with mean -/+ 1.96 standard errors
+  KL          nats per response, mean over the policy file's samples of
+              log pi(response|prompt) - log ref(response|prompt) (k1, unbiased when the file was sampled
+              from --policy_model at --temperature without top-p/top-k), with its standard error. Text is
+              re-tokenized (prompt, then prompt+response, as in training), plus EOS where finish_reason is eos.
+  length, distinct-1/2   over whitespace words of the responses; EOS rate from finish_reason
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+PROG = "rlhf eval"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", required=True, help="the policy's generation file (.jsonl)")
+    parser.add_argument("--baseline", help="the baseline's generation file, on the same prompts (win rate)")
+    parser.add_argument("--judge", help="RewardSpec as YAML/JSON text or a file, or a reward-model folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for eval.json and eval.md")
+    parser.add_argument("--policy_model", help="the model that wrote --policy (for the KL)")
+    parser.add_argument("--reference_model", help="the reference model of the KL (e.g. the SFT policy)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --policy (KL)")
+    parser.add_argument("--tie_tolerance", type=float, default=0.0, help="|score difference| counted as a tie")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="weights of the KL models")
+    parser.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (KL)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    args = parser.parse_args(argv)
+    if (args.policy_model is None) != (args.reference_model is None):
+        parser.error("--policy_model and --reference_model come together (the KL needs both)")
+    if args.baseline and not args.judge:
+        parser.error("--baseline needs --judge: the win rate compares judge scores")
+    if args.temperature <= 0:
+        parser.error("--temperature must be > 0: greedy samples have no Monte-Carlo KL")
+    if args.tie_tolerance < 0:
+        parser.error("--tie_tolerance must be >= 0")
+    judge = read_judge(parser, args.judge) if args.judge else None  # a bad spec fails before anything loads
+    from recipes.common import quiet
+
+    quiet()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate(args, judge, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / "eval.json", json.dumps(finite(result), indent=2) + "\n")
+    table = markdown(result)
+    write_text(args.out / "eval.md", table)
+    print(table)
+    print(f"{PROG}: wrote {args.out / 'eval.json'} and {args.out / 'eval.md'}", file=sys.stderr)
+
+
+def read_judge(parser: argparse.ArgumentParser, text: str):
+    """--judge text -> RewardSpec: YAML/JSON (a file's or the argument's own), or a reward-model folder."""
+    import yaml
+
+    from modules.reward_spec import as_reward_spec
+
+    path = Path(text).expanduser()
+    if path.is_dir():
+        value = {"models": [text]}
+    else:
+        try:
+            value = yaml.safe_load(path.read_text() if path.is_file() else text)
+        except yaml.YAMLError as err:
+            parser.error(f"--judge: not YAML/JSON text, a file or a folder: {' '.join(str(err).split())}")
+    if not isinstance(value, dict):
+        parser.error(f"--judge: {text!r} is no file or folder, nor a YAML/JSON mapping such as '{{oracle: synthetic}}'")
+    try:
+        return as_reward_spec(value)
+    except (TypeError, ValueError) as err:
+        parser.error(f"--judge: {err}")
+
+
+def read_generations(path: str) -> list[dict]:
+    """Rows of a generation file: {prompt, response, sample, finish_reason, tokens, meta, where}; a row
+    without `sample` gets its rank among the rows of its prompt. Bad or repeated rows: DataError naming them."""
+    from datamodules.formats import DataError, iter_rows, text_field
+
+    rows, seen, ranks = [], {}, {}
+    for where, row in iter_rows(path):
+        prompt = text_field(row, "prompt", where)
+        response = row.get("response")
+        if not isinstance(response, str):  # may be empty: the model can say EOS first
+            raise DataError(where, "missing field 'response'" if response is None
+                            else "field 'response' is not a string")
+        sample = row.get("sample", ranks.get(prompt, 0))
+        if not isinstance(sample, int) or isinstance(sample, bool):
+            raise DataError(where, "field 'sample' is not an integer", f"got {sample!r}")
+        ranks[prompt] = ranks.get(prompt, 0) + 1
+        if (prompt, sample) in seen:
+            raise DataError(where, "repeated (prompt, sample)", f"first at {seen[prompt, sample]}")
+        seen[prompt, sample] = where
+        meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+        rows.append({"prompt": prompt, "response": response, "sample": sample, "where": where, "meta": meta,
+                     "finish_reason": row.get("finish_reason"), "tokens": row.get("tokens")})
+    if not rows:
+        raise DataError(path, "no rows")
+    return rows
+
+
+def evaluate(args, judge, device: str) -> dict:
+    import torch
+
+    from modules.losses.eval import mean_interval, win_tie_loss
+
+    policy = read_generations(args.policy)
+    baseline = read_generations(args.baseline) if args.baseline else []
+    result = {"policy": {"file": args.policy, **describe(policy)}, "confidence": 0.95}
+    if baseline:
+        result["baseline"] = {"file": args.baseline, **describe(baseline)}
+    if judge is not None:
+        judge.load(device)
+        both = policy + baseline  # one call: batch whitening puts both files on one scale
+        scores = judge.score([r["prompt"] for r in both], [r["response"] for r in both], [r["meta"] for r in both])
+        mine, theirs = scores[: len(policy)].double(), scores[len(policy) :].double()  # (n_policy,), (n_baseline,)
+        result["judge"] = {"spec": args.judge, "tie_tolerance": args.tie_tolerance}
+        result["policy"]["score"] = mean_interval(mine)._asdict()
+        if baseline:
+            result["baseline"]["score"] = mean_interval(theirs)._asdict()
+            index = {(r["prompt"], r["sample"]): i for i, r in enumerate(baseline)}
+            keys = [(r["prompt"], r["sample"]) for r in policy]
+            pairs = [(i, index[key]) for i, key in enumerate(keys) if key in index]  # (policy row, baseline row)
+            if not pairs:
+                from datamodules.formats import DataError
+
+                raise DataError(args.baseline, "no (prompt, sample) in common with --policy", args.policy)
+            mine_i, theirs_i = torch.tensor([p for p, _ in pairs]), torch.tensor([b for _, b in pairs])
+            won = win_tie_loss(mine[mine_i], theirs[theirs_i], args.tie_tolerance)
+            result["win_rate"] = {**won._asdict(), "method": "(wins + ties/2) / n, Wilson score interval",
+                                  "unpaired_policy": len(policy) - len(pairs),
+                                  "unpaired_baseline": len(baseline) - len(pairs)}
+            if len(pairs) < max(len(policy), len(baseline)):
+                print(f"{PROG}: {len(pairs)} pairs; unpaired rows: {len(policy) - len(pairs)} policy, "
+                      f"{len(baseline) - len(pairs)} baseline", file=sys.stderr)
+    if args.policy_model:
+        result["kl"] = {**policy_kl(policy, args, device)._asdict(), "policy_model": args.policy_model,
+                        "reference_model": args.reference_model, "temperature": args.temperature}
+    return result
+
+
+def describe(rows: list[dict]) -> dict:
+    """Length, distinct-1/2 over whitespace words; EOS rate (finish_reason) and mean tokens where every row has them."""
+    from modules.losses.eval import text_stats
+
+    reasons = [r["finish_reason"] for r in rows]
+    eos = [x == "eos" for x in reasons] if all(isinstance(x, str) for x in reasons) else None
+    stats = text_stats([r["response"].split() for r in rows], eos)._asdict()
+    tokens = [r["tokens"] for r in rows]
+    stats["mean_tokens"] = sum(tokens) / len(tokens) if all(isinstance(t, int) for t in tokens) else None
+    return stats
+
+
+def policy_kl(rows: list[dict], args, device: str):
+    """KL(policy || reference) over the rows' responses (modules.losses.eval.sequence_kl)."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    from modules.losses.eval import sequence_kl
+    from modules.models import ModelSpec, load_tokenizer
+
+    policy_spec = ModelSpec(path=args.policy_model, dtype=args.dtype)
+    reference_spec = ModelSpec(path=args.reference_model, dtype=args.dtype)
+    tokenizer = load_tokenizer(policy_spec)  # the tokenizer follows the policy; the reference must share it
+    if load_tokenizer(reference_spec).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{args.reference_model} has another vocabulary than {args.policy_model}: no token-level KL")
+    encoded = encode_responses(tokenizer, rows)
+    pad = tokenizer.pad_token_id
+    logps = [response_logps(spec, encoded, pad, args, device) for spec in (policy_spec, reference_spec)]  # one at a time
+    lengths = torch.tensor([len(r) for _, r in encoded])  # (n,)
+    mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (n, t): response tokens
+    padded = [pad_sequence(x, batch_first=True) if lengths.max() else torch.zeros(len(x), 0) for x in logps]
+    return sequence_kl(padded[0], padded[1], mask)
+
+
+def encode_responses(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) per row from one tokenization (datamodules/tokenize.py's contract): the
+    prompt's tokens must prefix prompt+response's; EOS is appended where sampling ended with it."""
+    from datamodules.formats import DataError
+
+    prompts = [r["prompt"] for r in rows]
+    fulls = [r["prompt"] + r["response"] for r in rows]
+    bos = tokenizer.bos_token
+    add = not (bos and all(t.startswith(bos) for t in prompts))  # a chat template may have written BOS
+    out = []
+    for row, p, f in zip(rows, tokenizer(prompts, add_special_tokens=add)["input_ids"],
+                         tokenizer(fulls, add_special_tokens=add)["input_ids"]):
+        if f[: len(p)] != p:
+            raise DataError(row["where"], "the prompt's tokens are not a prefix of prompt+response's tokens",
+                            "a token merges across the boundary")
+        eos = [tokenizer.eos_token_id] if row["finish_reason"] in (None, "eos") else []
+        out.append((p, f[len(p) :] + eos))
+    return out
+
+
+def response_logps(spec, encoded: list[tuple[list[int], list[int]]], pad_id: int, args, device: str) -> list:
+    """One model's log-prob of each response token, batched on right-padded rows: a (len(response),) tensor per row."""
+    import torch
+
+    from modules.forward import completion_logits
+    from modules.models import load_saved_causal_lm
+    from modules.ops import IGNORE_INDEX, token_logprobs
+
+    model = load_saved_causal_lm(spec.path, spec.dtype, device).to(device)  # merged or LoRA adapter folder
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), args.batch_size):
+            chunk = encoded[start : start + args.batch_size]
+            width = max(len(p) + len(r) for p, r in chunk)
+            ids = torch.tensor([p + r + [pad_id] * (width - len(p) - len(r)) for p, r in chunk], device=device)
+            mask = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in chunk],
+                                device=device)
+            labels = torch.tensor([[IGNORE_INDEX] * len(p) + r + [IGNORE_INDEX] * (width - len(p) - len(r))
+                                   for p, r in chunk], device=device)  # (b, t): response tokens only
+            logits, targets = completion_logits(model, labels, input_ids=ids, attention_mask=mask)  # (n, v), (n,)
+            flat = token_logprobs(logits[None], targets[None], args.temperature)[0].double().cpu()  # (n,)
+            out.extend(flat.split([len(r) for _, r in chunk]))
+    del model
+    return out
+
+
+def finite(value):
+    """nan/inf -> None, so eval.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
+
+
+def markdown(result: dict) -> str:
+    def num(x, digits=3):
+        return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+    def ci(d):
+        return f"{num(d['mean'])} [{num(d['low'])}, {num(d['high'])}]" if d else "n/a"
+
+    sides = [s for s in ("policy", "baseline") if s in result]
+    lines = ["| | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
+    rows = [("judge score, 95% CI", lambda d: ci(d.get("score"))), ("n", lambda d: str(d["n"])),
+            ("mean length (words)", lambda d: num(d["mean_length"], 1)),
+            ("mean tokens", lambda d: num(d["mean_tokens"], 1)), ("EOS rate", lambda d: num(d["eos_rate"])),
+            ("distinct-1", lambda d: num(d["distinct_1"])), ("distinct-2", lambda d: num(d["distinct_2"]))]
+    lines += [f"| {name} | " + " | ".join(get(result[s]) for s in sides) + " |" for name, get in rows]
+    text = "\n".join(lines) + "\n"
+    if "win_rate" in result:
+        w = result["win_rate"]
+        text += (f"\nWin rate of policy vs baseline: **{num(w['win_rate'])}** [{num(w['low'])}, {num(w['high'])}] "
+                 f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses of {w['n']} pairs; ties count half; "
+                 f"Wilson 95% interval)\n")
+    if "kl" in result:
+        k = result["kl"]
+        text += (f"\nKL(policy || reference): **{num(k['kl'])}** nats per response, standard error "
+                 f"{num(k['stderr'])} ({k['n']} samples)\n")
+    return text
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # renamed over path: never a half-written file
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
