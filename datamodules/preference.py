@@ -25,8 +25,9 @@ from datamodules.packing import (
     pair_extras,
 )
 from datamodules.preference_formats import Ranking, read_preferences
+from datamodules.prompts import collate_prompts
 from datamodules.resumable import EvalSampler, ResumableLoader
-from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, pad_right
+from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, encode_prompts, pad_right
 from modules.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class PreferenceDataModule(LightningDataModule):
         self.tokenizer = None
         self.train_rows: list = []
         self.val_rows: list = []
+        self.predict_rows: list[dict] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
@@ -191,8 +193,32 @@ class PreferenceDataModule(LightningDataModule):
         return self.val_dataloader()  # `test --data.val_file FILE` evaluates FILE
 
     def predict_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if getattr(module, "predict_input", "responses") == "prompts":  # a policy (DPO) samples from the prompts
+            if self.predict_rows is None:
+                self.predict_rows = self._prompt_rows()
+            return DataLoader(self.predict_rows, batch_size=self.batch_size, collate_fn=self.collate_prompts,
+                              num_workers=self.num_workers)
         # one padded row per response: predictions are written per (prompt, response) text
         return self._loader(self.val_rows, shuffle=False, collate=functools.partial(self.collate, padded=True))
+
+    def _prompt_rows(self) -> list[dict]:
+        """Every prompt of val_file; without one, those of the records setup held out (the same seeded shuffle of
+        the records that tokenized). Encoded as PromptDataModule and `rlhf generate` encode prompts; "index" is
+        the record's row in its file."""
+        records = self._read(self.val_file or self.train_file, self.val_split if self.val_file else self.train_split)
+        numbers = list(range(len(records)))  # each record's row in its file
+        if not self.val_file:
+            kept = {id(r) for r, _ in self._encode(records)}
+            numbers = [n for n in numbers if id(records[n]) in kept]
+            positions = list(range(len(numbers)))
+            random.Random(self.seed).shuffle(positions)  # the permutation setup applied to the encoded records
+            numbers = sorted(numbers[i] for i in positions[: max(1, int(len(numbers) * self.val_fraction))])
+        rows = encode_prompts([records[n] for n in numbers], self.tokenizer, self.max_prompt_length, self.truncation)
+        return [{**row, "index": numbers[row["index"]]} for row in rows]
+
+    def collate_prompts(self, rows: list[dict]) -> dict:
+        return {**collate_prompts(rows, self.tokenizer.pad_token_id), "index": [r["index"] for r in rows]}
 
 
 def ranked_pairs(ranks) -> list[tuple[int, int]]:

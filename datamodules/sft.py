@@ -10,8 +10,16 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.formats import read_demonstrations, render_prompt
+from datamodules.prompts import collate_prompts
 from datamodules.resumable import EvalSampler, ResumableLoader
-from datamodules.tokenize import IGNORE_INDEX, check_lengths, completion_text, encode_completions, pad_right
+from datamodules.tokenize import (
+    IGNORE_INDEX,
+    check_lengths,
+    completion_text,
+    encode_completions,
+    encode_prompts,
+    pad_right,
+)
 from modules.models import load_tokenizer
 from modules.ops import first_fit
 
@@ -69,6 +77,7 @@ class SFTDataModule(LightningDataModule):
         self.tokenizer = None
         self.train_rows: list = []
         self.val_rows: list = []
+        self.predict_rows: list[dict] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
@@ -85,7 +94,7 @@ class SFTDataModule(LightningDataModule):
             train, val = pack(train, self.max_length, self.seed), pack(val, self.max_length, self.seed)
         self.train_rows, self.val_rows = train, val
 
-    def _encode(self, records) -> list[tuple[list[int], list[int]]]:
+    def _encode(self, records, aligned: bool = False) -> list[tuple[list[int], list[int]]]:
         prompts = [render_prompt(r.prompt, self.tokenizer) for r in records]
         return encode_completions(
             self.tokenizer,
@@ -96,6 +105,7 @@ class SFTDataModule(LightningDataModule):
             self.max_prompt_length,
             self.skip_bad_rows,
             self.truncation,
+            aligned=aligned,
         )
 
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
@@ -117,6 +127,31 @@ class SFTDataModule(LightningDataModule):
         # every row once across processes (Lightning's sampler would repeat rows to even out the ranks)
         return DataLoader(self.val_rows, batch_size=self.batch_size, sampler=EvalSampler(len(self.val_rows)),
                           collate_fn=self.collate, num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        # `predict` samples from the policy: the validation split's prompts alone, left-padded
+        if self.predict_rows is None:
+            self.predict_rows = self._prompt_rows()
+        return DataLoader(self.predict_rows, batch_size=self.batch_size, collate_fn=self.collate_prompts,
+                          num_workers=self.num_workers)
+
+    def _prompt_rows(self) -> list[dict]:
+        """Every prompt of val_file; without one, those of the rows setup held out (the same seeded shuffle of the
+        records that tokenized). Encoded as PromptDataModule and `rlhf generate` encode prompts; "index" is the
+        record's row in its file."""
+        records = read_demonstrations(self.val_file or self.train_file, self.val_split if self.val_file
+                                      else self.train_split, skip_bad_rows=self.skip_bad_rows)
+        numbers = list(range(len(records)))  # each record's row in its file
+        if not self.val_file:
+            numbers = [n for n, enc in zip(numbers, self._encode(records, aligned=True)) if enc is not None]
+            positions = list(range(len(numbers)))
+            random.Random(self.seed).shuffle(positions)  # the permutation setup applied to the encoded rows
+            numbers = sorted(numbers[i] for i in positions[: max(1, int(len(numbers) * self.val_fraction))])
+        rows = encode_prompts([records[n] for n in numbers], self.tokenizer, self.max_prompt_length, self.truncation)
+        return [{**row, "index": numbers[row["index"]]} for row in rows]
+
+    def collate_prompts(self, rows: list[dict]) -> dict:
+        return {**collate_prompts(rows, self.tokenizer.pad_token_id), "index": [r["index"] for r in rows]}
 
 
 def collate_sft(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

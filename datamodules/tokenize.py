@@ -1,4 +1,5 @@
-"""Prompt + completion -> token ids from one tokenization, shared by the SFT and preference DataModules."""
+"""Prompt + completion -> token ids from one tokenization, shared by the SFT and preference DataModules; prompts alone
+for generation (`predict`, `rlhf generate`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 
-from datamodules.formats import DataError
+from datamodules.formats import DataError, render_prompt
 
 IGNORE_INDEX = -100
 TRUNCATION = ("error", "left", "skip")
@@ -122,3 +123,23 @@ def encode_completions(
 def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> list[list[int]]:
     length = length or max(len(r) for r in rows)
     return [r + [value] * (length - len(r)) for r in rows]
+
+
+def encode_prompts(records, tokenizer, max_prompt_length: int | None, truncation: str = "left",
+                   limit_name: str = "max_prompt_length") -> list[dict]:
+    """Records with .prompt and .where (and .meta, if they have one) -> {"input_ids", "prompt" (rendered text),
+    "meta", "index" (the record's position)} as PromptDataModule encodes them: the chat template for messages, the
+    tokenizer's special tokens; prompts over max_prompt_length are cut from the left, dropped or an error
+    (`truncation`, Cuts), reported once."""
+    texts = [render_prompt(r.prompt, tokenizer) for r in records]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    cuts, n, rows = Cuts(truncation), max_prompt_length, []
+    for index, (i, text, record) in enumerate(zip(ids, texts, records)):
+        # cut from the left: the end of a conversation is what the response answers
+        if n is not None and len(i) > n:
+            if not cuts.keep(record.where, f"prompt longer than {limit_name} {n}", "from the left", len(i), n):
+                continue
+            i = i[-n:]
+        rows.append({"input_ids": i, "prompt": text, "meta": dict(getattr(record, "meta", {})), "index": index})
+    cuts.report(len(records), "prompts")
+    return rows

@@ -16,10 +16,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.aggregation import MeanMetric
 
 from modules.forward import completion_logits, tree_completion_logits
+from modules.generation import SamplingSpec
 from modules.losses.dpo import dpo_loss, uses_average_logprobs
 from modules.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer
 from modules.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
 from modules.optim import adamw
+from modules.predict import response_writer, sample_rows
 from modules.stage import StageHooks
 
 REFERENCES = ("copy", "adapter", "precomputed")
@@ -54,9 +56,15 @@ class DPOModule(StageHooks, LightningModule):
         merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
         overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
             lightning_rlhf.json, is always replaced; anything else stops fit before training).
+        sampling: how `predict` samples responses to the prompts of the DataModule's validation pairs.
+        sampling_seed: seed of predict's sampling streams (batch i samples from one seeded by (seed, i), as
+            `rlhf generate --seed`; other processes add their rank).
+        predict_file: where `predict` writes one json line per response {prompt, response, sample, finish_reason,
+            tokens, index, meta}, as `rlhf generate` (default: <log dir>/predictions.jsonl).
     """
 
     stage = "dpo"
+    predict_input = "prompts"  # PreferenceDataModule's predict loader yields the prompts alone
 
     def __init__(
         self,
@@ -74,6 +82,9 @@ class DPOModule(StageHooks, LightningModule):
         save_dir: str | None = None,
         merge_lora: bool = True,
         overwrite: bool = False,
+        sampling: SamplingSpec = SamplingSpec(),  # never mutated: a shared default is safe
+        sampling_seed: int = 0,
+        predict_file: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -94,6 +105,9 @@ class DPOModule(StageHooks, LightningModule):
         self.warmup_steps, self.decay = warmup_steps, decay
         self.overwrite = overwrite
         self.save_dir, self.merge_lora = save_dir, merge_lora
+        self.sampling = sampling if isinstance(sampling, SamplingSpec) else SamplingSpec(**dict(sampling))
+        self.hparams["sampling"] = dataclasses.asdict(self.sampling)
+        self.sampling_seed, self.predict_file = sampling_seed, predict_file
         self.policy = None
         self.reference = None
         self.tokenizer = None
@@ -197,18 +211,18 @@ class DPOModule(StageHooks, LightningModule):
         chosen, rejected = logps.chunk(2)
         b = chosen.shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
-        self.log("rewards/chosen", out.chosen_rewards.mean(), batch_size=b)
-        self.log("rewards/rejected", out.rejected_rewards.mean(), batch_size=b)
-        self.log("rewards/accuracies", out.accuracy, prog_bar=True, batch_size=b)
-        self.log("rewards/margins", out.margin, batch_size=b)
-        self.log("logps/chosen", chosen.mean(), batch_size=b)
-        self.log("logps/rejected", rejected.mean(), batch_size=b)
+        self.log("train/rewards/chosen", out.chosen_rewards.mean(), batch_size=b)
+        self.log("train/rewards/rejected", out.rejected_rewards.mean(), batch_size=b)
+        self.log("train/rewards/accuracies", out.accuracy, prog_bar=True, batch_size=b)
+        self.log("train/rewards/margins", out.margin, batch_size=b)
+        self.log("train/logps/chosen", chosen.mean(), batch_size=b)
+        self.log("train/logps/rejected", rejected.mean(), batch_size=b)
         return out.loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._policy_is_initial = False
 
-    # `test` evaluates the DataModule's validation file, reported under the val/ names
+    # `test` evaluates the DataModule's validation file, reported under test/
     def test_step(self, batch, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
@@ -234,11 +248,20 @@ class DPOModule(StageHooks, LightningModule):
             self.val_metrics[name.replace("/", "_")].update(value)
 
     def on_validation_epoch_end(self) -> None:
+        split = "test" if self.trainer.testing else "val"
         for name in VAL_METRICS:
             metric = self.val_metrics[name.replace("/", "_")]
             # compute() already syncs across processes
-            self.log(f"val/{name}", metric.compute(), prog_bar=name == "loss", sync_dist=False)
+            self.log(f"{split}/{name}", metric.compute(), prog_bar=name == "loss", sync_dist=False)
             metric.reset()
+
+    # ---- predict: sample from the policy for the prompts of the validation pairs (left-padded prompt batches) ----
+
+    def configure_callbacks(self):
+        return response_writer(self)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        return sample_rows(self, batch, self.sampling, self.sampling_seed, batch_idx)
 
     # ---- precomputed reference ----
 

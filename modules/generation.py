@@ -1,7 +1,7 @@
 """Batched sampling with a KV cache, shared by rejection sampling, PPO and evaluation.
 
 Prompts come left-padded; every row decodes one token per step against the model's cache
-(`past_key_values`), with position ids taken from the attention mask so left padding does not shift
+(`cache`), with position ids taken from the attention mask so left padding does not shift
 positions. Rows finish on EOS (or a stop string); their later tokens are padding and the loop ends as
 soon as every row has finished. Works with any Hugging Face causal LM and with peft-wrapped models.
 """
@@ -92,8 +92,8 @@ def generate(
     """Sample `spec.num_samples` responses per left-padded prompt, using the model's KV cache.
 
     Args:
-        model: a causal LM called as `model(input_ids=, attention_mask=, position_ids=, past_key_values=,
-            use_cache=True, logits_to_keep=1)` returning `.logits` and `.past_key_values` (HF or peft).
+        model: a causal LM called as `model(input_ids=, attention_mask=, position_ids=, cache=,
+            use_cache=True, logits_to_keep=1)` returning `.logits` and `.cache` (HF or peft).
         input_ids: (b, p) LEFT-padded prompts.
         attention_mask: (b, p) 1 on real prompt tokens.
         spec: the sampling settings.
@@ -181,7 +181,7 @@ def _generate(
             input_ids=token[:, None],
             attention_mask=full_mask[:, : p + r],
             position_ids=next_pos + t,
-            past_key_values=out.past_key_values,
+            cache=out.cache,  # transformers 5 name; `past_key_values` is deprecated
             use_cache=True,
             logits_to_keep=1,
         )

@@ -120,7 +120,7 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+            f.writelines(json.dumps(row, default=str) + "\n" for row in rows)  # e.g. a parquet timestamp in meta
         os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:

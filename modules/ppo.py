@@ -32,6 +32,7 @@ from modules.models import (
 )
 from modules.ops import entropy_from_logits, masked_sum, token_logprobs
 from modules.optim import adamw
+from modules.predict import response_writer, sample_rows
 from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.rollout import (
     Experience,
@@ -87,6 +88,9 @@ class PPOModule(StageHooks, LightningModule):
         overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
             lightning_rlhf.json, is always replaced; anything else stops fit before training).
         packing: score and train on padding-free packed rows (rollout.pack_sequences) instead of left-padded ones.
+        predict_file: where `predict` writes one json line per response of the policy to the DataModule's prompts
+            {prompt, response, sample, finish_reason, tokens, index, meta}, as `rlhf generate` with `sampling` and
+            --seed `seed` (default: <log dir>/predictions.jsonl).
     """
 
     stage = "ppo"
@@ -125,6 +129,7 @@ class PPOModule(StageHooks, LightningModule):
         merge_lora: bool = True,
         overwrite: bool = False,
         packing: bool = True,
+        predict_file: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -149,12 +154,13 @@ class PPOModule(StageHooks, LightningModule):
         self.warmup_steps, self.decay, self.seed = warmup_steps, decay, seed
         self.overwrite = overwrite
         self.save_dir, self.merge_lora, self.packing = save_dir, merge_lora, packing
+        self.predict_file = predict_file
         self.policy = self.reference = self.value_model = self.value_head = self.tokenizer = None
         self.generator: torch.Generator | None = None  # rollouts and minibatch order; saved in checkpoints
         self.val_generator: torch.Generator | None = None
         self._pending_state: dict | None = None  # generator state loaded before the generator exists
         self.val_metrics = torch.nn.ModuleDict(
-            {k: MeanMetric() for k in ("score", "kl", "value_loss", "response_length")}
+            {k: MeanMetric() for k in ("reward", "kl", "value_loss", "response_length")}
         )
         self.strict_loading = False  # checkpoints hold trainable weights only
 
@@ -276,11 +282,13 @@ class PPOModule(StageHooks, LightningModule):
                 if sched is not None:
                     sched.step()
         mean = {k: torch.stack(v).mean() for k, v in logs.items()}
-        metrics = {f"objective/{k}": stats[k].mean() for k in ("kl", "entropy", "scores", "rlhf_reward")}
-        metrics |= {"policy/clipfrac": mean["clipfrac"], "policy/approxkl": mean["approxkl"],
+        # rollout (per response): reward, kl, entropy, rlhf_reward; minibatch losses: the rest
+        metrics = {"train/reward": stats["scores"].mean()}
+        metrics |= {f"train/{k}": stats[k].mean() for k in ("kl", "entropy", "rlhf_reward")}
+        metrics |= {"train/policy_clipfrac": mean["clipfrac"], "train/approxkl": mean["approxkl"],
                     "train/loss": mean["loss"], "train/policy_loss": mean["policy_loss"],
                     "train/value_loss": mean["value_loss"], "train/value_clipfrac": mean["value_clipfrac"],
-                    "train/entropy": mean["entropy"], "train/kl_coef": torch.tensor(kl_coef),
+                    "train/token_entropy": mean["entropy"], "train/kl_coef": torch.tensor(kl_coef),
                     "train/response_length": stats["response_length"].mean()}
         self.log_dict(metrics, batch_size=b)
 
@@ -302,7 +310,7 @@ class PPOModule(StageHooks, LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.val_generator = torch.Generator(self._root_device()).manual_seed(self.seed + 1)
 
-    # `test` evaluates the DataModule's validation file, reported under the val/ names
+    # `test` evaluates the DataModule's validation file, reported under test/
     def test_step(self, batch, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
@@ -316,14 +324,23 @@ class PPOModule(StageHooks, LightningModule):
         b = len(batch["prompts"]) * self.sampling.num_samples
         exp, stats = self.rollout(batch, self.val_generator, self.kl_ctl.value, chunk=b)
         vl = losses.value_loss(exp.old_values, exp.old_values, exp.returns, exp.mask, self.value_clip_eps).loss
-        for key, value in (("score", stats["scores"]), ("kl", stats["kl"]), ("response_length", stats["response_length"])):
+        for key, value in (("reward", stats["scores"]), ("kl", stats["kl"]), ("response_length", stats["response_length"])):
             self.val_metrics[key].update(value)
         self.val_metrics["value_loss"].update(vl, weight=b)
 
     def on_validation_epoch_end(self) -> None:
+        split = "test" if self.trainer.testing else "val"
         for key, metric in self.val_metrics.items():
-            self.log(f"val/{key}", metric.compute(), prog_bar=key == "score", sync_dist=False)
+            self.log(f"{split}/{key}", metric.compute(), prog_bar=key == "reward", sync_dist=False)
             metric.reset()
+
+    # ----- predict: the policy's responses to the DataModule's prompts, as `rlhf generate` writes them -----
+
+    def configure_callbacks(self):
+        return response_writer(self)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        return sample_rows(self, batch, self.sampling, self.seed, batch_idx)
 
     # ----- optimizer, checkpoints, export -----
 

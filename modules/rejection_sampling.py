@@ -27,7 +27,7 @@ from modules.generation import Rollout, SamplingSpec, decode_responses, generate
 from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from modules.ops import IGNORE_INDEX, masked_sum, shifted_logprobs
 from modules.optim import adamw
-from modules.outputs import write_jsonl
+from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.stage import StageHooks
 
@@ -95,9 +95,9 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
         overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
             lightning_rlhf.json, is always replaced; anything else stops fit before training).
-        predict_file: where `predict` writes best-of-K jsonl rows {prompt, completion, score, mean_score}
-            (default: <log dir>/best_of_k.jsonl); `rlhf sft fit` reads it as prompt/completion data. Rows
-            below min_score or with a blank best completion are left out.
+        predict_file: where `predict` writes best-of-K jsonl rows {prompt, completion, score, mean_score, index
+            (the prompt's row)}, one file from all processes (default: <log dir>/best_of_k.jsonl); `rlhf sft fit`
+            reads it as prompt/completion data. Rows below min_score or with a blank best completion are left out.
     """
 
     stage = "rs"
@@ -137,7 +137,6 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.policy = None
         self.tokenizer = None
         self.val_reward = MeanMetric()
-        self.predictions: list[dict] = []
         self.strict_loading = False  # checkpoints hold trainable weights only
 
     def configure_model(self) -> None:
@@ -194,12 +193,12 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         examples = rollout_examples(rollout, torch.arange(b, device=best.device) * k + best)
         best_scores = scores.gather(1, best[:, None]).squeeze(1)  # (b,)
         for name, value in [
-            ("rs/mean_reward", scores.mean()),
-            ("rs/best_reward", best_scores.mean()),
-            ("rs/gain", best_scores.mean() - scores.mean()),
-            ("rs/kept_fraction", keep.float().mean()),
+            ("train/reward", scores.mean()),  # mean over all K samples
+            ("train/best_reward", best_scores.mean()),
+            ("train/reward_gain", best_scores.mean() - scores.mean()),
+            ("train/kept_fraction", keep.float().mean()),
         ]:
-            prog_bar = name == "rs/best_reward"
+            prog_bar = name == "train/best_reward"
             self.log(name, value, on_step=True, on_epoch=True, batch_size=b, prog_bar=prog_bar)
 
         opt = self.optimizers()
@@ -220,7 +219,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.lr_schedulers().step()
         self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=b)
 
-    # `test` evaluates the DataModule's validation file, reported under the val/ names
+    # `test` evaluates the DataModule's validation file, reported under test/
     def test_step(self, batch, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
@@ -234,31 +233,28 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.val_reward.update(scores)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/reward", self.val_reward.compute(), prog_bar=True, sync_dist=False)
+        split = "test" if self.trainer.testing else "val"
+        self.log(f"{split}/reward", self.val_reward.compute(), prog_bar=True, sync_dist=False)
         self.val_reward.reset()
 
-    def on_predict_epoch_start(self) -> None:
-        self.predictions = []
+    def configure_callbacks(self):
+        if self._trainer is None or not self.trainer.predicting:
+            return []
+        path = lambda: self.output_path(self.predict_file, "best_of_k.jsonl")  # noqa: E731
+        noun = f"best-of-{self.sampling.num_samples} samples"
+        return [JsonlPredictionWriter(path, key=lambda row: (row["index"],), unique=True, noun=noun)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         _, responses, scores, best, keep = self.best_of_k(batch, self._generator("predict", batch_idx))
-        k = scores.shape[1]
-        rows = [
+        k, indexes = scores.shape[1], batch_indexes(self, batch, batch_idx)
+        return [
             {
                 "prompt": batch["prompts"][i],
                 "completion": responses[i * k + j],
                 "score": scores[i, j].item(),
                 "mean_score": scores[i].mean().item(),
+                "index": indexes[i],
             }
             for i, j in enumerate(best.tolist())
             if keep[i] and responses[i * k + j].strip()  # a blank completion cannot be SFT data
         ]
-        self.predictions.extend(rows)
-        return rows
-
-    def on_predict_epoch_end(self) -> None:
-        path = self.output_path(self.predict_file, "best_of_k.jsonl")
-        if self.trainer.world_size > 1:  # one file per rank, no gather
-            path = path.with_name(f"{path.name}.rank{self.global_rank}")
-        write_jsonl(path, self.predictions)
-        print(f"wrote {len(self.predictions)} best-of-{self.sampling.num_samples} samples to {path}")

@@ -14,7 +14,7 @@ from modules.losses.reward import RewardLossOutput, pairwise_loss, ranking_loss
 from modules.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
 from modules.ops import IGNORE_INDEX
 from modules.optim import adamw
-from modules.outputs import write_jsonl
+from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.reward_spec import sequence_scores
 from modules.stage import StageHooks
 
@@ -26,8 +26,8 @@ class RewardModule(StageHooks, LightningModule):
     Rankings: every non-tied pair of a prompt's K responses, averaged per prompt, then over prompts.
 
     Metrics (torchmetrics, synced across processes), each also under test/ for `test`:
-    val/loss; val/reward_accuracy, the fraction of pairs with r_w > r_l (ties count as wrong), averaged per
-    prompt for rankings (like the loss); val/margin, mean r_w - r_l over pairs; rankings add
+    val/loss; val/rewards/accuracies, the fraction of pairs with r_w > r_l (ties count as wrong), averaged per
+    prompt for rankings (like the loss); val/rewards/margins, mean r_w - r_l over pairs; rankings add
     val/ranking_accuracy, the same fraction counted over all pairs of all prompts together.
 
     Args:
@@ -43,8 +43,9 @@ class RewardModule(StageHooks, LightningModule):
         merge_lora: save a LoRA model merged into its base (True) or as an adapter (False).
         overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
             lightning_rlhf.json, is always replaced; anything else stops fit before training).
-        predict_file: where `predict` writes one json line per (prompt, response) row with its score
-            (default: <log dir>/scores.jsonl).
+        predict_file: where `predict` writes one json line per (prompt, response) row of the validation data with
+            its score: {prompt, response, score} plus pair, chosen (pairs) or group, rank (rankings); one file from
+            all processes (default: <log dir>/scores.jsonl).
     """
 
     stage = "reward"
@@ -79,8 +80,6 @@ class RewardModule(StageHooks, LightningModule):
         # val and test never run at once: one set of metrics serves both
         self.eval_loss, self.eval_accuracy = MeanMetric(), MeanMetric()
         self.eval_margin, self.eval_ranking_accuracy = MeanMetric(), MeanMetric()
-        self.predicted: list[dict] = []
-        self.predicted_groups = 0
         self.strict_loading = False  # checkpoints hold trainable weights only
 
     def configure_model(self) -> None:
@@ -107,8 +106,8 @@ class RewardModule(StageHooks, LightningModule):
         out = self._loss(batch, self(batch))
         n = int(batch["margin"].shape[0])  # pairs, or prompts for rankings
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
-        self.log("train/reward_accuracy", out.accuracy, batch_size=out.num_pairs)
-        self.log("train/margin", out.margin, batch_size=out.num_pairs)
+        self.log("train/rewards/accuracies", out.accuracy, batch_size=out.num_pairs)
+        self.log("train/rewards/margins", out.margin, batch_size=out.num_pairs)
         return out.loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> None:
@@ -126,8 +125,8 @@ class RewardModule(StageHooks, LightningModule):
             self.eval_accuracy.update(out.accuracy, out.num_pairs)
         # metric objects: Lightning computes them (synced across processes) at epoch end, then resets them
         self.log(f"{split}/loss", self.eval_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log(f"{split}/reward_accuracy", self.eval_accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        self.log(f"{split}/margin", self.eval_margin, on_step=False, on_epoch=True)
+        self.log(f"{split}/rewards/accuracies", self.eval_accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{split}/rewards/margins", self.eval_margin, on_step=False, on_epoch=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -135,38 +134,38 @@ class RewardModule(StageHooks, LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def configure_callbacks(self):
+        if self._trainer is None or not self.trainer.predicting:
+            return []
+        path = lambda: self.output_path(self.predict_file, "scores.jsonl")  # noqa: E731
+        return [JsonlPredictionWriter(path, key=score_key, noun="scores")]
+
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
         scores = self(batch).tolist()
         ids, mask, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
         response = labels != IGNORE_INDEX  # (rows, t)
         decode = self.tokenizer.decode
+        if "group" in batch:  # rankings: each group is one record of the loader's dataset
+            groups = batch_indexes(self, {}, batch_idx, size=int(batch["group"].max()) + 1)
+        rows = []
         for i, score in enumerate(scores):
             row = {
                 "prompt": decode(ids[i][mask[i] & ~response[i]], skip_special_tokens=True),
                 "response": decode(ids[i][response[i]], skip_special_tokens=True),
                 "score": score,
             }
-            if "group" in batch:  # rankings: the prompt's number in this process's pass, and the rank
-                row["group"], row["rank"] = self.predicted_groups + int(batch["group"][i]), float(batch["ranks"][i])
+            if "group" in batch:  # rankings: the prompt's record among the validation records, and the rank
+                row["group"], row["rank"] = groups[int(batch["group"][i])], float(batch["ranks"][i])
             else:  # pairs: rows [0, b) chosen, [b, 2b) rejected
                 b = len(scores) // 2
                 row["pair"], row["chosen"] = int(batch["index"][i % b]), i < b
-            self.predicted.append(row)
-        if "group" in batch:
-            self.predicted_groups += int(batch["group"].max()) + 1
-        return self.predicted[-len(scores) :]  # trainer.predict(...) returns these rows too
+            rows.append(row)
+        return rows  # trainer.predict(...) returns these rows too
 
-    def on_predict_epoch_end(self) -> None:
-        rows = self.predicted
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        if self.trainer.is_global_zero:
-            out = write_jsonl(self.output_path(self.predict_file, "scores.jsonl"), rows)
-            print(f"wrote {len(rows)} scores to {out}")
-        self.predicted, self.predicted_groups = [], 0
 
+def score_key(row: dict) -> tuple:
+    """File order: by pair, chosen row first; rankings by record, rows of one record in their order."""
+    return (row["pair"], not row["chosen"]) if "pair" in row else (row["group"],)
 
 
 def group_accuracies(scores: torch.Tensor, group: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
 from modules.forward import completion_logits
+from modules.generation import SamplingSpec
 from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from modules.ops import token_logprobs
 from modules.optim import adamw
+from modules.predict import response_writer, sample_rows
 from modules.stage import StageHooks
 
 
@@ -30,6 +32,11 @@ class SFTModule(StageHooks, LightningModule):
         merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
         overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
             lightning_rlhf.json, is always replaced; anything else stops fit before training).
+        sampling: how `predict` samples responses to the DataModule's validation prompts.
+        sampling_seed: seed of predict's sampling streams (batch i samples from one seeded by (seed, i), as
+            `rlhf generate --seed`; other processes add their rank).
+        predict_file: where `predict` writes one json line per response {prompt, response, sample, finish_reason,
+            tokens, index, meta}, as `rlhf generate` (default: <log dir>/predictions.jsonl).
     """
 
     stage = "sft"
@@ -44,6 +51,9 @@ class SFTModule(StageHooks, LightningModule):
         save_dir: str | None = None,
         merge_lora: bool = True,
         overwrite: bool = False,
+        sampling: SamplingSpec = SamplingSpec(),  # never mutated: a shared default is safe
+        sampling_seed: int = 0,
+        predict_file: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -53,6 +63,9 @@ class SFTModule(StageHooks, LightningModule):
         self.warmup_steps, self.decay = warmup_steps, decay
         self.overwrite = overwrite
         self.save_dir, self.merge_lora = save_dir, merge_lora
+        self.sampling = sampling if isinstance(sampling, SamplingSpec) else SamplingSpec(**dict(sampling))
+        self.hparams["sampling"] = asdict(self.sampling)
+        self.sampling_seed, self.predict_file = sampling_seed, predict_file
         self.policy = None
         self.tokenizer = None
         self.val_nll = MeanMetric()
@@ -82,14 +95,22 @@ class SFTModule(StageHooks, LightningModule):
         self.val_nll.update(self(batch), 1.0)  # token-weighted mean over the whole split
 
     def on_validation_epoch_end(self) -> None:
+        split = "test" if self.trainer.testing else "val"
         nll = self.val_nll.compute()
-        self.log("val/loss", nll, prog_bar=True, sync_dist=False)
-        self.log("val/perplexity", nll.exp(), sync_dist=False)
+        self.log(f"{split}/loss", nll, prog_bar=True, sync_dist=False)
+        self.log(f"{split}/perplexity", nll.exp(), sync_dist=False)
         self.val_nll.reset()
 
-    # `test` evaluates the DataModule's validation file, reported under the val/ names
+    # `test` evaluates the DataModule's validation file, reported under test/
     def test_step(self, batch, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
+
+    # `predict`: sample from the policy for the DataModule's prompts (left-padded prompt batches)
+    def configure_callbacks(self):
+        return response_writer(self)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        return sample_rows(self, batch, self.sampling, self.sampling_seed, batch_idx)

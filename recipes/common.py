@@ -3,6 +3,7 @@ saving and `--ckpt_path last`, the resume contract, links."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -13,13 +14,21 @@ from pathlib import Path
 import torch
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelSummary as ModelSummaryCallback
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 RUNS = "runs"  # the default logger's save_dir, relative to trainer.default_root_dir (the run root)
 # model keys a resume may change: where the output goes and how (rs `rounds` only sets trainer.max_epochs,
 # the run's length, which every resume may change); any other differing model key is refused
 SAFE_ON_RESUME = ("save_dir", "merge_lora", "predict_file", "overwrite", "rounds")
+# validate / test / predict from a checkpoint continue no training: how to sample may change too
+SAFE_TO_EVALUATE = (*SAFE_ON_RESUME, "sampling", "sampling_seed", "seed")
+
+
+def safe_keys(subcommand: str) -> tuple[str, ...]:
+    return SAFE_ON_RESUME if subcommand == "fit" else SAFE_TO_EVALUATE
 LIGHTNING_CKPT_PATHS = ("best", "hpc", "registry")  # special values Lightning resolves itself
 
 
@@ -35,12 +44,35 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # frozen models
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_lightning_notes)
+
+
+def drop_lightning_notes(record: logging.LogRecord) -> bool:
+    """Drops Lightning's "💡 Tip: ... try installing litlogger" adverts and its note that our ModelSummary replaced
+    the default one."""
+    message = record.getMessage()
+    return "💡 Tip:" not in message and "configured with model summary callbacks" not in message
+
+
+class ModelSummary(ModelSummaryCallback):
+    """Lightning's model summary less its FLOPs column and total: FLOPs are counted only for a module with an
+    `example_input_array`, which ours lack, so they read 0."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes, total_flops,
+                  **summarize_kwargs) -> None:
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        print(table.rsplit("\n", 1)[0])  # the last line is "Total Flops"; called on rank 0 only
 
 
 def trainer_defaults(stage: str) -> dict:
     from lightning.pytorch.loggers import CSVLogger
 
-    return {"logger": lazy_instance(CSVLogger, save_dir=RUNS, name=stage), "callbacks": [RestoreLoaderState()]}
+    callbacks = [RestoreLoaderState(), ModelSummary()]
+    return {"logger": lazy_instance(CSVLogger, save_dir=RUNS, name=stage), "callbacks": callbacks}
 
 
 class RestoreLoaderState(Callback):
@@ -128,7 +160,7 @@ def resume_conflicts(parser, config: Namespace, subcommand: str, ckpt: dict,
         sys.stderr.write(f"the hyperparameters of {ckpt_path} do not parse against this recipe\n")
         raise
     diffs = _diff(stored[subcommand].model, config[subcommand].model)
-    return [(key, saved, given) for key, saved, given in diffs if key.split(".")[0] not in SAFE_ON_RESUME]
+    return [(key, saved, given) for key, saved, given in diffs if key.split(".")[0] not in safe_keys(subcommand)]
 
 
 class StageCLI(LightningCLI):
@@ -144,7 +176,8 @@ class StageCLI(LightningCLI):
     SAFE_ON_RESUME (where the export goes and how: save_dir, merge_lora, predict_file, overwrite; rs rounds)
     take the value given now; any other model key that differs from the checkpoint's is refused before a
     model loads, naming each key, the checkpoint's value and the given one. Trainer, data and optimizer
-    settings are not checked (they are not stored in the checkpoint's hyperparameters).
+    settings are not checked (they are not stored in the checkpoint's hyperparameters). validate, test and
+    predict continue no training: they also take new sampling settings (SAFE_TO_EVALUATE).
     """
 
     stage = "stage"
@@ -156,6 +189,12 @@ class StageCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
         for source, target in self.links:
             parser.link_arguments(source, target)
+
+    def instantiate_trainer(self, **kwargs):
+        if self._get(self.config_init, "trainer", default={}).get("enable_model_summary") is False:  # honour it
+            callbacks = self.trainer_defaults["callbacks"]
+            self.trainer_defaults["callbacks"] = [c for c in callbacks if not isinstance(c, ModelSummary)]
+        return super().instantiate_trainer(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)  # --print_config prints and exits in here, before the rooting
@@ -187,7 +226,7 @@ class StageCLI(LightningCLI):
         conflicts = resume_conflicts(self.parser, self.config, subcommand, ckpt, ckpt_path)
         if conflicts:
             lines = "\n".join(f"  model.{key}: checkpoint {saved!r}, given {given!r}" for key, saved, given in conflicts)
-            safe = ", ".join(f"model.{key}" for key in SAFE_ON_RESUME)
+            safe = ", ".join(f"model.{key}" for key in safe_keys(subcommand))
             model = config.model.as_dict()
             spec = next((k for k, v in model.items() if isinstance(v, dict) and "path" in v), "policy")
             raise SystemExit(

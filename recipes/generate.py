@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-import zlib
 from pathlib import Path
 
 PROG = "rlhf generate"
@@ -131,26 +130,9 @@ def load_checkpoint_policy(path: str, dtype: str | None, device):
 def encode_prompts(records, tokenizer, max_prompt_length: int | None) -> list[dict]:
     """Prompt records -> {"input_ids", "prompt" (rendered text), "meta", "index"} as PromptDataModule encodes
     them (chat template for messages, the tokenizer's special tokens, long prompts cut from the left)."""
-    from datamodules.formats import render_prompt
-    from datamodules.tokenize import Cuts
+    from datamodules.tokenize import encode_prompts as encode
 
-    texts = [render_prompt(r.prompt, tokenizer) for r in records]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    cuts, n, rows = Cuts("left"), max_prompt_length, []
-    for index, (i, text, record) in enumerate(zip(ids, texts, records)):
-        if n is not None and len(i) > n:
-            cuts.keep(record.where, f"prompt longer than --max_prompt_length {n}", "from the left", len(i), n)
-            i = i[-n:]
-        rows.append({"input_ids": i, "prompt": text, "meta": dict(record.meta), "index": index})
-    cuts.report(len(records), "prompts")
-    return rows
-
-
-def batch_generator(seed: int, batch_index: int, device):
-    """The sampling stream of one batch: the same (seed, batch) always samples the same, resumed or not."""
-    import torch
-
-    return torch.Generator(device=device).manual_seed(zlib.crc32(repr((seed, batch_index)).encode()))
+    return encode(records, tokenizer, max_prompt_length, limit_name="--max_prompt_length")
 
 
 def finished_prompts(out: Path, rows: list[dict], k: int) -> int:
@@ -187,21 +169,10 @@ def finished_prompts(out: Path, rows: list[dict], k: int) -> int:
     return done
 
 
-def finish_reasons(rollout, eos_token_id) -> list[str]:
-    """Per row: "eos" (ended with EOS), "stop" (a stop string), "length" (max_new_tokens reached)."""
-    import torch
-
-    r = rollout.response_mask.long()  # (b*n, r)
-    last = (r.sum(-1) - 1).clamp(min=0)  # index of each row's last response token
-    token = rollout.sequences[:, rollout.prompt_length:].gather(1, last[:, None]).squeeze(1)
-    ids = [eos_token_id] if eos_token_id is not None else []
-    eos = torch.isin(token, torch.tensor(ids, dtype=token.dtype, device=token.device))
-    return ["eos" if e else "stop" if ended else "length" for e, ended in zip(eos.tolist(), rollout.has_eos.tolist())]
-
-
 def run(model, tokenizer, rows: list[dict], spec, out: Path, seed: int, batch_size: int, device) -> None:
     from datamodules.prompts import collate_prompts
-    from modules.generation import decode_responses, generate
+    from modules.generation import generate
+    from modules.predict import batch_generator, response_rows
 
     k, total = spec.num_samples, len(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,17 +192,14 @@ def run(model, tokenizer, rows: list[dict], spec, out: Path, seed: int, batch_si
             batch = collate_prompts(chunk, tokenizer.pad_token_id)
             rollout = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), spec, eos,
                                tokenizer.pad_token_id, batch_generator(seed, b, device), tokenizer)
-            texts, reasons = decode_responses(tokenizer, rollout, eos), finish_reasons(rollout, eos)
-            lengths = rollout.response_mask.sum(-1).tolist()
-            for j, row in enumerate(chunk):
+            answers = response_rows(tokenizer, rollout, [r["prompt"] for r in chunk], [r["index"] for r in chunk],
+                                    [r["meta"] for r in chunk], k)
+            for row, samples in zip(chunk, answers):
                 if row["index"] < done:
                     continue
-                for s in range(k):
-                    i = j * k + s
-                    f.write(json.dumps({"prompt": row["prompt"], "response": texts[i], "sample": s,
-                                        "finish_reason": reasons[i], "tokens": int(lengths[i]),
-                                        "index": row["index"], "meta": row["meta"]}, ensure_ascii=False, default=str) + "\n")
-                    tokens += int(lengths[i])
+                for answer in samples:
+                    f.write(json.dumps(answer, ensure_ascii=False, default=str) + "\n")
+                    tokens += answer["tokens"]
             f.flush()
             clock = time.perf_counter() - start
             finished = min((b + 1) * batch_size, total)

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback
 from torchmetrics.aggregation import MeanMetric
 
-PREFIXES = ("train/", "objective/", "rs/", "rewards/", "logps/", "policy/")
+PREFIXES = ("train/",)
 
 
 class Probe(Callback):

@@ -38,9 +38,9 @@ VAL_ROWS = 31
 VAL_FILE = {"sft": "sft_val.jsonl", "reward": "pairs_val.jsonl", "dpo": "pairs_val.jsonl", "rs": "prompts_val.jsonl",
             "ppo": "prompts_val.jsonl"}
 BATCH = {"sft": 16, "reward": 8, "dpo": 8}  # per process in the tiny configs
-TRAIN_KEYS = {"sft": ("train/loss",), "reward": ("train/loss", "train/margin"),
-              "dpo": ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                      "logps/rejected")}
+TRAIN_KEYS = {"sft": ("train/loss",), "reward": ("train/loss", "train/rewards/margins"),
+              "dpo": ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
+                      "train/logps/chosen", "train/logps/rejected")}
 
 
 def _start(stage: str, out: Path, devices: int, *extra: str) -> tuple[subprocess.Popen, Path]:
@@ -141,7 +141,7 @@ def test_ppo_ranks_agree_and_share_one_kl_controller(tmp_path):
     assert len(ranks[0]["steps"]) == 3
     for s, (a, b) in enumerate(zip(ranks[0]["steps"], ranks[1]["steps"])):
         assert a["kl_ctl"] == b["kl_ctl"], s
-        expected.update((a["objective/kl"] + b["objective/kl"]) / 2, n_steps=16)
+        expected.update((a["train/kl"] + b["train/kl"]) / 2, n_steps=16)
         _close(a["kl_ctl"], expected.value, rtol=1e-6, atol=0)
 
 

@@ -250,7 +250,7 @@ def test_precomputed_fit_checkpoints_tables_and_resume_skips_the_pass(monkeypatc
     module = DPOModule(ModelSpec(path=str(TINY)), reference="precomputed", save_dir=str(tmp_path / "hf"))
     trainer = _fit(module, pairs, tmp_path, steps=2)
     assert passes == [{"train", "val"}]
-    assert {"train/loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "val/loss",
+    assert {"train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/logps/chosen", "val/loss",
             "val/rewards/accuracies", "val/logps/rejected"} <= set(trainer.callback_metrics)
     assert (tmp_path / "hf" / "model.safetensors").exists()
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]

@@ -27,8 +27,10 @@ def test_fit_tiny_writes_loadable_model(run_recipe, tmp_path):
     ids = AutoTokenizer.from_pretrained(out)("Reverse: a b c\nAnswer:", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(input_ids=ids).logits).all()
     header = _metrics(tmp_path).splitlines()[0].split(",")
-    for name in ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "val/loss", "val/rewards/accuracies", "val/rewards/margins"]:
+    for name in ["train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/accuracies",
+                 "train/rewards/margins", "train/logps/chosen", "train/logps/rejected", "val/loss",
+                 "val/rewards/chosen", "val/rewards/rejected", "val/rewards/accuracies", "val/rewards/margins",
+                 "val/logps/chosen", "val/logps/rejected"]:
         assert name in header, name
     state = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=True)["state_dict"]
     assert not any(k.startswith("reference.") for k in state)  # the frozen copy comes back from its spec

@@ -46,10 +46,10 @@ class ChainLM(torch.nn.Module):
             self.table[src] = dst
         self.vocab, self.calls = vocab, 0
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, **kwargs):
         self.calls += 1
         logits = 10.0 * F.one_hot(self.table[input_ids[:, -1]], self.vocab).float()[:, None]  # (b, 1, v)
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+        return SimpleNamespace(logits=logits, cache=cache)
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:

@@ -53,8 +53,8 @@ def test_separate_step_trains_policy_and_value_not_reference(synthetic_dir, tiny
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["train/value_loss"])
     # policy == reference at the first rollout: the k1 KL is exactly 0, so rlhf_reward == score
-    assert metrics["objective/kl"] == 0.0
-    torch.testing.assert_close(metrics["objective/rlhf_reward"], metrics["objective/scores"])
+    assert metrics["train/kl"] == 0.0
+    torch.testing.assert_close(metrics["train/rlhf_reward"], metrics["train/reward"])
     assert metrics["train/response_length"] > 0 and metrics["train/kl_coef"] == pytest.approx(0.1)
     assert _changed(module.policy, policy) == set(policy)
     assert "score.weight" in _changed(module.value_model, value)
@@ -68,8 +68,8 @@ def test_kl_grows_after_updates_and_zero_coef_leaves_score_as_reward(synthetic_d
     module.optimizer_factory = optimizer
     trainer = _fit(module, synthetic_dir, tiny_model_dir, tmp_path, steps=4)  # 2 rollouts x 2 epochs
     metrics = trainer.callback_metrics
-    assert metrics["objective/kl"] != 0.0  # the second rollout comes from an updated policy
-    torch.testing.assert_close(metrics["objective/rlhf_reward"], metrics["objective/scores"])  # no penalty
+    assert metrics["train/kl"] != 0.0  # the second rollout comes from an updated policy
+    torch.testing.assert_close(metrics["train/rlhf_reward"], metrics["train/reward"])  # no penalty
 
 
 def test_adaptive_kl_updates_coefficient_after_each_rollout(synthetic_dir, tiny_model_dir, tmp_path):

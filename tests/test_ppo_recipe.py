@@ -38,9 +38,10 @@ def test_fit_tiny_trains_and_saves_policy(monkeypatch, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
     metrics = _metrics(tmp_path)
     names = {k for _, k in metrics}
-    for name in ["objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/clipfrac",
-                 "policy/approxkl", "train/value_loss", "train/policy_loss", "train/kl_coef", "train/response_length",
-                 "val/score", "val/kl", "val/value_loss"]:
+    for name in ["train/kl", "train/entropy", "train/reward", "train/rlhf_reward", "train/policy_clipfrac",
+                 "train/approxkl", "train/token_entropy", "train/loss", "train/value_loss", "train/policy_loss",
+                 "train/value_clipfrac", "train/kl_coef", "train/response_length", "val/reward", "val/kl",
+                 "val/value_loss", "val/response_length"]:
         assert name in names, name
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
@@ -69,7 +70,7 @@ def test_killed_and_resumed_run_logs_the_same_metrics(monkeypatch, tmp_path, whe
     _run(monkeypatch, tmp_path / "resumed", *args, "--trainer.max_steps=8", f"--ckpt_path={ckpt}")
     full, resumed = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
     after = {key: v for key, v in resumed.items() if key[0] >= 2}  # rollouts 3 and 4 (CSV step = rollout index)
-    assert {k for _, k in after} >= {"objective/kl", "objective/scores", "train/kl_coef", "policy/approxkl", "val/score"}
+    assert {k for _, k in after} >= {"train/kl", "train/reward", "train/kl_coef", "train/approxkl", "val/reward"}
     for key, value in after.items():
         assert value == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
 

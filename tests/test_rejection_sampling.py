@@ -96,7 +96,7 @@ def test_one_step_finite_loss_and_policy_changes(synthetic_dir, tiny_model_dir, 
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     changed = [n for n, p in module.policy.named_parameters() if not torch.equal(before[n], p)]
     assert len(changed) == len(before)
-    for name in ["rs/mean_reward_step", "rs/best_reward_step", "rs/gain_step", "rs/kept_fraction_step"]:
+    for name in ["train/reward_step", "train/best_reward_step", "train/reward_gain_step", "train/kept_fraction_step"]:
         assert name in trainer.callback_metrics
     assert (tmp_path / "hf" / "model.safetensors").exists()
 
@@ -143,7 +143,8 @@ def test_predict_writes_best_of_k_that_sft_reads(synthetic_dir, tiny_model_dir, 
     loader = DataLoader(dm.val_rows, batch_size=4, collate_fn=dm.collate)
     _trainer(limit_predict_batches=2).predict(module, loader, return_predictions=False)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows and all(set(r) == {"prompt", "completion", "score", "mean_score"} for r in rows)
+    assert rows and all(set(r) == {"prompt", "completion", "score", "mean_score", "index"} for r in rows)
+    assert [r["index"] for r in rows] == sorted({r["index"] for r in rows})  # one row per prompt, in order
     assert all(r["score"] >= r["mean_score"] - 1e-6 for r in rows)
     assert all(r["prompt"].startswith("Reverse:") for r in rows)
     demos = read_demonstrations(str(out))
@@ -159,7 +160,7 @@ def test_fit_tiny_recipe_writes_loadable_model(run_recipe, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 6]])).logits).all()
     metrics = next((tmp_path / "runs").rglob("metrics.csv")).read_text()
-    assert "rs/gain_step" in metrics and "train/loss" in metrics and "val/reward" in metrics
+    assert "train/reward_gain_step" in metrics and "train/loss" in metrics and "val/reward" in metrics
     ckpt = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["state_dict"] and all(k.startswith("policy.") for k in ckpt["state_dict"])
 

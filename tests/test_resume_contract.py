@@ -97,3 +97,26 @@ def test_sft_resume_honours_a_new_save_dir_and_refuses_a_new_warmup(run_recipe, 
                                 "resume it with `rlhf sft fit`, or start this stage from that run's exported model "
                                 "(without --ckpt_path)")
     assert not (runs / "dpo").exists()
+
+
+def test_predict_from_a_checkpoint_may_sample_otherwise_but_fit_may_not(monkeypatch, tmp_path):
+    from recipes.common import StageCLI
+
+    ckpt = tmp_path / "hparams.ckpt"
+
+    def save_hparams(cli):
+        torch.save({"hyper_parameters": dict(cli.model.hparams)}, ckpt)
+        raise _Stop
+
+    monkeypatch.setattr(StageCLI, "after_instantiate_classes", save_hparams)
+    with pytest.raises(_Stop):
+        _fit("ppo", monkeypatch, tmp_path)
+    monkeypatch.setattr(StageCLI, "before_instantiate_classes", lambda cli: (_ for _ in ()).throw(_Stop()))
+    monkeypatch.setattr(sys, "argv", ["rlhf ppo"])
+    from recipes.ppo import main
+
+    with pytest.raises(_Stop):  # predict: a new temperature and seed are how to sample, not the trained model
+        main(["predict", "--config", "configs/ppo/tiny.yaml", f"--ckpt_path={ckpt}",
+              "--model.sampling.temperature=0.5", "--model.seed=3", "--data.seed=3"])
+    with pytest.raises(SystemExit, match="model.sampling.temperature: checkpoint"):
+        _fit("ppo", monkeypatch, tmp_path, f"--ckpt_path={ckpt}", "--model.sampling.temperature=0.5")

@@ -137,7 +137,7 @@ def test_function_drives_ppo_fit(run_recipe, tmp_path, monkeypatch):
     first = calls[0]  # the first rollout: 8 prompts x 1 sample, before any validation
     assert len(first["responses"]) == 8 and all("target" in m for m in first["meta"])  # prompt rows' extra fields
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
-    name = next(k for k in rows[0] if k.endswith("scores") and not k.startswith("val"))  # objective/scores
+    name = "train/reward"  # mean score of the rollout's responses
     logged = next(float(r[name]) for r in rows if r.get(name))
     expected = sum(len(r) for r in first["responses"]) / len(first["responses"])
     assert logged == pytest.approx(expected, rel=1e-6)

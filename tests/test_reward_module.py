@@ -152,9 +152,9 @@ def test_pairwise_loss_and_validation_metrics(tiny_model_dir):
     half = {k: v[[0, 1, 4, 5]] if v.shape[0] == 8 else v[:2] for k, v in batch.items()}
     metrics = _validate(module, [batch, half])
     right = (chosen > rejected).float()
-    assert metrics["val/reward_accuracy"] == pytest.approx((right.sum() + right[:2].sum()).item() / 6)
+    assert metrics["val/rewards/accuracies"] == pytest.approx((right.sum() + right[:2].sum()).item() / 6)
     diff = chosen - rejected
-    assert metrics["val/margin"] == pytest.approx((diff.sum() + diff[:2].sum()).item() / 6, rel=1e-5)
+    assert metrics["val/rewards/margins"] == pytest.approx((diff.sum() + diff[:2].sum()).item() / 6, rel=1e-5)
     assert "val/ranking_accuracy" not in metrics
 
 
@@ -176,7 +176,7 @@ def test_ranking_step_and_group_accuracies(tiny_model_dir):
     metrics = _validate(module, [batch])
     right = [bool(s[0] > s[1]), bool(s[0] > s[2]), bool(s[1] > s[2]), bool(s[4] > s[3])]
     assert metrics["val/ranking_accuracy"] == pytest.approx(sum(right) / 4)  # over all 4 pairs
-    assert metrics["val/reward_accuracy"] == pytest.approx((sum(right[:3]) / 3 + right[3]) / 2)  # per prompt
+    assert metrics["val/rewards/accuracies"] == pytest.approx((sum(right[:3]) / 3 + right[3]) / 2)  # per prompt
 
 
 # ---------------------------------------------------------------- RewardSpec

@@ -24,17 +24,17 @@ def test_fit_validate_predict_tiny(run_recipe, tmp_path, capsys):
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
     metrics = next((tmp_path / "runs").rglob("metrics.csv")).read_text()
-    assert "train/loss" in metrics and "val/reward_accuracy" in metrics and "val/margin" in metrics
+    assert "train/loss" in metrics and "val/rewards/accuracies" in metrics and "val/rewards/margins" in metrics
     last = next((tmp_path / "runs").rglob("last.ckpt"))
     capsys.readouterr()
 
     # validate the saved Hugging Face model: Lightning prints the metrics table
     cli = run_recipe("reward", "validate", "--config", TINY, f"--model.backbone.path={out}")
-    accuracy = cli.trainer.callback_metrics["val/reward_accuracy"].item()
-    assert 0.0 <= accuracy <= 1.0 and "val/reward_accuracy" in capsys.readouterr().out
+    accuracy = cli.trainer.callback_metrics["val/rewards/accuracies"].item()
+    assert 0.0 <= accuracy <= 1.0 and "val/rewards/accuracies" in capsys.readouterr().out
     # ... and the checkpoint of the same weights: the same accuracy and loss
     cli_ckpt = run_recipe("reward", "validate", "--config", TINY, f"--ckpt_path={last}")
-    assert cli_ckpt.trainer.callback_metrics["val/reward_accuracy"].item() == pytest.approx(accuracy)
+    assert cli_ckpt.trainer.callback_metrics["val/rewards/accuracies"].item() == pytest.approx(accuracy)
     assert cli_ckpt.trainer.callback_metrics["val/loss"].item() == pytest.approx(
         cli.trainer.callback_metrics["val/loss"].item(), rel=1e-4)
 
