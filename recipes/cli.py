@@ -19,6 +19,7 @@ TOOLS = {
     "convert-gguf": ("recipes.convert", "dequantise a GGUF checkpoint into a Hugging Face folder"),
     "generate": ("recipes.generate", "sample responses from a saved policy or checkpoint into a jsonl file"),
     "eval": ("recipes.eval", "win rate vs a baseline, judge scores, KL to a reference, from generation files"),
+    "report": ("recipes.report", "plots of runs' metrics.csv and eval.json files in report.md / report.html"),
 }
 
 USAGE = """usage: rlhf <command> [args]

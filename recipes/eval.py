@@ -5,8 +5,16 @@
     rlhf eval --policy ppo.jsonl --baseline sft.jsonl --judge '{oracle: synthetic}' --out eval/ppo \\
         --policy_model runs/ppo/tiny/hf_model --reference_model runs/sft/tiny/hf_model
 
+Or give models and prompts: each of --policy / --baseline that is a model (a folder or a .ckpt, as `rlhf generate
+--model` takes) is sampled first into OUT/policy.jsonl / OUT/baseline.jsonl, on --prompts with --num_samples,
+--temperature, --max_new_tokens, --seed, --batch_size (a model --policy is also the KL's --policy_model):
+
+    rlhf eval --policy runs/ppo/tiny/hf_model --baseline runs/sft/tiny/hf_model --prompts prompts_val.jsonl \\
+        --judge '{oracle: synthetic}' --reference_model runs/sft/tiny/hf_model --out eval/ppo
+
 Inputs are `rlhf generate` files (rows {prompt, response, sample, finish_reason, tokens, meta}); policy and
-baseline rows are paired by (prompt, sample) (no sample field: the row's rank among rows of that prompt).
+baseline rows are paired by (prompt, sample) (no sample field: the row's rank among rows of that prompt), and by the
+prompt's row in the prompt file (`index`) when every row of both files has one, as a prompt may appear twice.
 --judge is a RewardSpec as YAML/JSON text or a file holding it (`{oracle: synthetic}`, `{models: [runs/rm]}`,
 `{functions: ["pkg.mod:fn"]}`), or a reward-model folder. Both files are scored in one call, so a judge that
 whitens with batch statistics puts them on one scale. Writes OUT/eval.json (every number, interval and
@@ -34,21 +42,50 @@ PROG = "rlhf eval"
 
 
 def main(argv: list[str] | None = None) -> None:
+    args, judge = parse_args(argv)  # a bad spec fails before anything loads
+    from recipes.common import quiet
+
+    quiet()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    generate_inputs(args, device)
+    result = evaluate(args, judge, device)
+    table = write_outputs(result, args.out)
+    print(table)
+    print(f"{PROG}: wrote {args.out / 'eval.json'} and {args.out / 'eval.md'}", file=sys.stderr)
+
+
+def parse_args(argv: list[str] | None = None):
+    """(args, RewardSpec or None); usage errors exit 2 before any model loads."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", required=True, help="the policy's generation file (.jsonl)")
-    parser.add_argument("--baseline", help="the baseline's generation file, on the same prompts (win rate)")
+    parser.add_argument("--policy", required=True, help="the policy's generation file (.jsonl), or a model to sample")
+    parser.add_argument("--baseline", help="the baseline's generation file on the same prompts, or a model (win rate)")
     parser.add_argument("--judge", help="RewardSpec as YAML/JSON text or a file, or a reward-model folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for eval.json and eval.md")
-    parser.add_argument("--policy_model", help="the model that wrote --policy (for the KL)")
+    parser.add_argument("--policy_model", help="the model that wrote --policy (for the KL; default: a model --policy)")
     parser.add_argument("--reference_model", help="the reference model of the KL (e.g. the SFT policy)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --policy (KL)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature of --policy (KL), and of the models sampled here")
     parser.add_argument("--tie_tolerance", type=float, default=0.0, help="|score difference| counted as a tie")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="weights of the KL models")
-    parser.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (KL)")
+                        help="weights of the KL models and the models sampled here")
+    parser.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (KL) and prompts per batch")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    sampling = parser.add_argument_group("sampling, when --policy or --baseline is a model")
+    sampling.add_argument("--prompts", help="prompt file (any format `rlhf generate` reads)")
+    sampling.add_argument("--num_samples", type=int, default=1, help="responses per prompt")
+    sampling.add_argument("--max_new_tokens", type=int, default=128)
+    sampling.add_argument("--seed", type=int, default=0, help="both models sample from the same seeds")
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.num_samples < 1 or args.max_new_tokens < 1:
+        parser.error("--batch_size, --num_samples and --max_new_tokens must be at least 1")
+    models = [name for name in ("policy", "baseline") if getattr(args, name) and is_model(getattr(args, name))]
+    if models and not args.prompts:
+        parser.error(f"--{models[0]} {getattr(args, models[0])} is a model: sampling it needs --prompts")
+    if "policy" in models and args.policy_model is None and args.reference_model is not None:
+        args.policy_model = args.policy  # the KL's policy is the model that writes the samples
     if (args.policy_model is None) != (args.reference_model is None):
         parser.error("--policy_model and --reference_model come together (the KL needs both)")
     if args.baseline and not args.judge:
@@ -57,20 +94,38 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--temperature must be > 0: greedy samples have no Monte-Carlo KL")
     if args.tie_tolerance < 0:
         parser.error("--tie_tolerance must be >= 0")
-    judge = read_judge(parser, args.judge) if args.judge else None  # a bad spec fails before anything loads
-    from recipes.common import quiet
+    args.models = {name: getattr(args, name) for name in models}
+    return args, read_judge(parser, args.judge) if args.judge else None
 
-    quiet()
-    import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate(args, judge, device)
+def is_model(path: str) -> bool:
+    """A folder, a .ckpt or a hub id is a model; an existing file (or a .jsonl/.json name) is a generation file."""
+    p = Path(path).expanduser()
+    return p.is_dir() or path.endswith(".ckpt") or not (p.is_file() or path.endswith((".jsonl", ".json")))
+
+
+def generate_inputs(args, device: str) -> None:
+    """Sample each model in args.models into OUT/<side>.jsonl (recipes/generate.py, a fresh file each time) and
+    point args.<side> at it."""
+    from datamodules.formats import read_prompts
+    from modules.generation import SamplingSpec
+    from recipes.generate import check_model_arg, encode_prompts, load_policy, run
+
+    if not args.models:
+        return
+    for path in args.models.values():
+        check_model_arg(path)  # both paths checked before any weights load
+    records = read_prompts(args.prompts)
+    spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        num_samples=args.num_samples)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "eval.json", json.dumps(finite(result), indent=2) + "\n")
-    table = markdown(result)
-    write_text(args.out / "eval.md", table)
-    print(table)
-    print(f"{PROG}: wrote {args.out / 'eval.json'} and {args.out / 'eval.md'}", file=sys.stderr)
+    for side, path in args.models.items():
+        out = args.out / f"{side}.jsonl"
+        out.unlink(missing_ok=True)  # never continue a file another model wrote
+        model, tokenizer = load_policy(path, args.dtype, device)
+        run(model, tokenizer, encode_prompts(records, tokenizer, None), spec, out, args.seed, args.batch_size, device)
+        del model
+        setattr(args, side, str(out))
 
 
 def read_judge(parser: argparse.ArgumentParser, text: str):
@@ -111,12 +166,13 @@ def read_generations(path: str) -> list[dict]:
         if not isinstance(sample, int) or isinstance(sample, bool):
             raise DataError(where, "field 'sample' is not an integer", f"got {sample!r}")
         ranks[prompt] = ranks.get(prompt, 0) + 1
-        if (prompt, sample) in seen:
-            raise DataError(where, "repeated (prompt, sample)", f"first at {seen[prompt, sample]}")
-        seen[prompt, sample] = where
+        index = row.get("index") if isinstance(row.get("index"), int) else None  # a prompt file may repeat a prompt
+        if (prompt, sample, index) in seen:
+            raise DataError(where, "repeated (prompt, sample)", f"first at {seen[prompt, sample, index]}")
+        seen[prompt, sample, index] = where
         meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
         rows.append({"prompt": prompt, "response": response, "sample": sample, "where": where, "meta": meta,
-                     "finish_reason": row.get("finish_reason"), "tokens": row.get("tokens")})
+                     "finish_reason": row.get("finish_reason"), "tokens": row.get("tokens"), "index": index})
     if not rows:
         raise DataError(path, "no rows")
     return rows
@@ -129,9 +185,10 @@ def evaluate(args, judge, device: str) -> dict:
 
     policy = read_generations(args.policy)
     baseline = read_generations(args.baseline) if args.baseline else []
-    result = {"policy": {"file": args.policy, **describe(policy)}, "confidence": 0.95}
+    models = getattr(args, "models", {})
+    result = {"policy": {"file": args.policy, **model_of(models, "policy"), **describe(policy)}, "confidence": 0.95}
     if baseline:
-        result["baseline"] = {"file": args.baseline, **describe(baseline)}
+        result["baseline"] = {"file": args.baseline, **model_of(models, "baseline"), **describe(baseline)}
     if judge is not None:
         judge.load(device)
         both = policy + baseline  # one call: batch whitening puts both files on one scale
@@ -141,8 +198,9 @@ def evaluate(args, judge, device: str) -> dict:
         result["policy"]["score"] = mean_interval(mine)._asdict()
         if baseline:
             result["baseline"]["score"] = mean_interval(theirs)._asdict()
-            index = {(r["prompt"], r["sample"]): i for i, r in enumerate(baseline)}
-            keys = [(r["prompt"], r["sample"]) for r in policy]
+            indexed = all(r["index"] is not None for r in both)
+            index = {pair_key(r, indexed): i for i, r in enumerate(baseline)}
+            keys = [pair_key(r, indexed) for r in policy]
             pairs = [(i, index[key]) for i, key in enumerate(keys) if key in index]  # (policy row, baseline row)
             if not pairs:
                 from datamodules.formats import DataError
@@ -162,6 +220,16 @@ def evaluate(args, judge, device: str) -> dict:
     return result
 
 
+def pair_key(row: dict, indexed: bool) -> tuple:
+    """(prompt, sample), plus the prompt's row in the prompt file when every row of both files carries it
+    (`rlhf generate` files): a prompt file may hold one prompt twice."""
+    return (row["prompt"], row["sample"], row["index"] if indexed else None)
+
+
+def model_of(models: dict, side: str) -> dict:
+    return {"model": models[side]} if side in models else {}
+
+
 def describe(rows: list[dict]) -> dict:
     """Length, distinct-1/2 over whitespace words; EOS rate (finish_reason) and mean tokens where every row has them."""
     from modules.losses.eval import text_stats
@@ -175,21 +243,23 @@ def describe(rows: list[dict]) -> dict:
 
 
 def policy_kl(rows: list[dict], args, device: str):
-    """KL(policy || reference) over the rows' responses (modules.losses.eval.sequence_kl)."""
+    """KL(policy || reference) over the rows' responses (modules.losses.eval.sequence_kl); each model is a
+    folder or a .ckpt, loaded one at a time."""
     import torch
     from torch.nn.utils.rnn import pad_sequence
 
     from modules.losses.eval import sequence_kl
-    from modules.models import ModelSpec, load_tokenizer
+    from recipes.generate import load_policy
 
-    policy_spec = ModelSpec(path=args.policy_model, dtype=args.dtype)
-    reference_spec = ModelSpec(path=args.reference_model, dtype=args.dtype)
-    tokenizer = load_tokenizer(policy_spec)  # the tokenizer follows the policy; the reference must share it
-    if load_tokenizer(reference_spec).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"{args.reference_model} has another vocabulary than {args.policy_model}: no token-level KL")
-    encoded = encode_responses(tokenizer, rows)
-    pad = tokenizer.pad_token_id
-    logps = [response_logps(spec, encoded, pad, args, device) for spec in (policy_spec, reference_spec)]  # one at a time
+    logps, vocab = [], None
+    for path in (args.policy_model, args.reference_model):
+        model, tokenizer = load_policy(path, args.dtype, device)
+        if vocab is None:  # the tokenizer follows the policy; the reference must share it
+            vocab, encoded, pad = tokenizer.get_vocab(), encode_responses(tokenizer, rows), tokenizer.pad_token_id
+        elif tokenizer.get_vocab() != vocab:
+            raise ValueError(f"{args.reference_model} has another vocabulary than {args.policy_model}: no token-level KL")
+        logps.append(response_logps(model, encoded, pad, args, device))
+        del model
     lengths = torch.tensor([len(r) for _, r in encoded])  # (n,)
     mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (n, t): response tokens
     padded = [pad_sequence(x, batch_first=True) if lengths.max() else torch.zeros(len(x), 0) for x in logps]
@@ -216,15 +286,13 @@ def encode_responses(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[
     return out
 
 
-def response_logps(spec, encoded: list[tuple[list[int], list[int]]], pad_id: int, args, device: str) -> list:
+def response_logps(model, encoded: list[tuple[list[int], list[int]]], pad_id: int, args, device: str) -> list:
     """One model's log-prob of each response token, batched on right-padded rows: a (len(response),) tensor per row."""
     import torch
 
     from modules.forward import completion_logits
-    from modules.models import load_saved_causal_lm
     from modules.ops import IGNORE_INDEX, token_logprobs
 
-    model = load_saved_causal_lm(spec.path, spec.dtype, device).to(device)  # merged or LoRA adapter folder
     out = []
     with torch.no_grad():
         for start in range(0, len(encoded), args.batch_size):
@@ -238,7 +306,6 @@ def response_logps(spec, encoded: list[tuple[list[int], list[int]]], pad_id: int
             logits, targets = completion_logits(model, labels, input_ids=ids, attention_mask=mask)  # (n, v), (n,)
             flat = token_logprobs(logits[None], targets[None], args.temperature)[0].double().cpu()  # (n,)
             out.extend(flat.split([len(r) for _, r in chunk]))
-    del model
     return out
 
 
@@ -249,6 +316,15 @@ def finite(value):
     if isinstance(value, dict):
         return {k: finite(v) for k, v in value.items()}
     return value
+
+
+def write_outputs(result: dict, out: Path) -> str:
+    """OUT/eval.json and OUT/eval.md; returns the markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "eval.json", json.dumps(finite(result), indent=2) + "\n")
+    table = markdown(result)
+    write_text(out / "eval.md", table)
+    return table
 
 
 def markdown(result: dict) -> str:

@@ -1,12 +1,16 @@
 """`rlhf quickstart`: the pipeline on the built-in reverse task, offline, on a CPU, in minutes.
 
 Builds a tiny tokenizer and Llama in-process, writes the task's data, runs each stage through its real recipe
-and config (configs/<stage>/synthetic.yaml), and prints the held-out oracle score after each stage.
+and config (configs/<stage>/synthetic.yaml), and prints the held-out oracle score after each stage; then each
+trained policy's win rate against SFT judged by the oracle, and its KL to SFT (`rlhf eval` on the same samples),
+and writes OUT/report/ (`rlhf report` of the runs' metrics and the evaluations).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -19,19 +23,39 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 
-def oracle_eval(model_dir: str | Path, prompts_file: Path, temperature: float = 1.0, seed: int = 0) -> float:
-    """Mean oracle score of one sampled response per held-out prompt (temperature 0 = greedy)."""
+def oracle_eval(model_dir: str | Path, prompts_file: Path, samples: Path, seed: int = 0) -> float:
+    """Mean oracle score of one response per held-out prompt sampled at T=1 (`rlhf generate`'s functions) into
+    `samples`, a fresh generation file that `rlhf eval` reads later."""
+    from datamodules.formats import read_prompts
     from datamodules.synthetic import mean_oracle_score
-    from modules.generation import SamplingSpec, decode_responses, generate, prompt_batch
-    from modules.models import load_causal_lm, load_tokenizer
+    from modules.generation import SamplingSpec
+    from recipes.generate import encode_prompts, load_policy, run
 
-    tok = load_tokenizer(str(model_dir))
-    model = load_causal_lm(str(model_dir), trainable=False)
-    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines() if line.strip()]
-    ids, mask = prompt_batch(tok, prompts)
-    spec = SamplingSpec(max_new_tokens=16, temperature=temperature)
-    rollout = generate(model, ids, mask, spec, tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(seed))
-    return mean_oracle_score(prompts, decode_responses(tok, rollout))
+    cpu = torch.device("cpu")
+    model, tok = load_policy(str(model_dir), None, cpu)
+    samples.unlink(missing_ok=True)
+    spec = SamplingSpec(max_new_tokens=16, temperature=1.0)
+    with contextlib.redirect_stderr(io.StringIO()):  # its per-batch progress lines
+        run(model, tok, encode_prompts(read_prompts(str(prompts_file)), tok, None), spec, samples, seed, 256, cpu)
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    return mean_oracle_score([r["prompt"] for r in rows], [r["response"] for r in rows])
+
+
+def against_sft(out: Path, policies: list[tuple[str, Path]], sft: Path) -> list[tuple[str, dict]]:
+    """`rlhf eval` of each policy's samples against SFT's (paired by prompt) under the oracle, with the KL to SFT;
+    writes OUT/eval/<stage>/eval.json."""
+    from recipes.eval import evaluate, parse_args, write_outputs
+
+    results = []
+    for name, model in policies:
+        args, judge = parse_args(["--policy", str(out / "samples" / f"{name}.jsonl"), "--baseline",
+                                  str(out / "samples" / "sft.jsonl"), "--judge", "{oracle: synthetic}",
+                                  "--policy_model", str(model), "--reference_model", str(sft),
+                                  "--out", str(out / "eval" / name), "--batch_size", "50", "--device", "cpu"])
+        result = evaluate(args, judge, "cpu")
+        write_outputs(result, args.out)
+        results.append((name, result))
+    return results
 
 
 def reward_accuracy(model_dir: Path, pairs_file: Path) -> float:
@@ -45,15 +69,6 @@ def reward_accuracy(model_dir: Path, pairs_file: Path) -> float:
     chosen = spec.score(prompts, [r["chosen"] for r in rows])
     rejected = spec.score(prompts, [r["rejected"] for r in rows])
     return (chosen > rejected).float().mean().item()
-
-
-def final_kl(log_root: Path) -> float:
-    """The last val/kl a PPO run logged (mean summed KL of a sampled response to the SFT policy)."""
-    import csv
-
-    metrics = sorted(log_root.glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)[-1]
-    values = [row["val/kl"] for row in csv.DictReader(metrics.open()) if row.get("val/kl")]
-    return float(values[-1]) if values else float("nan")
 
 
 def run_stage(stage: str, config: str, overrides: list[str]) -> None:
@@ -88,8 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     texts = [r["prompt"] + r["completion"] for r in make_demonstrations(2000, seed=args.seed + 123)]
     build_tiny_model(out / "base", texts, vocab_size=320, hidden_size=64, num_layers=2, seed=args.seed)
     val_prompts = files["prompts_val"]
-    results = [("base (random init)", oracle_eval(out / "base", val_prompts), str(out / "base"))]
-    common = [f"--trainer.logger.init_args.save_dir={out / 'logs'}", f"--trainer.default_root_dir={out / 'logs'}"]
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+
+    def sampled_score(name: str, model: Path) -> float:
+        return oracle_eval(model, val_prompts, samples / f"{name}.jsonl", args.seed)
+
+    results = [("base (random init)", sampled_score("base", out / "base"), str(out / "base"))]
+    policies = []  # (name, model) of the trained policies compared with SFT
+    common = [f"--trainer.logger.init_args.save_dir={out / 'logs'}", f"--trainer.default_root_dir={out / 'logs'}",
+              "--trainer.enable_progress_bar=false"]  # stages of seconds each: the tables below say what matters
 
     def stage(name: str, config: str, data: str, extra: list[str]) -> Path:
         saved = out / name
@@ -107,30 +130,46 @@ def main(argv: list[str] | None = None) -> None:
         return saved
 
     sft = stage("sft", "sft/synthetic.yaml", "sft", [f"--model.policy.path={out / 'base'}"])
-    results.append(("sft", oracle_eval(sft, val_prompts), str(sft)))
+    results.append(("sft", sampled_score("sft", sft), str(sft)))
     if "reward" in args.stages:
         rm = stage("reward", "reward/synthetic.yaml", "rankings", [f"--model.backbone.path={out / 'base'}"])
         accuracy = reward_accuracy(rm, files["pairs_val"])
         results.append(("reward model", accuracy, f"{rm}  (held-out accuracy vs the oracle's preferences)"))
     if "dpo" in args.stages:
         dpo = stage("dpo", "dpo/synthetic.yaml", "pairs", [f"--model.policy.path={sft}"])
-        results.append(("dpo", oracle_eval(dpo, val_prompts), str(dpo)))
+        results.append(("dpo", sampled_score("dpo", dpo), str(dpo)))
+        policies.append(("dpo", dpo))
     # RS and PPO optimise the oracle by default (a verifiable reward); --rl-reward model optimises the learned
     # reward model as InstructGPT / Llama 2 do, where this small RM gets over-optimised (see README)
     learned = args.rl_reward == "model"
     reward = ["--model.reward.oracle=null", f"--model.reward.models=[{{path: {out / 'reward'}}}]"] if learned else []
     if "rs" in args.stages and (not learned or "reward" in args.stages):
         rs = stage("rs", "rs/synthetic.yaml", "prompts", [f"--model.policy.path={sft}", "--trainer.limit_train_batches=60", *reward])
-        results.append(("rejection sampling", oracle_eval(rs, val_prompts), str(rs)))
+        results.append(("rejection sampling", sampled_score("rs", rs), str(rs)))
+        policies.append(("rs", rs))
     if "ppo" in args.stages and (not learned or "reward" in args.stages):
         ppo = stage("ppo", "ppo/synthetic.yaml", "prompts", [f"--model.policy.path={sft}", *reward])
-        results.append(("ppo", oracle_eval(ppo, val_prompts), f"{ppo}  (KL to SFT: {final_kl(out / 'logs' / 'ppo'):.2f} nats)"))
+        results.append(("ppo", sampled_score("ppo", ppo), str(ppo)))
+        policies.append(("ppo", ppo))
+    evals = against_sft(out, policies, sft)
+    from recipes.report import write_report
+
+    stages = [d for d in (out / "logs" / n for n in ("sft", "reward", "dpo", "rs", "ppo")) if d.is_dir()]
+    report = write_report(stages + [out / "eval" / n for n, _ in policies], out / "report", "rlhf quickstart")
 
     print("\n== rlhf quickstart: held-out oracle score (reverse task, 200 prompts, one sample each at T=1) ==")
     print(f"   rejection sampling and PPO optimise: {'the reward model above' if learned else 'the oracle'}")
     for name, score, path in results:
         print(f"  {name:<20} {score:6.3f}   {path}")
-    print(f"data: {out / 'data'}   logs: {out / 'logs'}   wall time: {time.time() - start:.0f} s")
+    if evals:
+        print("\n== win rate against SFT, judged by the oracle (the samples above, paired by prompt; ties count half) ==")
+        print(f"  {'stage':<8} {'win rate [95% Wilson]':<24} {'wins/ties/losses':<18} KL to SFT, nats ± se")
+    for name, result in evals:
+        w, kl = result["win_rate"], result["kl"]
+        rate, counts = f"{w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']} / {w['ties']} / {w['losses']}"
+        print(f"  {name:<8} {rate:<24} {counts:<18} {kl['kl']:.2f} ± {kl['stderr']:.2f}")
+    print(f"data: {out / 'data'}   logs: {out / 'logs'}   evals: {out / 'eval'}   report: {report.with_suffix('.html')}")
+    print(f"wall time: {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def test_kl_of_a_model_to_itself_is_exactly_zero(files, tmp_path):
 
 
 def test_batched_logps_equal_one_row_at_a_time():
-    from modules.models import ModelSpec, load_tokenizer
+    from modules.models import load_saved_causal_lm, load_tokenizer
     from recipes.eval import encode_responses, response_logps
 
     tok = load_tokenizer(str(TINY_MODEL))
@@ -80,13 +80,49 @@ def test_batched_logps_equal_one_row_at_a_time():
             for x, r, f in zip(LETTERS, [" c b a", " b", " e h e h"], ["eos", "length", "eos"])]
     encoded = encode_responses(tok, rows)
     assert encoded[0][1][-1] == tok.eos_token_id and encoded[1][1][-1] != tok.eos_token_id
-    spec = ModelSpec(path=str(TINY_MODEL))
+    spec = load_saved_causal_lm(str(TINY_MODEL))
     one = response_logps(spec, encoded, tok.pad_token_id, SimpleNamespace(batch_size=1, temperature=1.0), "cpu")
     batched = response_logps(spec, encoded, tok.pad_token_id, SimpleNamespace(batch_size=3, temperature=1.0), "cpu")
     assert [len(x) for x in one] == [len(r) for _, r in encoded]
     for a, b in zip(one, batched):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
         assert (a < 0).all()
+
+
+def test_a_model_against_itself_ties_everywhere_with_zero_kl(tmp_path, synthetic_dir):
+    out = tmp_path / "self"
+    code = rlhf(["eval", "--policy", str(TINY_MODEL), "--baseline", str(TINY_MODEL), "--prompts",
+                 str(synthetic_dir / "prompts_val.jsonl"), "--num_samples", "2", "--max_new_tokens", "4",
+                 "--batch_size", "4", "--judge", "{oracle: synthetic}", "--reference_model", str(TINY_MODEL),
+                 "--out", str(out), "--device", "cpu"])
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    n = 2 * len((synthetic_dir / "prompts_val.jsonl").read_text().splitlines())
+    assert result["policy"]["file"] == str(out / "policy.jsonl") and result["policy"]["model"] == str(TINY_MODEL)
+    assert (out / "policy.jsonl").read_text() == (out / "baseline.jsonl").read_text()  # same model, same seeds
+    won = result["win_rate"]
+    assert (won["wins"], won["ties"], won["losses"], won["n"], won["win_rate"]) == (0, n, 0, n, 0.5)
+    kl = result["kl"]  # the policy model defaults to --policy
+    assert (kl["kl"], kl["stderr"], kl["n"], kl["policy_model"]) == (0.0, 0.0, n, str(TINY_MODEL))
+
+
+def test_a_prompt_repeated_in_the_prompt_file_pairs_by_its_index(tmp_path):
+    prompt = format_prompt(["a", "b"])
+    right, wrong = target_response(prompt), " a b"
+    for name, responses in (("p", [right, wrong]), ("b", [wrong, wrong])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"prompt": prompt, "response": r, "sample": 0, "index": i}) + "\n" for i, r in enumerate(responses)))
+    out = tmp_path / "e"
+    assert rlhf(["eval", "--policy", str(tmp_path / "p.jsonl"), "--baseline", str(tmp_path / "b.jsonl"),
+                 "--judge", "{oracle: synthetic}", "--out", str(out)]) == 0
+    won = json.loads((out / "eval.json").read_text())["win_rate"]
+    assert (won["wins"], won["ties"], won["losses"]) == (1, 1, 0)
+
+
+def test_a_model_needs_prompts(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        rlhf(["eval", "--policy", str(TINY_MODEL), "--judge", "{oracle: synthetic}", "--out", str(tmp_path)])
+    assert err.value.code == 2
 
 
 def test_bad_inputs_stop_before_any_model_loads(files, tmp_path):
