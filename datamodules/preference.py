@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 from typing import Literal
 
@@ -67,7 +68,12 @@ class PreferenceDataModule(LightningDataModule):
         val_split: split to read from hub/saved datasets for validation.
         val_fraction: fraction of training prompts held out when val_file is None.
         num_workers: DataLoader worker processes.
-        seed: seed of the held-out split.
+        seed: seed of the held-out split (and of the training order).
+        bootstrap: train on a bootstrap resample: as many training records (prompts, each with all its
+            pairs or its ranking) drawn with replacement as there are, seeded, after the held-out split, so
+            validation rows are untouched and the same for every member of a reward-model ensemble.
+        bootstrap_seed: seed of the resample; None uses the run's `--seed_everything` (PL_GLOBAL_SEED, else
+            `seed`), so members trained with different seeds see different resamples.
     """
 
     def __init__(
@@ -90,6 +96,8 @@ class PreferenceDataModule(LightningDataModule):
         val_fraction: float = 0.05,
         num_workers: int = 0,
         seed: int = 0,
+        bootstrap: bool = False,
+        bootstrap_seed: int | None = None,
     ):
         super().__init__()
         check_lengths(max_length, max_prompt_length)
@@ -105,6 +113,7 @@ class PreferenceDataModule(LightningDataModule):
         self.truncation, self.strength_map, self.rating_scale = truncation, strength_map, tuple(rating_scale)
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.num_workers, self.seed = num_workers, seed
+        self.bootstrap, self.bootstrap_seed = bootstrap, bootstrap_seed
         self.tokenizer = None
         self.train_rows: list = []
         self.val_rows: list = []
@@ -125,7 +134,20 @@ class PreferenceDataModule(LightningDataModule):
             random.Random(self.seed).shuffle(train)
             n_val = max(1, int(len(train) * self.val_fraction))
             train, val = train[n_val:], train[:n_val]
+        if self.bootstrap and train:
+            train = self._resample(train)
         self.train_rows, self.val_rows = self._examples(train), self._examples(val)
+
+    def _resample(self, records: list) -> list:
+        """n records drawn with replacement from n (whole prompts: a record's pairs are not independent)."""
+        seed = self.bootstrap_seed
+        if seed is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+        rng = random.Random(seed)
+        drawn = [records[rng.randrange(len(records))] for _ in records]
+        log.info(f"bootstrap resample (seed {seed}): {len({id(r) for r in drawn})} distinct of {len(records)} "
+                 "training records")
+        return drawn
 
     def _read(self, source: str, split: str) -> list[Ranking]:
         return read_preferences(source, split, self.skip_bad_rows, self.strength_map, self.rating_scale)

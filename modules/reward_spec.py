@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from modules.forward import tree_attention_mask
-from modules.losses.reward import llama2_combine, weighted_sum, whiten_scores
+from modules.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
 from modules.models import ModelSpec, as_spec, is_peft, load_sequence_classifier, load_tokenizer
 from modules.ops import last_true_index
 
@@ -117,17 +118,26 @@ class RewardSpec:
 
     Args:
         models: sequence-classification reward models (e.g. saved by `rlhf reward fit`); a causal LM
-            would get an untrained head, so use trained reward models here.
+            would get an untrained head, so use trained reward models here. A path to a folder that holds
+            no model but several saved reward models (subfolders with lightning_rlhf.json and config.json)
+            stands for all of them, in name order, each with this entry's other settings.
         functions: reward functions as "package.module:name" import paths, each a callable
             `(prompts: list[str], responses: list[str], meta: list[dict]) -> list[float]` (one finite float
             per pair; meta holds each prompt row's extra fields): verifiable rewards (math, code, format).
-        weights: for combine="sum", one weight per scorer in this order: models first, then functions,
-            then the oracle (default: all 1.0).
+        weights: for combine="sum", one weight per scorer in this order: models first (with an ensemble:
+            one weight for the whole ensemble), then functions, then the oracle (default: all 1.0).
         combine: "sum" (weighted sum of all scorers) or "llama2" (arXiv 2307.09288, eq. 4): exactly two
             models, models[0] helpfulness, models[1] safety, and no functions or oracle (refused); the
             safety score is used where the prompt's meta flag "unsafe" is set or sigmoid(safety) <
             safety_threshold, else the helpfulness score.
         safety_threshold: safety probability below which llama2 uses the safety score.
+        ensemble: "none", or the `models` (two or more) are members of one ensemble, e.g. trained with
+            different seeds or bootstrap resamples, whose scores per pair are combined into one by "mean",
+            "min" (worst case) or "mean_minus_std" (mean - ensemble_lambda * population std over members;
+            Coste et al. 2023, arXiv 2310.02743); that score then counts as one model in the weighted sum.
+            combine="sum" only.
+        ensemble_lambda: weight of the members' std in "mean_minus_std" (>= 0; with two members, 1.0
+            gives the same as "min").
         whiten: whiten the combined score (a logit) as Llama 2 does: with whiten_mean/whiten_std when
             given, else with the batch's mean and std.
         whiten_mean: fixed mean for whitening (e.g. measured on the reward model's training data).
@@ -143,6 +153,8 @@ class RewardSpec:
     weights: list[float] | None = None
     combine: Literal["sum", "llama2"] = "sum"
     safety_threshold: float = 0.15
+    ensemble: Literal["none", "mean", "min", "mean_minus_std"] = "none"
+    ensemble_lambda: float = 1.0
     whiten: bool = False
     whiten_mean: float | None = None
     whiten_std: float | None = None
@@ -151,7 +163,7 @@ class RewardSpec:
     max_length: int = 1024
 
     def __post_init__(self):
-        self.models = [as_spec(m) for m in self.models]
+        self.models = [member for m in self.models for member in _expand_members(as_spec(m))]
         self.functions = list(self.functions)
         if self.oracle is not None and self.oracle not in ORACLES:
             raise ValueError(f"unknown oracle {self.oracle!r}: the one built in is 'synthetic'")
@@ -163,10 +175,21 @@ class RewardSpec:
                 f"combine='llama2' takes two models (helpfulness, safety) and no reward functions or oracle, got "
                 f"{len(self.models)} models and functions {paths} (set oracle: null, or use combine='sum')"
             )
-        if self.weights is not None and len(self.weights) != len(self.models) + len(paths):
-            raise ValueError(
-                f"{len(self.weights)} weights for {len(self.models)} models + {len(paths)} functions {paths}"
-            )
+        if self.ensemble not in ("none", "mean", "min", "mean_minus_std"):
+            raise ValueError(f"ensemble must be 'none', 'mean', 'min' or 'mean_minus_std', got {self.ensemble!r}")
+        if self.ensemble != "none":
+            if self.combine != "sum":
+                raise ValueError(f"ensemble={self.ensemble!r} combines its members into one score, then combine='sum'; "
+                                 f"combine={self.combine!r} needs separate models")
+            if len(self.models) < 2:
+                raise ValueError(f"ensemble={self.ensemble!r} needs two or more models (its members, or a folder "
+                                 f"of member folders), got {[m.path for m in self.models]}")
+            if not (math.isfinite(self.ensemble_lambda) and self.ensemble_lambda >= 0):
+                raise ValueError(f"ensemble_lambda must be a finite number >= 0, got {self.ensemble_lambda}")
+        n_models = 1 if self.ensemble != "none" and self.models else len(self.models)
+        if self.weights is not None and len(self.weights) != n_models + len(paths):
+            what = f"one ensemble of {len(self.models)} models" if self.ensemble != "none" else f"{len(self.models)} models"
+            raise ValueError(f"{len(self.weights)} weights for {what} + {len(paths)} functions {paths}")
         # not config fields: (path, callable) per function, and (model, tokenizer) per spec filled by load()
         self._functions: list[tuple[str, Callable]] = [(p, import_reward_function(p)) for p in paths]
         self._loaded: list[tuple] = []
@@ -207,6 +230,8 @@ class RewardSpec:
             unsafe = torch.tensor([_flag(m.get("unsafe", False)) for m in meta])
             combined = llama2_combine(scores[0], scores[1], unsafe, self.safety_threshold)
         else:
+            if self.ensemble != "none":  # members -> one score, one place in the weighted sum
+                scores = [ensemble_scores(torch.stack(scores), self.ensemble, self.ensemble_lambda)]
             scores += [call_reward_function(path, fn, prompts, responses, meta) for path, fn in self._functions]
             combined = weighted_sum(scores, self.weights or [1.0] * len(scores))
         if self.whiten:
@@ -228,6 +253,16 @@ class RewardSpec:
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
             out.append(sequence_scores(model, input_ids, mask).cpu())  # (chunk,)
         return torch.cat(out)
+
+
+def _expand_members(spec: ModelSpec) -> list[ModelSpec]:
+    """A local folder holding no model but saved reward models (subfolders with lightning_rlhf.json and
+    config.json, e.g. the members of an ensemble) -> one spec per subfolder, in name order; else [spec]."""
+    root = Path(spec.path)
+    if spec.gguf_file or not root.is_dir() or (root / "config.json").exists():
+        return [spec]
+    members = sorted(d for d in root.iterdir() if (d / "lightning_rlhf.json").is_file() and (d / "config.json").is_file())
+    return [replace(spec, path=str(d)) for d in members] or [spec]
 
 
 def as_reward_spec(spec: RewardSpec | dict) -> RewardSpec:

@@ -223,3 +223,30 @@ def test_truncation_skip_drops_the_whole_record(tmp_path, tiny_model_dir, caplog
     assert len(_dm(tiny_model_dir, path, path, layout="rankings").val_rows) == 2  # left: cut and kept, reported
     with pytest.raises(DataError, match=f"{path}:2: completion longer than max_length 64 allows"):
         _dm(tiny_model_dir, path, path, truncation="error")
+
+
+def test_bootstrap_resamples_training_prompts_seeded_and_leaves_validation(tmp_path, tiny_model_dir, monkeypatch):
+    rows = [{"prompt": f"Reverse: {c} a b\nAnswer:", "responses": [" b a " + c, " a b " + c, " b b " + c]}
+            for c in "abcdefgh"]
+    path = _write(tmp_path / "t.jsonl", rows)
+
+    def letters(dm, split):  # the varying letter of each record's prompt, in row order
+        return [dm.tokenizer.decode(enc[0][0]).split()[1] for enc, _, _ in getattr(dm, split)]
+
+    base = _dm(tiny_model_dir, path, val_fraction=0.25, layout="rankings")
+    train = letters(base, "train_rows")
+    assert len(train) == 6 and len(base.val_rows) == 2
+    # random.Random(3).randrange(6) six times draws records 1, 4, 4, 1, 2, 4 (with replacement)
+    dm = _dm(tiny_model_dir, path, val_fraction=0.25, layout="rankings", bootstrap=True, bootstrap_seed=3)
+    assert letters(dm, "train_rows") == [train[i] for i in (1, 4, 4, 1, 2, 4)]
+    assert letters(dm, "val_rows") == letters(base, "val_rows")  # held-out prompts untouched
+    # no seed given: the run's seed_everything (PL_GLOBAL_SEED); Random(4) draws 1, 2, 0, 5, 3, 3
+    monkeypatch.setenv("PL_GLOBAL_SEED", "4")
+    dm = _dm(tiny_model_dir, path, val_fraction=0.25, layout="rankings", bootstrap=True)
+    assert letters(dm, "train_rows") == [train[i] for i in (1, 2, 0, 5, 3, 3)]
+    # pairs layout: a drawn prompt brings all its 3 pairs, and pairs are renumbered 0..17
+    dm = _dm(tiny_model_dir, path, val_fraction=0.25, bootstrap=True, bootstrap_seed=3)
+    assert [dm.tokenizer.decode(chosen[0]).split()[1] for chosen, _, _, _ in dm.train_rows[::3]] == \
+        [train[i] for i in (1, 4, 4, 1, 2, 4)]
+    assert [r[3] for r in dm.train_rows] == list(range(18))
+    assert len(dm.val_rows) == 2 * 3

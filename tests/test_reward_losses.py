@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from modules.losses.reward import (
+    ensemble_scores,
     llama2_combine,
     pairwise_loss,
     ranking_loss,
@@ -187,3 +188,24 @@ def test_whiten_scores():
     x = t(1.0, 2.0, 3.0)  # mean 2, unbiased std sqrt(((1)+(0)+(1))/2) = 1
     assert whiten_scores(x).tolist() == pytest.approx([-1.0, 0.0, 1.0])
     assert whiten_scores(x, mean=1.0, std=2.0).tolist() == pytest.approx([0.0, 0.5, 1.0])
+
+
+# ---------------------------------------------------------------- reward-model ensembles
+
+
+def test_ensemble_mean_min_mean_minus_std():
+    scores = t(1.0, 4.0, 2.0, 0.0, 6.0, 2.0).view(3, 2)  # 3 members x 2 pairs: columns [1, 2, 6] and [4, 0, 2]
+    assert ensemble_scores(scores, "mean").tolist() == pytest.approx([(1 + 2 + 6) / 3, (4 + 0 + 2) / 3])  # [3, 2]
+    assert ensemble_scores(scores, "min").tolist() == [1.0, 0.0]
+    # population std: column 0 deviations from 3 are -2, -1, 3 -> (4 + 1 + 9) / 3 = 14/3;
+    # column 1 deviations from 2 are 2, -2, 0 -> (4 + 4 + 0) / 3 = 8/3
+    expected = [3 - 0.5 * math.sqrt(14 / 3), 2 - 0.5 * math.sqrt(8 / 3)]
+    assert ensemble_scores(scores, "mean_minus_std", lam=0.5).tolist() == pytest.approx(expected)
+    assert ensemble_scores(scores, "mean_minus_std", lam=0.0).tolist() == pytest.approx([3.0, 2.0])
+    # two members, lam 1: mean - |a - b| / 2 = min(a, b)
+    two = t(1.0, 5.0, 3.0, -1.0).view(2, 2)  # columns [1, 3] and [5, -1]
+    assert ensemble_scores(two, "mean_minus_std").tolist() == pytest.approx([2 - 1, 2 - 3]) == [1.0, -1.0]
+    with pytest.raises(ValueError, match="members, b"):
+        ensemble_scores(t(1.0, 2.0), "mean")
+    with pytest.raises(ValueError, match="unknown ensemble"):
+        ensemble_scores(scores, "median")

@@ -99,6 +99,26 @@ def weighted_sum(scores: list[torch.Tensor], weights: list[float]) -> torch.Tens
     return sum(w * s for w, s in zip(weights, scores, strict=True))
 
 
+def ensemble_scores(scores: torch.Tensor, how: str, lam: float = 1.0) -> torch.Tensor:
+    """One score per pair from a reward-model ensemble: (members, b) -> (b,).
+
+    "mean": the members' mean. "min": the worst case over members (Coste et al. 2023, arXiv 2310.02743, WCO).
+    "mean_minus_std": mean - lam * std over members, uncertainty-weighted (their UWO penalises the variance;
+    the std keeps the penalty in reward units). The std is the POPULATION std (divide by members, not
+    members - 1): the ensemble is the whole set being combined, as in the paper's 1/k variance, and with two
+    members and lam = 1 it equals "min" (mean - |a - b| / 2), which makes lam easy to read.
+    """
+    if scores.dim() != 2 or scores.shape[0] < 1:
+        raise ValueError(f"ensemble scores must be (members, b), got {tuple(scores.shape)}")
+    if how == "mean":
+        return scores.mean(0)
+    if how == "min":
+        return scores.min(0).values
+    if how == "mean_minus_std":
+        return scores.mean(0) - lam * scores.std(0, correction=0)
+    raise ValueError(f"unknown ensemble combination {how!r}: expected 'mean', 'min' or 'mean_minus_std'")
+
+
 def llama2_combine(
     helpful: torch.Tensor, safety: torch.Tensor, unsafe: torch.Tensor, threshold: float = 0.15
 ) -> torch.Tensor:
