@@ -20,9 +20,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from modules.generation import SamplingSpec, decode_responses, generate
+from modules.generation import Rollout, SamplingSpec, decode_responses, generate
 from modules.losses import ppo as losses
 from modules.losses.kl_control import AdaptiveKLController, FixedKLController
+from modules.losses.normalise import RunningMoments
 from modules.models import (
     ModelSpec,
     as_spec,
@@ -76,7 +77,10 @@ class PPOModule(StageHooks, LightningModule):
         grad_accum: micro-batches per minibatch, each backward separately (memory), one optimizer step.
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
         whiten_advantages: whiten advantages over the rollout's response tokens.
-        score_clip: clip scores to [-score_clip, score_clip] (after the missing-EOS penalty).
+        reward_norm: normalise scores by the running mean and std of every rollout's scores so far (this one
+            included; pooled over DDP ranks), before the missing-EOS penalty and score_clip: the KL coefficient
+            and the clip then mean the same for any reward model's scale. train/reward and val/reward stay raw.
+        score_clip: clip scores to [-score_clip, score_clip] (after normalisation and the missing-EOS penalty).
         missing_eos_penalty: subtracted from the score of responses that hit max_new_tokens without EOS.
         optimizer: optimizer factory over all trainable parameters (policy and value).
         scheduler: LR scheduler factory, stepped per optimizer step; None: warm-up then `decay`.
@@ -118,6 +122,7 @@ class PPOModule(StageHooks, LightningModule):
         grad_accum: int = 1,
         max_grad_norm: float | None = 1.0,
         whiten_advantages: bool = True,
+        reward_norm: bool = False,
         score_clip: float | None = None,
         missing_eos_penalty: float | None = None,
         optimizer: OptimizerCallable = adamw,
@@ -150,6 +155,7 @@ class PPOModule(StageHooks, LightningModule):
         self.ppo_epochs, self.num_minibatches, self.grad_accum = ppo_epochs, num_minibatches, grad_accum
         self.max_grad_norm, self.whiten, self.score_clip = max_grad_norm, whiten_advantages, score_clip
         self.missing_eos_penalty = missing_eos_penalty
+        self.reward_moments = RunningMoments() if reward_norm else None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay, self.seed = warmup_steps, decay, seed
         self.overwrite = overwrite
@@ -224,8 +230,10 @@ class PPOModule(StageHooks, LightningModule):
     # ----- rollout -----
 
     @torch.no_grad()
-    def rollout(self, batch: dict, generator: torch.Generator, kl_coef: float, chunk: int) -> tuple[Experience, dict]:
-        """Sample, score and evaluate one batch of prompts: Experience plus per-row stats (b,) for logging."""
+    def rollout(self, batch: dict, generator: torch.Generator, kl_coef: float, chunk: int,
+                update_norm: bool = False) -> tuple[Experience, dict]:
+        """Sample, score and evaluate one batch of prompts: Experience plus per-row stats (b,) for logging.
+        update_norm: add this rollout's scores to the running reward moments (training rollouts only)."""
         self._no_dropout()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         with self.sampling_guard():
@@ -245,7 +253,8 @@ class PPOModule(StageHooks, LightningModule):
             entropy.append(masked_sum(entropy_from_logits(logits), mask[rows], dim=-1))  # (chunk,)
             ref_logp.append(self.reference_logp(seq, am, p, packed))
         logp, ref_logp, values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values)
-        shaped = losses.shape_scores(scores, out.has_eos, self.missing_eos_penalty, self.score_clip)
+        shaped = losses.shape_scores(self.normalise_scores(scores, update_norm), out.has_eos, self.missing_eos_penalty,
+                                     self.score_clip)
         rewards, kl = losses.token_rewards(shaped, logp, ref_logp, mask, kl_coef, self.kl_kind)  # (b, r): score on last token
         advantages, returns = losses.gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten:
@@ -255,13 +264,25 @@ class PPOModule(StageHooks, LightningModule):
                  "response_length": mask.sum(-1).float()}
         return exp, stats
 
+    def normalise_scores(self, scores: torch.Tensor, update: bool) -> torch.Tensor:
+        """reward_norm: (b,) scores -> (scores - running mean) / running std, the moments first updated with
+        this batch if `update` (count, sum and sum of squares summed over ranks: every rank keeps the same)."""
+        if self.reward_moments is None:
+            return scores
+        if update:
+            pooled = torch.stack([scores.new_tensor(float(len(scores))), scores.sum(), scores.square().sum()]).double()
+            if self._trainer is not None and self.trainer.world_size > 1:
+                pooled = self.trainer.strategy.reduce(pooled, reduce_op="sum")
+            self.reward_moments.update(*pooled.tolist())
+        return self.reward_moments.normalise(scores)
+
     # ----- training -----
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         b = len(batch["prompts"]) * self.sampling.num_samples
         chunk = -(-b // (self.num_minibatches * self.grad_accum))  # rows per micro-batch
         kl_coef = self.kl_ctl.value
-        exp, stats = self.rollout(batch, self.generator, kl_coef, chunk)
+        exp, stats = self.rollout(batch, self.generator, kl_coef, chunk, update_norm=True)
         # Ziegler et al.: after each rollout, from the mean KL over all ranks' responses, so every rank keeps one value
         kl = self.global_mean(stats["kl"].sum(), stats["kl"].new_tensor(b))[1]
         self.kl_ctl.update(kl.item(), n_steps=b * self.trainer.world_size)

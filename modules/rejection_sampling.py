@@ -25,8 +25,11 @@ from torchmetrics.aggregation import MeanMetric
 
 from modules.generation import Rollout, SamplingSpec, decode_responses, generate
 from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
-from modules.ops import IGNORE_INDEX, masked_sum, shifted_logprobs
+from modules.losses.rejection_sampling import kl_penalised_scores
+from modules.ops import IGNORE_INDEX, masked_sum, shifted_logprobs, token_logprobs
+from modules.rollout import response_logits
 from modules.optim import adamw
+from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.stage import StageHooks
@@ -82,6 +85,10 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         sampling: how to sample; `num_samples` is K, the samples per prompt (validation draws one).
         rounds: passes over the prompt set; the recipe links trainer.max_epochs to it.
         min_score: keep a prompt's best sample only if its score reaches this (None keeps every best).
+        kl_coef: select the best of K by score - kl_coef * log(pi(y|x) / pi_ref(y|x)), the sample's summed
+            log-ratio to a frozen copy of the initial policy (losses/rejection_sampling.py), instead of the score
+            alone; 0 (default) loads no reference. Against a learned reward model it keeps the policy on text the
+            reward model was trained on, where its scores can be trusted.
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
         scheduler: LR scheduler factory; None uses warm-up then `decay`. Stepped once per prompt batch, over
             trainer.estimated_stepping_batches.
@@ -109,6 +116,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         sampling: SamplingSpec = SamplingSpec(num_samples=4),
         rounds: int = 1,
         min_score: float | None = None,
+        kl_coef: float = 0.0,
         optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
         warmup_steps: int = 0,
@@ -128,6 +136,10 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.policy_spec, self.reward = as_spec(policy), as_reward_spec(reward)
         self.sampling = sampling if isinstance(sampling, SamplingSpec) else SamplingSpec(**sampling)
         self.rounds, self.min_score = rounds, min_score
+        if not kl_coef >= 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.kl_coef = kl_coef
+        self.reference = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay = warmup_steps, decay
         self.sft_epochs, self.sft_batch_size, self.max_grad_norm = sft_epochs, sft_batch_size, max_grad_norm
@@ -146,6 +158,9 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.tokenizer = load_tokenizer(self.policy_spec, padding_side="left")
         self.policy = load_causal_lm(self.policy_spec, device=device)
         self.reward.load(device or "cpu")
+        if self.kl_coef > 0:  # frozen initial policy (a LoRA policy's base: the adapter starts at zero)
+            ref_spec = dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
+            self.reference = load_causal_lm(ref_spec, device=device, trainable=False)
 
     def _generator(self, *keys, device=None) -> torch.Generator:
         # a fixed stream per (seed, rank, split, epoch, batch): reruns and resumed runs sample the same
@@ -168,12 +183,33 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         scores = self.reward.score(prompts, responses, meta, self.device)
         return rollout, responses, scores.to(self.device, torch.float32)
 
+    @torch.no_grad()
+    def log_ratio(self, rollout: Rollout) -> Tensor:
+        """Each sample's summed response log-ratio log pi(y|x) - log pi_ref(y|x) at the sampling temperature: (b*n,)."""
+        t = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
+        p, mask = rollout.prompt_length, rollout.response_mask.bool()
+        tokens = rollout.sequences[:, p:]
+        logps = []
+        for model in (self.policy, self.reference):
+            logits = response_logits(model, rollout.sequences, rollout.attention_mask, p)[0]  # (b*n, r, v)
+            logps.append(masked_sum(token_logprobs(logits, tokens, t), mask, dim=-1))
+        return logps[0] - logps[1]
+
     def best_of_k(self, batch: dict, generator: torch.Generator):
-        """K samples per prompt -> rollout, texts, scores (b, k), best index (b,), keep (b,)."""
+        """K samples per prompt -> rollout, texts, scores (b, k), best index (b,), keep (b,), log-ratio to the
+        reference (b, k) or None. min_score applies to the score itself, the selection to the KL-penalised one."""
         rollout, responses, scores = self.sample(batch, self.sampling, generator)
         scores = scores.view(-1, self.sampling.num_samples)  # (b, k)
-        best, keep = select_best(scores, self.min_score)
-        return rollout, responses, scores, best, keep
+        kl = None
+        if self.reference is not None:
+            was_training = self.policy.training
+            self.policy.eval()  # no dropout in the log-probs
+            kl = self.log_ratio(rollout).view_as(scores).to(scores.device)
+            self.policy.train(was_training)
+        best, _ = select_best(scores if kl is None else kl_penalised_scores(scores, kl, self.kl_coef))
+        top = scores.gather(1, best[:, None]).squeeze(1)  # (b,): the chosen sample's own score
+        keep = torch.ones_like(best, dtype=torch.bool) if self.min_score is None else top >= self.min_score
+        return rollout, responses, scores, best, keep, kl
 
     def sft_loss(self, batch: dict[str, Tensor], keep: Tensor) -> Tensor:
         """Mean NLL on the response tokens of kept rows: batch (b, t), keep (b,) -> scalar (0 if none kept);
@@ -188,7 +224,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         epoch = self.current_epoch
-        rollout, _, scores, best, keep = self.best_of_k(batch, self._generator("train", epoch, batch_idx))
+        rollout, _, scores, best, keep, kl = self.best_of_k(batch, self._generator("train", epoch, batch_idx))
         b, k = scores.shape
         examples = rollout_examples(rollout, torch.arange(b, device=best.device) * k + best)
         best_scores = scores.gather(1, best[:, None]).squeeze(1)  # (b,)
@@ -245,7 +281,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         return [JsonlPredictionWriter(path, key=lambda row: (row["index"],), unique=True, noun=noun)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        _, responses, scores, best, keep = self.best_of_k(batch, self._generator("predict", batch_idx))
+        _, responses, scores, best, keep, _ = self.best_of_k(batch, self._generator("predict", batch_idx))
         k, indexes = scores.shape[1], batch_indexes(self, batch, batch_idx)
         return [
             {
