@@ -33,6 +33,7 @@ from modules.models import (
 )
 from modules.ops import entropy_from_logits, masked_sum, token_logprobs
 from modules.optim import adamw
+from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import response_writer, sample_rows
 from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.rollout import (
@@ -95,6 +96,16 @@ class PPOModule(StageHooks, LightningModule):
         predict_file: where `predict` writes one json line per response of the policy to the DataModule's prompts
             {prompt, response, sample, finish_reason, tokens, index, meta}, as `rlhf generate` with `sampling` and
             --seed `seed` (default: <log dir>/predictions.jsonl).
+        val_reward: a held-out judge (e.g. a reward model trained on another split, or an oracle) that scores the
+            same validation samples as `reward`; validation then also logs val/judge_reward (its mean) and
+            val/reward_gap (val/reward - val/judge_reward: the two scales differ, so watch the gap's trend).
+            Never trained against; None: no judge.
+        overopt_patience: with val_reward, warn (and log val/overoptimising 1.0) when for this many validations in
+            a row val/reward rose while val/judge_reward fell (each against the validation before); 0: off.
+        export_best: a validation metric (e.g. val/judge_reward); fit then exports the policy weights of the
+            validation where it was best instead of the last ones, and prints that step (a CPU copy of the
+            trainable policy weights is kept, in checkpoints too, so a resume keeps it).
+        export_best_mode: "max" or "min": which export_best value is best.
     """
 
     stage = "ppo"
@@ -135,6 +146,10 @@ class PPOModule(StageHooks, LightningModule):
         overwrite: bool = False,
         packing: bool = True,
         predict_file: str | None = None,
+        val_reward: RewardSpec | None = None,
+        overopt_patience: int = 3,
+        export_best: str | None = None,
+        export_best_mode: Literal["max", "min"] = "max",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -168,6 +183,13 @@ class PPOModule(StageHooks, LightningModule):
         self.val_metrics = torch.nn.ModuleDict(
             {k: MeanMetric() for k in ("reward", "kl", "value_loss", "response_length")}
         )
+        # held-out judge (modules/overoptimisation.py, StageHooks.judged_metrics): own copy, as self.reward
+        self.judge = dataclasses.replace(as_reward_spec(val_reward)) if val_reward is not None else None
+        if self.judge is not None:
+            self.val_metrics["judge_reward"] = MeanMetric()
+        self.judge_monitor = OveroptimisationMonitor(overopt_patience)
+        logged = [f"val/{k}" for k in self.val_metrics] + (["val/reward_gap"] if self.judge is not None else [])
+        self.best_weights = BestWeights(export_best, export_best_mode, logged) if export_best else None
         self.strict_loading = False  # checkpoints hold trainable weights only
 
     def _root_device(self) -> torch.device:
@@ -188,6 +210,8 @@ class PPOModule(StageHooks, LightningModule):
             self.reference = load_causal_lm(ref_spec, device=device, trainable=False)
             self.value_model = load_sequence_classifier(self.value_spec, self.tokenizer.pad_token_id, device=device)
         self.reward.load(device)
+        if self.judge is not None:
+            self.judge.load(device)
         self.generator = torch.Generator(device).manual_seed(self.seed + self.global_rank)  # ranks sample apart
         if self._pending_state is not None:
             self._restore_state(self._pending_state)
@@ -348,11 +372,20 @@ class PPOModule(StageHooks, LightningModule):
         for key, value in (("reward", stats["scores"]), ("kl", stats["kl"]), ("response_length", stats["response_length"])):
             self.val_metrics[key].update(value)
         self.val_metrics["value_loss"].update(vl, weight=b)
+        if self.judge is not None:  # the held-out judge scores the same decoded responses
+            rollout = Rollout(exp.sequences, exp.attention_mask, exp.mask, exp.prompt_length, None)
+            texts = decode_responses(self.tokenizer, rollout, self.tokenizer.eos_token_id)
+            n = self.sampling.num_samples
+            meta = repeat_each(batch.get("meta") or [{}] * len(batch["prompts"]), n)
+            judged = self.judge.score(repeat_each(batch["prompts"], n), texts, meta, device=exp.mask.device)
+            self.val_metrics["judge_reward"].update(judged.float())
 
     def on_validation_epoch_end(self) -> None:
         split = "test" if self.trainer.testing else "val"
-        for key, metric in self.val_metrics.items():
-            self.log(f"{split}/{key}", metric.compute(), prog_bar=key == "reward", sync_dist=False)
+        values = {key: metric.compute() for key, metric in self.val_metrics.items()}
+        for key, value in self.judged_metrics(values).items():  # + reward_gap, overoptimising; export_best copy
+            self.log(f"{split}/{key}", value, prog_bar=key == "reward", sync_dist=False)
+        for metric in self.val_metrics.values():
             metric.reset()
 
     # ----- predict: the policy's responses to the DataModule's prompts, as `rlhf generate` writes them -----
@@ -374,8 +407,11 @@ class PPOModule(StageHooks, LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["ppo_state"] = {"kl_ctl": self.kl_ctl.state_dict(), "generator": self.generator.get_state()}
+        if self.reward_moments is not None:
+            checkpoint["ppo_state"]["reward_moments"] = self.reward_moments.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # held-out judge state
         state = checkpoint.get("ppo_state")
         if state is not None:
             if self.generator is None:
@@ -385,5 +421,7 @@ class PPOModule(StageHooks, LightningModule):
 
     def _restore_state(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if self.reward_moments is not None and "reward_moments" in state:
+            self.reward_moments.load_state_dict(state["reward_moments"])
         self.generator.set_state(state["generator"].cpu())
         self._pending_state = None

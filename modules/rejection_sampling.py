@@ -105,6 +105,16 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         predict_file: where `predict` writes best-of-K jsonl rows {prompt, completion, score, mean_score, index
             (the prompt's row)}, one file from all processes (default: <log dir>/best_of_k.jsonl); `rlhf sft fit`
             reads it as prompt/completion data. Rows below min_score or with a blank best completion are left out.
+        val_reward: a held-out judge (e.g. a reward model trained on another split, or an oracle) that scores the
+            same validation samples as `reward`; validation then also logs val/judge_reward (its mean) and
+            val/reward_gap (val/reward - val/judge_reward: the two scales differ, so watch the gap's trend).
+            Never selected against; None: no judge.
+        overopt_patience: with val_reward, warn (and log val/overoptimising 1.0) when for this many validations in
+            a row val/reward rose while val/judge_reward fell (each against the validation before); 0: off.
+        export_best: a validation metric (e.g. val/judge_reward); fit then exports the policy weights of the
+            validation where it was best instead of the last ones, and prints that step (a CPU copy of the
+            trainable policy weights is kept, in checkpoints too, so a resume keeps it).
+        export_best_mode: "max" or "min": which export_best value is best.
     """
 
     stage = "rs"
@@ -129,6 +139,10 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         merge_lora: bool = True,
         overwrite: bool = False,
         predict_file: str | None = None,
+        val_reward: RewardSpec | None = None,
+        overopt_patience: int = 3,
+        export_best: str | None = None,
+        export_best_mode: Literal["max", "min"] = "max",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -149,6 +163,12 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.policy = None
         self.tokenizer = None
         self.val_reward = MeanMetric()
+        # held-out judge (modules/overoptimisation.py, StageHooks.judged_metrics); the spec is self.judge
+        self.judge = dataclasses.replace(as_reward_spec(val_reward)) if val_reward is not None else None
+        self.val_judge_reward = MeanMetric() if self.judge is not None else None
+        self.judge_monitor = OveroptimisationMonitor(overopt_patience)
+        logged = ["val/reward"] + (["val/judge_reward", "val/reward_gap"] if self.judge is not None else [])
+        self.best_weights = BestWeights(export_best, export_best_mode, logged) if export_best else None
         self.strict_loading = False  # checkpoints hold trainable weights only
 
     def configure_model(self) -> None:
@@ -158,6 +178,8 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.tokenizer = load_tokenizer(self.policy_spec, padding_side="left")
         self.policy = load_causal_lm(self.policy_spec, device=device)
         self.reward.load(device or "cpu")
+        if self.judge is not None:
+            self.judge.load(device or "cpu")
         if self.kl_coef > 0:  # frozen initial policy (a LoRA policy's base: the adapter starts at zero)
             ref_spec = dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
             self.reference = load_causal_lm(ref_spec, device=device, trainable=False)
@@ -233,6 +255,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             ("train/best_reward", best_scores.mean()),
             ("train/reward_gain", best_scores.mean() - scores.mean()),
             ("train/kept_fraction", keep.float().mean()),
+            *([("train/kl", kl.mean()), ("train/best_kl", kl.gather(1, best[:, None]).mean())] if kl is not None else []),
         ]:
             prog_bar = name == "train/best_reward"
             self.log(name, value, on_step=True, on_epoch=True, batch_size=b, prog_bar=prog_bar)
@@ -265,12 +288,20 @@ class RejectionSamplingModule(StageHooks, LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # one sample per prompt from the same stream every time: validations differ only by the policy
         spec = dataclasses.replace(self.sampling, num_samples=1)
-        _, _, scores = self.sample(batch, spec, self._generator("val", batch_idx))
+        _, responses, scores = self.sample(batch, spec, self._generator("val", batch_idx))
         self.val_reward.update(scores)
+        if self.judge is not None:  # the held-out judge scores the same responses
+            judged = self.judge.score(batch["prompts"], responses, batch.get("meta"), self.device)
+            self.val_judge_reward.update(judged.float())
 
     def on_validation_epoch_end(self) -> None:
         split = "test" if self.trainer.testing else "val"
-        self.log(f"{split}/reward", self.val_reward.compute(), prog_bar=True, sync_dist=False)
+        values = {"reward": self.val_reward.compute()}
+        if self.judge is not None:
+            values["judge_reward"] = self.val_judge_reward.compute()
+            self.val_judge_reward.reset()
+        for key, value in self.judged_metrics(values).items():  # + reward_gap, overoptimising; export_best copy
+            self.log(f"{split}/{key}", value, prog_bar=key == "reward", sync_dist=False)
         self.val_reward.reset()
 
     def configure_callbacks(self):

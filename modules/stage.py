@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from modules.guard import NonFiniteError, grad_norm, nonfinite_names
 from modules.models import save_hf
@@ -18,11 +19,13 @@ from modules.outputs import check_writable, config_hash
 class StageHooks:
     """Mix in before LightningModule. The module provides optimizer_factory, scheduler_factory, warmup_steps,
     decay, save_dir, overwrite, merge_lora and tokenizer; `saved_model()` (default: self.policy) is what fit
-    saves, `stage` names the stage in messages and in the export's marker."""
+    saves, `stage` names the stage in messages and in the export's marker. PPO and rejection sampling also set
+    judge (the held-out val_reward RewardSpec or None), judge_monitor and best_weights (modules/overoptimisation.py)."""
 
     stage = "stage"
     saved_name = "policy"
     _nonfinite_loss: float | None = None  # a non-finite loss seen since the last optimizer step
+    judge = judge_monitor = best_weights = None  # held-out judging (PPO, rejection sampling)
 
     def saved_model(self):
         return self.policy
@@ -50,6 +53,9 @@ class StageHooks:
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.save_dir:  # before any weights load: an output we must not replace stops here
             check_writable(self.export_dir(), self.overwrite)
+        if stage == "fit" and self.best_weights is not None and self.trainer.limit_val_batches == 0:
+            raise ValueError(f"{self.stage}: export_best={self.best_weights.metric!r} needs validation during fit, "
+                             "but trainer.limit_val_batches is 0 (drop export_best or let validation run)")
 
     def global_mean(self, total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's sum over items and their count -> (loss, mean): DDP averages gradients over ranks, so the
@@ -96,13 +102,87 @@ class StageHooks:
             "or check the data)"
         )
 
+    # ----- held-out judge: reward_gap, the over-optimisation warning, the export_best weights -----
+
+    def judged_metrics(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One validation's computed metrics, named without the split -> with reward_gap (reward - judge_reward)
+        where a judge scored; during fit (not its sanity check) also overoptimising when the monitor is on, and
+        the export_best copy taken if this validation is the best so far."""
+        values = dict(values)
+        if "judge_reward" in values:
+            values["reward_gap"] = values["reward"] - values["judge_reward"]
+        if self._trainer is None or self.trainer.state.fn != "fit" or self.trainer.sanity_checking:
+            return values  # validate / test from a checkpoint judge only
+        step = self.trainer.global_step
+        if "judge_reward" in values and self.judge_monitor is not None and self.judge_monitor.patience > 0:
+            firing = self.judge_monitor.update(values["reward"].item(), values["judge_reward"].item())
+            values["overoptimising"] = torch.tensor(float(firing))
+            if firing:
+                rewards, judges = (" -> ".join(f"{pair[i]:.4g}" for pair in self.judge_monitor.trajectory) for i in (0, 1))
+                rank_zero_warn(
+                    f"{self.stage}: over-optimisation at step {step}: for {self.judge_monitor.patience} validations in a "
+                    f"row val/reward rose ({rewards}) while the held-out val/judge_reward fell ({judges}). Try a lower "
+                    "learning rate, a stronger KL penalty (a higher kl_coef), or export_best: val/judge_reward to "
+                    "export the weights of the judge's best validation."
+                )
+        if self.best_weights is not None:
+            score = values[self.best_weights.metric.removeprefix("val/")].item()
+            params = self.saved_model().named_parameters() if self.trainer.is_global_zero else ()  # rank 0 exports
+            self.best_weights.update(score, step, params)
+        return values
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep_trainable(self, checkpoint)  # frozen weights (references, quantised bases) stay out
         checkpoint["stage"] = self.stage  # a resume under another stage's recipe is refused (recipes/common.py)
+        if self.judge_monitor is not None:
+            checkpoint["judge_state"] = {
+                "judge": repr(self.judge),  # a resume with another judge restarts what compares judge scores
+                "monitor": self.judge_monitor.state_dict(),
+                "best": self.best_weights.state_dict() if self.best_weights is not None else None,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("judge_state")
+        if state is None or self.judge_monitor is None:
+            return
+        same_judge = state["judge"] == repr(self.judge)
+        if same_judge:
+            self.judge_monitor.load_state_dict(state["monitor"])
+        best = self.best_weights
+        if best is None or state["best"] is None:
+            return
+        judged = best.metric in ("val/judge_reward", "val/reward_gap")
+        if (judged and not same_judge) or not best.load_state_dict(state["best"]):
+            why = "another val_reward" if judged and not same_judge else (
+                f"export_best {state['best']['metric']} ({state['best']['mode']})")
+            rank_zero_warn(f"{self.stage}: the checkpoint was judged with {why}: the best {best.metric} "
+                           f"({best.mode}) starts afresh from this resume")
+            best.score, best.step, best.weights = None, None, {}
+        elif self._trainer is not None and not self.trainer.is_global_zero:
+            best.weights = {}  # only rank 0 exports
+
+    def export_best_weights(self, model) -> None:
+        """export_best: load the best validation's copy of the trainable weights into `model` (the saved model),
+        which keeps them after fit, and say which step it was."""
+        best = self.best_weights
+        if best is None:
+            return
+        if best.step is None:
+            print(f"{self.stage}: export_best {best.metric}: no validation ran during fit, exporting the last weights "
+                  f"(step {self.trainer.global_step})")
+            return
+        unexpected = model.load_state_dict(best.weights, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"{self.stage}: export_best weights do not fit the {self.saved_name}: {unexpected[:5]}")
+        last = self.trainer.global_step
+        print(f"{self.stage}: export_best: exporting the {self.saved_name} of step {best.step}, where {best.metric} was "
+              f"{best.mode}imal ({best.score:.6g}), " + ("the last weights" if best.step == last else
+                                                        f"instead of the last weights (step {last})"))
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.interrupted:
             model = self.saved_model()
+            self.export_best_weights(model)
             bad = nonfinite_names(model.named_parameters())
             if bad:
                 self._stop_nonfinite(f"weights ({', '.join(bad)})", f"after optimizer step {self.trainer.global_step}")

@@ -21,8 +21,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 RUNS = "runs"  # the default logger's save_dir, relative to trainer.default_root_dir (the run root)
 # model keys a resume may change: where the output goes and how (rs `rounds` only sets trainer.max_epochs,
-# the run's length, which every resume may change); any other differing model key is refused
-SAFE_ON_RESUME = ("save_dir", "merge_lora", "predict_file", "overwrite", "rounds")
+# the run's length, which every resume may change; ppo/rs held-out judging only reads validation samples and
+# picks the exported weights, never changes training: a new judge restarts what compares its scores);
+# any other differing model key is refused
+SAFE_ON_RESUME = ("save_dir", "merge_lora", "predict_file", "overwrite", "rounds",
+                  "val_reward", "overopt_patience", "export_best", "export_best_mode")
 # validate / test / predict from a checkpoint continue no training: how to sample may change too
 SAFE_TO_EVALUATE = (*SAFE_ON_RESUME, "sampling", "sampling_seed", "seed")
 
@@ -173,9 +176,10 @@ class StageCLI(LightningCLI):
 
     Resume contract (`--ckpt_path FILE`, or `last`: the highest-numbered version_N of this stage under the
     run root that holds checkpoints/last.ckpt): the run continues with the checkpoint's model. Model keys in
-    SAFE_ON_RESUME (where the export goes and how: save_dir, merge_lora, predict_file, overwrite; rs rounds)
-    take the value given now; any other model key that differs from the checkpoint's is refused before a
-    model loads, naming each key, the checkpoint's value and the given one. Trainer, data and optimizer
+    SAFE_ON_RESUME (where the export goes and how: save_dir, merge_lora, predict_file, overwrite; rs rounds;
+    ppo/rs held-out judging: val_reward, overopt_patience, export_best, export_best_mode) take the value given
+    now; any other model key that differs from the checkpoint's is refused before a model loads, naming each
+    key, the checkpoint's value and the given one. Trainer, data and optimizer
     settings are not checked (they are not stored in the checkpoint's hyperparameters). validate, test and
     predict continue no training: they also take new sampling settings (SAFE_TO_EVALUATE).
     """
