@@ -89,6 +89,8 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             log-ratio to a frozen copy of the initial policy (losses/rejection_sampling.py), instead of the score
             alone; 0 (default) loads no reference. Against a learned reward model it keeps the policy on text the
             reward model was trained on, where its scores can be trusted.
+        reward_norm: select on each prompt's K scores standardised (minus their mean, over their std), so kl_coef
+            counts standard deviations per nat whatever the reward model's scale (min_score still reads raw scores).
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
         scheduler: LR scheduler factory; None uses warm-up then `decay`. Stepped once per prompt batch, over
             trainer.estimated_stepping_batches.
@@ -127,6 +129,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         rounds: int = 1,
         min_score: float | None = None,
         kl_coef: float = 0.0,
+        reward_norm: bool = False,
         optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
         warmup_steps: int = 0,
@@ -152,7 +155,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.rounds, self.min_score = rounds, min_score
         if not kl_coef >= 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        self.kl_coef = kl_coef
+        self.kl_coef, self.reward_norm = kl_coef, reward_norm
         self.reference = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay = warmup_steps, decay
@@ -228,7 +231,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             self.policy.eval()  # no dropout in the log-probs
             kl = self.log_ratio(rollout).view_as(scores).to(scores.device)
             self.policy.train(was_training)
-        best, _ = select_best(scores if kl is None else kl_penalised_scores(scores, kl, self.kl_coef))
+        best, _ = select_best(kl_penalised_scores(scores, kl, self.kl_coef, self.reward_norm))
         top = scores.gather(1, best[:, None]).squeeze(1)  # (b,): the chosen sample's own score
         keep = torch.ones_like(best, dtype=torch.bool) if self.min_score is None else top >= self.min_score
         return rollout, responses, scores, best, keep, kl

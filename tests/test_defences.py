@@ -53,6 +53,20 @@ def test_kl_penalised_selection_prefers_the_sample_the_reference_finds_likely():
     assert select_best(penalised)[0].tolist() == [1, 2]
     assert select_best(scores)[0].tolist() == [0, 2]
     assert kl_penalised_scores(scores, log_ratio, 0.0) is scores
+    assert kl_penalised_scores(scores, None, 0.1) is scores
+
+
+def test_standardised_selection_counts_kl_in_standard_deviations():
+    scores = torch.tensor([[1.0, 3.0], [10.0, 30.0], [2.0, 2.0]])
+    log_ratio = torch.tensor([[0.0, 5.0], [0.0, 5.0], [1.0, 0.0]])
+    z = kl_penalised_scores(scores, None, 0.0, standardise=True)
+    # each row: mean of the two, population std = half the gap -> -1, +1; a tied row: 0, 0
+    torch.testing.assert_close(z, torch.tensor([[-1.0, 1.0], [-1.0, 1.0], [0.0, 0.0]]), atol=1e-5, rtol=0)
+    picked = kl_penalised_scores(scores, log_ratio, 0.3, standardise=True)
+    # rows 0 and 1 alike whatever the scale: -1 - 0 = -1 vs 1 - 0.3 * 5 = -0.5; a tie goes to the smaller log-ratio
+    torch.testing.assert_close(picked, torch.tensor([[-1.0, -0.5], [-1.0, -0.5], [-0.3, 0.0]]), atol=1e-5, rtol=0)
+    assert select_best(picked)[0].tolist() == [1, 1, 1]
+    assert select_best(kl_penalised_scores(scores, log_ratio, 0.5, standardise=True))[0].tolist() == [0, 0, 1]
 
 
 def _prompts(synthetic_dir, tiny_model_dir, batch_size=4) -> PromptDataModule:
