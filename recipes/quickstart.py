@@ -1,9 +1,12 @@
-"""`rlhf quickstart`: the pipeline on the built-in reverse task, offline, on a CPU, in minutes.
+"""`rlhf quickstart`: the pipeline on a built-in verifiable task, offline, on a CPU, in minutes.
 
-Builds a tiny tokenizer and Llama in-process, writes the task's data, runs each stage through its real recipe
-and config (configs/<stage>/synthetic.yaml), and prints the held-out oracle score after each stage; then each
-trained policy's win rate against SFT judged by the oracle, and its KL to SFT (`rlhf eval` on the same samples),
-and writes OUT/report/ (`rlhf report` of the runs' metrics and the evaluations).
+Builds a tiny tokenizer and Llama in-process, writes the task's data (`--task reverse` or `sort`), runs each
+stage through its real recipe and config (configs/<stage>/synthetic.yaml; with `--rl-reward model`, rejection
+sampling and PPO optimise the reward model trained here through configs/{rs,ppo}/synthetic-rm.yaml, the defended
+learned-reward configs), and prints the held-out oracle score after each stage; then each trained policy's win
+rate against SFT judged by the oracle, and its KL to SFT (`rlhf eval` on the same samples). Writes OUT/report/
+(`rlhf report` of the runs' metrics and the evaluations) and OUT/results.json (every number printed, and each
+stage's wall time), which benchmarks/alignment.py gathers over seeds and tasks.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ import argparse
 import contextlib
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from modules.outputs import MARKER
 from recipes.common import quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
+MEMBERS = 3  # reward-model ensemble members
 
 
 def oracle_eval(model_dir: str | Path, prompts_file: Path, samples: Path, seed: int = 0) -> float:
@@ -59,12 +65,14 @@ def against_sft(out: Path, policies: list[tuple[str, Path]], sft: Path) -> list[
 
 
 def reward_accuracy(model_dir: Path, pairs_file: Path) -> float:
-    """Fraction of held-out oracle-labelled pairs the reward model orders like the labels."""
+    """Fraction of held-out oracle-labelled pairs the reward model (a folder of ensemble members: their mean
+    score) orders like the labels."""
     from modules.models import ModelSpec
     from modules.reward_spec import RewardSpec
 
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
-    spec = RewardSpec(models=[ModelSpec(path=str(model_dir))]).load("cpu")
+    members = (model_dir / "member_0").is_dir()
+    spec = RewardSpec(models=[ModelSpec(path=str(model_dir))], ensemble="mean" if members else "none").load("cpu")
     prompts = [r["prompt"] for r in rows]
     chosen = spec.score(prompts, [r["chosen"] for r in rows])
     rejected = spec.score(prompts, [r["rejected"] for r in rows])
@@ -85,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rlhf quickstart", description=__doc__)
     parser.add_argument("--out", default="runs/quickstart", help="folder for data, models and logs")
     parser.add_argument("--n-train", type=int, default=4000, help="training rows per data file")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the base model and every stage")
+    parser.add_argument("--task", choices=["reverse", "sort"], default="reverse", help="the built-in task")
     parser.add_argument("--stages", default="sft,reward,dpo,rs,ppo", help="comma-separated stages after SFT")
     parser.add_argument(
         "--rl-reward", choices=["oracle", "model"], default="oracle",
@@ -99,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out).resolve()
     start = time.time()
-    files = write_task(out / "data", n_train=args.n_train, n_val=200, seed=args.seed)
-    texts = [r["prompt"] + r["completion"] for r in make_demonstrations(2000, seed=args.seed + 123)]
+    files = write_task(out / "data", n_train=args.n_train, n_val=200, seed=args.seed, task=args.task)
+    texts = [r["prompt"] + r["completion"] for r in make_demonstrations(2000, seed=args.seed + 123, task=args.task)]
     build_tiny_model(out / "base", texts, vocab_size=320, hidden_size=64, num_layers=2, seed=args.seed)
     val_prompts = files["prompts_val"]
     samples = out / "samples"
@@ -112,10 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     results = [("base (random init)", sampled_score("base", out / "base"), str(out / "base"))]
     policies = []  # (name, model) of the trained policies compared with SFT
     common = [f"--trainer.logger.init_args.save_dir={out / 'logs'}", f"--trainer.default_root_dir={out / 'logs'}",
-              "--trainer.enable_progress_bar=false"]  # stages of seconds each: the tables below say what matters
+              "--trainer.enable_progress_bar=false", f"--seed_everything={args.seed}"]  # the tables say what matters
+    wall: dict[str, float] = {}
 
     def stage(name: str, config: str, data: str, extra: list[str]) -> Path:
-        saved = out / name
+        saved, began = out / name, time.time()
         run_stage(
             config.split("/")[0],
             config,
@@ -127,28 +137,36 @@ def main(argv: list[str] | None = None) -> None:
                 *extra,
             ],
         )
+        wall[name] = time.time() - began
         return saved
 
     sft = stage("sft", "sft/synthetic.yaml", "sft", [f"--model.policy.path={out / 'base'}"])
     results.append(("sft", sampled_score("sft", sft), str(sft)))
     if "reward" in args.stages:
-        rm = stage("reward", "reward/synthetic.yaml", "rankings", [f"--model.backbone.path={out / 'base'}"])
+        # an ensemble of 3 (seeds 0-2), each initialised from the SFT policy as InstructGPT's: far fewer errors on
+        # the policy's own samples than any one member (benchmarks/alignment.md)
+        for member in (out / "reward").glob("member_*"):  # a rerun retrains them (--members would skip them)
+            if (member / MARKER).is_file():  # ours: the marker proves lightning-rlhf wrote it
+                shutil.rmtree(member)
+        rm = stage("reward", "reward/synthetic.yaml", "rankings", [f"--model.backbone.path={sft}", f"--members={MEMBERS}"])
         accuracy = reward_accuracy(rm, files["pairs_val"])
-        results.append(("reward model", accuracy, f"{rm}  (held-out accuracy vs the oracle's preferences)"))
+        results.append(("reward model", accuracy, f"{rm}  ({MEMBERS} members' mean: held-out accuracy vs the oracle's preferences)"))
     if "dpo" in args.stages:
         dpo = stage("dpo", "dpo/synthetic.yaml", "pairs", [f"--model.policy.path={sft}"])
         results.append(("dpo", sampled_score("dpo", dpo), str(dpo)))
         policies.append(("dpo", dpo))
     # RS and PPO optimise the oracle by default (a verifiable reward); --rl-reward model optimises the learned
-    # reward model as InstructGPT / Llama 2 do, where this small RM gets over-optimised (see README)
+    # reward model as InstructGPT / Llama 2 do, through the configs that defend against over-optimising it
     learned = args.rl_reward == "model"
-    reward = ["--model.reward.oracle=null", f"--model.reward.models=[{{path: {out / 'reward'}}}]"] if learned else []
+    variant = "synthetic-rm" if learned else "synthetic"
+    reward = [f"--model.reward.models=[{{path: {out / 'reward'}}}]"] if learned else []
     if "rs" in args.stages and (not learned or "reward" in args.stages):
-        rs = stage("rs", "rs/synthetic.yaml", "prompts", [f"--model.policy.path={sft}", "--trainer.limit_train_batches=60", *reward])
+        short = [] if learned else ["--trainer.limit_train_batches=60"]  # the oracle: 60 batches reach its top
+        rs = stage("rs", f"rs/{variant}.yaml", "prompts", [f"--model.policy.path={sft}", *short, *reward])
         results.append(("rejection sampling", sampled_score("rs", rs), str(rs)))
         policies.append(("rs", rs))
     if "ppo" in args.stages and (not learned or "reward" in args.stages):
-        ppo = stage("ppo", "ppo/synthetic.yaml", "prompts", [f"--model.policy.path={sft}", *reward])
+        ppo = stage("ppo", f"ppo/{variant}.yaml", "prompts", [f"--model.policy.path={sft}", *reward])
         results.append(("ppo", sampled_score("ppo", ppo), str(ppo)))
         policies.append(("ppo", ppo))
     evals = against_sft(out, policies, sft)
@@ -157,7 +175,15 @@ def main(argv: list[str] | None = None) -> None:
     stages = [d for d in (out / "logs" / n for n in ("sft", "reward", "dpo", "rs", "ppo")) if d.is_dir()]
     report = write_report(stages + [out / "eval" / n for n, _ in policies], out / "report", "rlhf quickstart")
 
-    print("\n== rlhf quickstart: held-out oracle score (reverse task, 200 prompts, one sample each at T=1) ==")
+    total = time.time() - start
+    summary = {
+        "task": args.task, "seed": args.seed, "rl_reward": args.rl_reward, "wall_s": total, "stage_wall_s": wall,
+        "scores": {name: score for name, score, _ in results},
+        "versus_sft": {name: {"win_rate": r["win_rate"]["win_rate"], "kl": r["kl"]["kl"], "kl_stderr": r["kl"]["stderr"]}
+                       for name, r in evals},
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n== rlhf quickstart: held-out oracle score ({args.task} task, 200 prompts, one sample each at T=1) ==")
     print(f"   rejection sampling and PPO optimise: {'the reward model above' if learned else 'the oracle'}")
     for name, score, path in results:
         print(f"  {name:<20} {score:6.3f}   {path}")
@@ -169,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         rate, counts = f"{w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']} / {w['ties']} / {w['losses']}"
         print(f"  {name:<8} {rate:<24} {counts:<18} {kl['kl']:.2f} ± {kl['stderr']:.2f}")
     print(f"data: {out / 'data'}   logs: {out / 'logs'}   evals: {out / 'eval'}   report: {report.with_suffix('.html')}")
-    print(f"wall time: {time.time() - start:.0f} s")
+    print(f"wall time: {total:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The quickstart runs end to end offline (small, SFT only) and reports the oracle scores."""
 
+import json
+
 import pytest
 
 
@@ -12,3 +14,6 @@ def test_quickstart_sft_only(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "base (random init)" in out and "sft " in out
     assert (tmp_path / "qs" / "sft" / "model.safetensors").exists()
+    results = json.loads((tmp_path / "qs" / "results.json").read_text())  # what benchmarks/alignment.py reads
+    assert results["task"] == "reverse" and set(results["scores"]) == {"base (random init)", "sft"}
+    assert results["stage_wall_s"]["sft"] > 0 and results["versus_sft"] == {}
