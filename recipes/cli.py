@@ -11,6 +11,8 @@ EXIT_CODES = {
     "ModelPathError": 3,  # a missing local model folder
     "NonFiniteError": 4,  # NaN/inf loss, gradient, logits or weights: stopped at that step
     "OutputExistsError": 5,  # save_dir holds something we did not write
+    "PipelineConfigError": 2,  # rlhf pipeline: a bad pipeline file, file:line: reason per problem (nothing ran)
+    "StageFailedError": 6,  # rlhf pipeline: a stage exited nonzero: its name, exit code and log
 }
 DATA_ERROR_EXIT = EXIT_CODES["DataError"]
 STAGES = {"sft": "recipes.sft", "reward": "recipes.reward", "dpo": "recipes.dpo", "ppo": "recipes.ppo", "rs": "recipes.rejection_sampling"}
@@ -20,6 +22,7 @@ TOOLS = {
     "generate": ("recipes.generate", "sample responses from a saved policy or checkpoint into a jsonl file"),
     "eval": ("recipes.eval", "win rate vs a baseline, judge scores, KL to a reference, from generation files"),
     "report": ("recipes.report", "plots of runs' metrics.csv and eval.json files in report.md / report.html"),
+    "pipeline": ("recipes.pipeline", "stages chained from one YAML, with a manifest; re-runs skip or resume stages"),
 }
 
 USAGE = """usage: rlhf <command> [args]

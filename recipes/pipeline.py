@@ -1,0 +1,477 @@
+"""`rlhf pipeline --config configs/pipeline/NAME.yaml [--out DIR] [--from NAME] [--dry-run]`: stages chained in
+one command, each its own `rlhf <stage> fit` process, with a manifest that makes a re-run skip what is done and
+resume what was interrupted.
+
+The pipeline file:
+
+    out: runs/pipeline/synthetic          # the run folder (--out overrides); relative to the current folder
+    args: {trainer.enable_progress_bar: false}   # optional: --key=value given to every stage (before its own)
+    stages:
+      - name: sft                         # unique, [A-Za-z0-9_-]; later stages refer to it as ${sft}
+        stage: sft                        # sft | reward | dpo | ppo | rs
+        config: [configs/sft/synthetic.yaml]   # one or more --config files (paths relative to the current folder)
+        args: {model.policy.path: runs/base}   # --key=value overrides; lists and mappings go as JSON
+      - name: reward
+        stage: reward
+        config: configs/reward/synthetic.yaml
+        args: {model.backbone.path: "${sft}"}
+        members: 3                        # optional, reward only: --members 3 (an ensemble in OUT/reward/member_i)
+
+`${name}` is the artifact of an earlier stage: OUT/<name> (a reward ensemble: the folder of its members, which
+a RewardSpec expands). References point backwards only, so a pipeline has no cycles. The pipeline sets
+`--model.save_dir OUT/<name>` and `--trainer.default_root_dir OUT/<name>.run/<attempt>` (logs and checkpoints
+of that attempt: runs/<stage>/version_N/ under it); stdout and stderr go to OUT/<name>.log.
+
+OUT/manifest.json (rewritten atomically at every status change) holds, per stage: status (pending | running |
+done | failed), artifact and run_dir (relative to OUT), config_hash (of the resolved command with OUT written
+`${out}`, and of the contents of its --config files; data files are not hashed), inputs (run_id of each stage
+it references when it started), run_id (new at each finish), command, started, wall_s, exit_code, resumed,
+and metrics (the last value of each val/ metric in its metrics.csv).
+
+A re-run skips a stage that is done with the same config_hash and inputs whose artifact holds lightning_rlhf.json
+(every member does, for an ensemble). A stage whose config changed runs again, and then so does every stage
+that references it, directly or through others (their inputs changed). A stage left running or failed, its
+config and inputs unchanged, resumes: `--ckpt_path last` in the same run_dir (the newest last.ckpt of that
+attempt); a reward ensemble re-runs `--members`, which skips the members already saved. `--from NAME` runs
+NAME and every stage after it afresh. Config errors are found before any stage runs, one line each naming the
+pipeline file and line (exit 2); a failed stage stops the pipeline with one line naming it, its exit code and
+its log (exit 6). One pipeline at a time per run folder (a lock file, OUT/.pipeline.lock; exit 2 if held).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from modules.outputs import MARKER
+
+PROG = "rlhf pipeline"
+KEYS = ("out", "args", "stages")
+STAGE_KEYS = ("name", "stage", "config", "args", "members")
+SET_BY_PIPELINE = ("model.save_dir", "trainer.default_root_dir", "ckpt_path", "members", "config")
+REF = re.compile(r"\$\{([^}]*)\}")
+NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class PipelineConfigError(ValueError):
+    """The pipeline file is wrong: str() is one `file:line: reason` line per problem."""
+
+
+class StageFailedError(RuntimeError):
+    """A stage's process exited nonzero: str() is one line naming the stage, its exit code and its log."""
+
+
+# ---- reading the file, with line numbers ----
+
+class _Map(dict):
+    line: int = 0
+    lines: dict
+
+
+class _List(list):
+    line: int = 0
+    lines: list
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose mappings and lists remember the (1-based) line of each key / item; duplicate keys are
+    recorded in `errors` (PyYAML keeps the last silently)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.errors: list[tuple[int, str]] = []
+
+
+def _mapping(loader: _Loader, node) -> _Map:
+    out = _Map()
+    out.line, out.lines = node.start_mark.line + 1, {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in out:
+            loader.errors.append((line, f"duplicate key {key!r} (also on line {out.lines[key]})"))
+        out[key], out.lines[key] = loader.construct_object(value_node, deep=True), line
+    return out
+
+
+def _sequence(loader: _Loader, node) -> _List:
+    out = _List(loader.construct_object(n, deep=True) for n in node.value)
+    out.line, out.lines = node.start_mark.line + 1, [n.start_mark.line + 1 for n in node.value]
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequence)
+
+
+@dataclass
+class Stage:
+    name: str
+    stage: str
+    configs: list[str]
+    args: list[tuple[str, object]]  # (key, value as written: ${name} unresolved)
+    members: int | None = None
+    refs: list[str] = field(default_factory=list)  # stages it references, in order
+
+
+@dataclass
+class Pipeline:
+    path: str
+    out: str | None
+    args: list[tuple[str, object]]
+    stages: list[Stage]
+
+
+def _refs(value) -> list[str]:
+    if isinstance(value, str):
+        return REF.findall(value)
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _refs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _refs(v)]
+    return []
+
+
+def load(path: str) -> Pipeline:
+    """The pipeline file, checked whole: PipelineConfigError listing every problem, one `file:line:` line each."""
+    from recipes.cli import STAGES
+
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise PipelineConfigError(f"{path}: cannot read the pipeline file ({err.strerror})") from None
+    loader = _Loader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        raise PipelineConfigError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML: {err.problem}") from None
+    finally:
+        loader.dispose()
+    errors = list(loader.errors)
+
+    def check_args(args, line: int, where: str, defined: list[str] | None) -> list[tuple[str, object]]:
+        if args is None:
+            return []
+        if not isinstance(args, dict):
+            errors.append((line, f"{where}args must be a mapping of key: value (e.g. trainer.max_steps: 10)"))
+            return []
+        for key, value in args.items():
+            at = args.lines[key]
+            if str(key).lstrip("-") in SET_BY_PIPELINE:
+                errors.append((at, f"{where}args: {key} is set by the pipeline (save_dir: OUT/<name>, run root: "
+                                   "OUT/<name>.run, config: the `config` key, members: the `members` key)"))
+            for ref in _refs(value):
+                if defined is None:
+                    errors.append((at, f"{where}args: ${{{ref}}}: the pipeline-wide args cannot reference stages"))
+                elif ref not in defined:
+                    errors.append((at, f"{where}args: ${{{ref}}} names no stage defined before this stage "
+                                       "(references must point backwards, so no cycles)"))
+        return [(str(k).lstrip("-"), v) for k, v in args.items()]
+
+    if not isinstance(data, dict):
+        raise PipelineConfigError(f"{path}:1: a pipeline file is a mapping with keys {', '.join(KEYS)}")
+    for key in data:
+        if key not in KEYS:
+            errors.append((data.lines[key], f"unknown key {key!r} (the keys are {', '.join(KEYS)})"))
+    out = data.get("out")
+    if out is not None and not isinstance(out, str):
+        errors.append((data.lines["out"], "out must be a folder path"))
+    common = check_args(data.get("args"), data.lines.get("args", 1), "", None)
+    stages, names = [], []
+    raw = data.get("stages")
+    if not isinstance(raw, list) or not raw:
+        errors.append((data.lines.get("stages", data.line), "stages must be a non-empty list of stages"))
+        raw = []
+    for item, item_line in zip(raw, raw.lines if isinstance(raw, _List) else []):
+        if not isinstance(item, dict):
+            errors.append((item_line, "a stage is a mapping with keys " + ", ".join(STAGE_KEYS)))
+            continue
+        line = item.lines.get
+        for key in item:
+            if key not in STAGE_KEYS:
+                errors.append((item.lines[key], f"unknown stage key {key!r} (the keys are {', '.join(STAGE_KEYS)})"))
+        name = item.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            errors.append((line("name", item_line), f"stage name {name!r}: give each stage a name of letters, "
+                                                    "digits, _ or -"))
+            name = None
+        elif name in names:
+            errors.append((line("name"), f"duplicate stage name {name!r}"))
+        where = f"stage {name}: " if name else ""
+        stage = item.get("stage")
+        if stage not in STAGES:
+            errors.append((line("stage", item_line), f"{where}unknown stage {stage!r} (one of {', '.join(STAGES)})"))
+        configs = item.get("config")
+        configs = [configs] if isinstance(configs, str) else configs
+        if not isinstance(configs, list) or not configs:
+            errors.append((line("config", item_line), f"{where}config: give one or more --config files"))
+            configs = []
+        for i, config in enumerate(configs):
+            at = configs.lines[i] if isinstance(configs, _List) else line("config")
+            if not isinstance(config, str) or not Path(config).is_file():
+                errors.append((at, f"{where}config file {config!r} not found (paths are relative to the current "
+                                   f"folder, {os.getcwd()})"))
+        members = item.get("members")
+        if "members" in item:
+            if stage != "reward":
+                errors.append((line("members"), f"{where}members trains a reward-model ensemble: only for stage "
+                                                "reward"))
+            elif isinstance(members, bool) or not isinstance(members, int) or members < 2:
+                errors.append((line("members"), f"{where}members must be a whole number >= 2, got {members!r}"))
+        args = check_args(item.get("args"), line("args", item_line), where, list(names))
+        if name:
+            names.append(name)
+        stages.append(Stage(name or "", stage, [str(c) for c in configs], args, members,
+                            list(dict.fromkeys(r for _, v in args for r in _refs(v)))))
+    if errors:
+        raise PipelineConfigError("\n".join(f"{path}:{line}: {reason}" for line, reason in sorted(errors)))
+    return Pipeline(path, out, common, stages)
+
+
+# ---- commands, hashes, manifest ----
+
+def _resolve(value, base: str):
+    if isinstance(value, str):
+        return REF.sub(lambda m: f"{base}/{m.group(1)}", value)
+    if isinstance(value, dict):
+        return {k: _resolve(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, base) for v in value]
+    return value
+
+
+def _arg(value) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)  # true / false / null / numbers / flow lists and mappings: YAML reads JSON
+
+
+def stage_args(pipeline: Pipeline, stage: Stage, base: str) -> list[str]:
+    """`<stage> fit --config ... --key=value ... --model.save_dir=BASE/<name> [--members=N]`, no run root."""
+    args = [stage.stage, "fit", *[a for c in stage.configs for a in ("--config", c)]]
+    args += [f"--{key}={_arg(_resolve(value, base))}" for key, value in [*pipeline.args, *stage.args]]
+    args.append(f"--model.save_dir={base}/{stage.name}")
+    return args + ([f"--members={stage.members}"] if stage.members else [])
+
+
+def config_hash(pipeline: Pipeline, stage: Stage) -> str:
+    """Of the command with the run folder written ${out} (a moved run folder keeps its hashes) and of the
+    contents of its --config files."""
+    h = hashlib.sha256(json.dumps(stage_args(pipeline, stage, "${out}")).encode())
+    for config in stage.configs:
+        h.update(Path(config).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def complete(out: Path, stage: Stage) -> bool:
+    """The artifact holds the marker (every member of an ensemble does)."""
+    artifact = out / stage.name
+    if stage.members:
+        return all((artifact / f"member_{i}" / MARKER).is_file() for i in range(stage.members))
+    return (artifact / MARKER).is_file()
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tmp = out / f".manifest.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / "manifest.json")
+
+
+def read_manifest(out: Path) -> dict[str, dict]:
+    try:
+        return {e["name"]: e for e in json.loads((out / "manifest.json").read_text())["stages"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def val_metrics(run_dir: Path) -> dict:
+    """The last value of each val/ metric in the run's metrics.csv files, oldest first (an ensemble: per member)."""
+    found = {}
+    for path in sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime):
+        last = {}
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                last.update({k: float(v) for k, v in row.items() if k and k.startswith("val/") and v not in ("", None)})
+        member = next((p for p in path.parts if p.startswith("member_")), None)
+        (found.setdefault(member, {}) if member else found).update(last)  # a resumed run: its versions in order
+    return found
+
+
+# ---- planning and running ----
+
+def plan(pipeline: Pipeline, out: Path, old: dict[str, dict], start: str | None) -> list[tuple[str, str]]:
+    """(action, reason) per stage: skip | run | resume, as a run now would decide (a stage that runs makes every
+    stage referencing it run too)."""
+    actions, changed, forced = [], set(), False
+    for stage in pipeline.stages:
+        forced = forced or stage.name == start
+        prev = old.get(stage.name) or {}
+        same_hash = prev.get("config_hash") == config_hash(pipeline, stage)
+        inputs = {r: (old.get(r) or {}).get("run_id") for r in stage.refs}
+        same_inputs = prev.get("inputs") == inputs and not changed.intersection(stage.refs)
+        run_dir = out / prev["run_dir"] if prev.get("run_dir") else None
+        if forced:
+            action = ("run", f"--from {start}")
+        elif not prev:
+            action = ("run", "new")
+        elif not same_hash:
+            action = ("run", "config changed")
+        elif not same_inputs:
+            action = ("run", "a stage it references ran again")
+        elif prev.get("status") == "done" and complete(out, stage):
+            action = ("skip", "done, unchanged")
+        elif prev.get("status") == "done":
+            action = ("run", f"artifact {stage.name} lacks {MARKER}")
+        elif prev.get("status") in ("running", "failed") and stage.members:
+            action = ("resume", "interrupted ensemble: members already saved are skipped")
+        elif prev.get("status") in ("running", "failed") and run_dir and any(run_dir.rglob("last.ckpt")):
+            action = ("resume", f"interrupted: --ckpt_path last in {prev['run_dir']}")
+        else:
+            action = ("run", f"{prev.get('status', 'pending')}, no checkpoint to resume")
+        if action[0] != "skip":
+            changed.add(stage.name)
+        actions.append(action)
+    return actions
+
+
+def launch(command: list[str], log: Path) -> int:
+    """Runs one stage; its stdout and stderr are appended to `log`. -> exit code (negative: killed by a signal)."""
+    with log.open("a") as f:
+        f.write(f"\n== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(command)}\n")
+        f.flush()
+        return subprocess.call(command, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def attempt(out: Path, stage: Stage, action: str, entry: dict) -> tuple[str, list[str]]:
+    """(run_dir relative to OUT, command) of the stage's next attempt: a resume continues in its run_dir with
+    `--ckpt_path last` (an ensemble: `--members` skips the saved members); a fresh run gets a new run_dir, so
+    `last` never finds an earlier attempt's checkpoint."""
+    if action == "resume":
+        run_dir = entry["run_dir"]
+    else:
+        attempts = [int(p.name) for p in (out / f"{stage.name}.run").glob("*") if p.name.isdigit()]
+        run_dir = f"{stage.name}.run/{max(attempts, default=-1) + 1}"
+    return run_dir, [f"--trainer.default_root_dir={out / run_dir}",
+                     *(["--ckpt_path=last"] if action == "resume" and not stage.members else [])]
+
+
+def run(pipeline: Pipeline, out: Path, start: str | None = None, dry_run: bool = False) -> dict:
+    old = read_manifest(out)
+    actions = plan(pipeline, out, old, start)
+    python = [sys.executable, "-m", "recipes.cli"]
+    if dry_run:
+        for stage, (action, reason) in zip(pipeline.stages, actions):
+            print(f"# {stage.name}: {action} ({reason})")
+            if action != "skip":
+                extra = attempt(out, stage, action, old.get(stage.name) or {})[1]
+                print(shlex.join(python + stage_args(pipeline, stage, str(out)) + extra))
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    lock = (out / ".pipeline.lock").open("w")  # held while this runs; a killed process releases it
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise PipelineConfigError(f"{PROG}: another rlhf pipeline is running in {out}: wait for it, or choose "
+                                  "another --out") from None
+    entries = []
+    for stage, (action, _) in zip(pipeline.stages, actions):
+        entry = dict(old.get(stage.name) or {}, name=stage.name, stage=stage.stage, artifact=stage.name)
+        if action == "run" or not entry.get("status"):
+            entry.update(status="pending")
+        entries.append(entry)
+    manifest = {"pipeline": str(pipeline.path), "out": str(out), "stages": entries}
+    write_manifest(out, manifest)
+    by_name = {e["name"]: e for e in entries}
+    for stage, (action, reason), entry in zip(pipeline.stages, actions, entries):
+        if action == "skip":
+            print(f"{PROG}: {stage.name}: skipped ({reason}): {out / stage.name}")
+            continue
+        if action == "run" and stage.members:  # a fresh ensemble: --members would skip members saved before
+            for member in (out / stage.name).glob("member_*"):
+                if (member / MARKER).is_file():
+                    shutil.rmtree(member)
+        run_dir, extra = attempt(out, stage, action, entry)
+        command = python + stage_args(pipeline, stage, str(out)) + extra
+        log = out / f"{stage.name}.log"
+        entry.update(status="running", run_dir=run_dir, config_hash=config_hash(pipeline, stage),
+                     inputs={r: by_name[r].get("run_id") for r in stage.refs}, run_id=None, command=command,
+                     started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), wall_s=None, exit_code=None,
+                     resumed=action == "resume", metrics={})
+        write_manifest(out, manifest)
+        print(f"{PROG}: {stage.name}: {'resuming' if action == 'resume' else 'running'} ({reason}); log: {log}",
+              flush=True)
+        began = time.time()
+        try:
+            code = launch(command, log)
+        except KeyboardInterrupt:
+            entry.update(status="failed", wall_s=round(time.time() - began, 3), exit_code=130)
+            write_manifest(out, manifest)
+            print(f"{PROG}: interrupted in stage {stage.name}; the same command resumes it", file=sys.stderr)
+            raise SystemExit(130) from None
+        entry.update(wall_s=round(time.time() - began, 3), exit_code=code)
+        if code == 0 and not complete(out, stage):
+            code = entry["exit_code"] = 1
+            with log.open("a") as f:
+                f.write(f"{PROG}: exited 0 but {out / stage.name} lacks {MARKER}\n")
+        if code != 0:
+            entry["status"] = "failed"
+            write_manifest(out, manifest)
+            last = _last_line(log)
+            raise StageFailedError(f"{PROG}: stage {stage.name} (rlhf {stage.stage} fit) failed with exit code {code}; "
+                                   f"log: {log}" + (f" (last line: {last})" if last else ""))
+        entry.update(status="done", run_id=uuid.uuid4().hex[:12], metrics=val_metrics(out / run_dir))
+        write_manifest(out, manifest)
+        print(f"{PROG}: {stage.name}: done in {entry['wall_s']:.0f} s: {out / stage.name}", flush=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from recipes.cli import EXIT_CODES
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the pipeline file (configs/pipeline/*.yaml)")
+    parser.add_argument("--out", help="the run folder (default: the file's `out`)")
+    parser.add_argument("--from", dest="start", metavar="NAME", help="run NAME and every later stage afresh")
+    parser.add_argument("--dry-run", action="store_true", help="print each stage's action and command; run nothing")
+    args = parser.parse_args(argv)
+    try:
+        pipeline = load(args.config)
+        if args.start is not None and args.start not in [s.name for s in pipeline.stages]:
+            raise PipelineConfigError(f"{PROG}: --from {args.start}: no such stage in {args.config} (stages: "
+                                      f"{', '.join(s.name for s in pipeline.stages)})")
+        out = args.out or pipeline.out
+        if not out:
+            raise PipelineConfigError(f"{args.config}:1: no `out` folder: set one in the file or give --out")
+        return run(pipeline, Path(out).expanduser().absolute(), args.start, args.dry_run)
+    except (PipelineConfigError, StageFailedError) as err:
+        print(str(err), file=sys.stderr)
+        raise SystemExit(EXIT_CODES[type(err).__name__]) from None
+
+
+if __name__ == "__main__":
+    main()

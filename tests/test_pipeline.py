@@ -1,0 +1,380 @@
+"""`rlhf pipeline`: config errors name the line, stages chain through ${name}, re-runs skip what is done, an
+interrupted stage resumes from its checkpoint, --from and changed args re-run what they should."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from modules.outputs import MARKER
+from recipes import cli, pipeline
+from tests.conftest import ROOT
+
+KILL_ENV = "RLHF_TEST_KILL_PIPELINE"
+
+
+class KillPipelineAt(Callback):
+    """With $RLHF_TEST_KILL_PIPELINE=N, kills its whole process group (the pipeline and this stage) before
+    optimizer step N+1, once a last.ckpt is on disk: a deterministic "kill mid-stage". No-op otherwise."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        at = os.environ.get(KILL_ENV)
+        if at and trainer.global_step >= int(at) and any(Path(trainer.default_root_dir).rglob("last.ckpt")):
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def write(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---- (a) config errors: one line each, naming the line; nothing runs ----
+
+BAD = [
+    ("""stages:
+  - name: sft
+    stage: sfx
+    config: [configs/sft/tiny.yaml]
+""", 3, "unknown stage 'sfx'"),
+    ("""stages:
+  - name: dpo
+    stage: dpo
+    config: [configs/dpo/tiny.yaml]
+    args:
+      model.policy.path: ${sft}
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+""", 6, "${sft} names no stage defined before this stage (references must point backwards, so no cycles)"),
+    ("""stages:
+  - name: a
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+    args: {model.policy.path: "${a}"}
+""", 5, "${a} names no stage defined before this stage"),
+    ("""stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+""", 5, "duplicate stage name 'sft'"),
+    ("""stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+    trainer: {max_steps: 2}
+""", 5, "unknown stage key 'trainer'"),
+    ("""outt: runs/x
+stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+""", 1, "unknown key 'outt'"),
+    ("""stages:
+  - name: sft
+    stage: sft
+    config:
+      - configs/sft/tiny.yaml
+      - configs/sft/nope.yaml
+""", 6, "config file 'configs/sft/nope.yaml' not found"),
+    ("""stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+    members: 3
+""", 5, "members trains a reward-model ensemble: only for stage reward"),
+    ("""stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+    args:
+      model.save_dir: elsewhere
+""", 6, "model.save_dir is set by the pipeline"),
+    ("""stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+    stage: dpo
+""", 5, "duplicate key 'stage' (also on line 3)"),
+    ("""stages:
+  - name: sft
+    stage: sft
+   config: [configs/sft/tiny.yaml]
+""", 4, "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("text,line,reason", BAD, ids=[b[2][:30] for b in BAD])
+def test_config_error_names_the_line_and_nothing_runs(text, line, reason, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(pipeline, "launch", lambda *a: pytest.fail("a stage ran"))
+    path = write(tmp_path, text)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["pipeline", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == cli.EXIT_CODES["PipelineConfigError"] == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{path}:{line}: ") and reason in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_error_is_listed_in_line_order(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    path = write(tmp_path, "stages:\n  - name: a\n    stage: nope\n    config: [configs/sft/tiny.yaml]\n"
+                           "    args: {x: '${b}'}\n  - {name: a, stage: sft, config: [x.yaml], extra: 1}\n")
+    with pytest.raises(SystemExit):
+        pipeline.main(["--config", str(path), "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [int(line.split(":")[1]) for line in lines] == [3, 5, 6, 6, 6]
+
+
+def test_the_example_pipeline_parses(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    pipeline.main(["--config", "configs/pipeline/quickstart-chain.yaml", "--out", "/nonexistent/out", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "--model.backbone.path=/nonexistent/out/sft" in out and "--members=3" in out
+    assert "'--model.reward.models=[{\"path\": \"/nonexistent/out/reward\"}]'" in out
+
+
+def test_the_example_pipeline_stages_parse_against_their_recipes(monkeypatch, capsys):
+    from recipes.cli import STAGES
+
+    monkeypatch.chdir(ROOT)
+    example = pipeline.load("configs/pipeline/quickstart-chain.yaml")
+    for stage in example.stages:
+        monkeypatch.setattr(sys, "argv", [f"rlhf {stage.stage}"])
+        module = __import__(STAGES[stage.stage], fromlist=["main"])
+        with pytest.raises(SystemExit) as exit_:
+            module.main([*pipeline.stage_args(example, stage, "/tmp/out")[1:], "--print_config"])
+        assert exit_.value.code in (0, None), stage.name
+        assert "/tmp/out/" + stage.name in capsys.readouterr().out
+
+
+# ---- (d) skip / --from / changed args, with a stand-in for the stage process ----
+
+CHAIN = """stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+    args: {{trainer.max_steps: {sft_steps}}}
+  - name: other
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+  - name: dpo
+    stage: dpo
+    config: [configs/dpo/tiny.yaml]
+    args: {{model.policy.path: "${{sft}}"}}
+  - name: rs
+    stage: rs
+    config: [configs/rs/tiny.yaml]
+    args: {{model.policy.path: "${{dpo}}"}}
+"""
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """pipeline.launch replaced: a stage 'runs' by writing the marker into its save_dir; -> names run, in order."""
+    ran = []
+
+    def launch(command, log):
+        save_dir = Path(next(a.split("=", 1)[1] for a in command if a.startswith("--model.save_dir=")))
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / MARKER).write_text("{}")
+        ran.append(save_dir.name)
+        return 0
+
+    monkeypatch.setattr(pipeline, "launch", launch)
+    monkeypatch.chdir(ROOT)
+    return ran
+
+
+def test_from_and_changed_args_rerun_the_stage_and_its_dependents(tmp_path, fake_stages, capsys):
+    out = tmp_path / "out"
+    path = write(tmp_path, CHAIN.format(sft_steps=2))
+
+    def run(*extra):
+        fake_stages.clear()
+        pipeline.main(["--config", str(path), "--out", str(out), *extra])
+        return list(fake_stages)
+
+    assert run() == ["sft", "other", "dpo", "rs"]
+    first = json.loads((out / "manifest.json").read_text())
+    assert [e["status"] for e in first["stages"]] == ["done"] * 4
+    assert run() == []  # all done, unchanged
+    assert run("--from", "dpo") == ["dpo", "rs"]
+    assert run("--from", "other") == ["other", "dpo", "rs"]  # every later stage, referenced or not
+    write(tmp_path, CHAIN.format(sft_steps=3))
+    assert run() == ["sft", "dpo", "rs"]  # `other` does not reference sft
+    assert run() == []
+    (out / "dpo" / MARKER).unlink()  # an artifact without the marker is not done
+    assert run() == ["dpo", "rs"]
+    last = json.loads((out / "manifest.json").read_text())
+    assert [e["config_hash"] for e in last["stages"]][1:] == [e["config_hash"] for e in first["stages"]][1:]
+    assert last["stages"][0]["config_hash"] != first["stages"][0]["config_hash"]
+
+
+def test_an_ensemble_reruns_fresh_but_resumes_keeping_its_saved_members(tmp_path, fake_stages, monkeypatch):
+    out = tmp_path / "out"
+    path = write(tmp_path, "stages:\n  - {name: sft, stage: sft, config: [configs/sft/tiny.yaml]}\n"
+                           "  - {name: rm, stage: reward, config: [configs/reward/tiny.yaml], members: 2,"
+                           " args: {model.backbone.path: '${sft}'}}\n")
+    seen = []
+
+    def launch(command, log):  # --members: trains only members without the marker, as recipes/reward.py
+        save_dir = Path(next(a.split("=", 1)[1] for a in command if a.startswith("--model.save_dir=")))
+        if "--members=2" not in command:
+            (save_dir.mkdir(parents=True, exist_ok=True), (save_dir / MARKER).write_text("{}"))
+            return 0
+        assert "--ckpt_path=last" not in command  # --members refuses it
+        seen.append(sorted(p.parent.name for p in save_dir.glob("member_*/" + MARKER)))
+        (save_dir / "member_0").mkdir(parents=True, exist_ok=True)
+        (save_dir / "member_0" / MARKER).write_text("{}")
+        if len(seen) == 1:
+            return -9  # killed after member 0
+        (save_dir / "member_1").mkdir(parents=True, exist_ok=True)
+        (save_dir / "member_1" / MARKER).write_text("{}")
+        return 0
+
+    monkeypatch.setattr(pipeline, "launch", launch)
+    with pytest.raises(SystemExit):
+        pipeline.main(["--config", str(path), "--out", str(out)])
+    pipeline.main(["--config", str(path), "--out", str(out)])  # resumes: member_0 kept
+    pipeline.main(["--config", str(path), "--out", str(out), "--from", "rm"])  # afresh: both removed first
+    assert seen == [[], ["member_0"], []]
+    assert [e["resumed"] for e in manifest(out)] == [False, False]
+
+
+def test_a_failed_stage_stops_the_pipeline_with_one_line(tmp_path, fake_stages, monkeypatch, capsys):
+    out = tmp_path / "out"
+    path = write(tmp_path, CHAIN.format(sft_steps=2))
+
+    def launch(command, log):
+        log.write_text("a traceback\nValueError: boom\n")
+        return 1
+
+    monkeypatch.setattr(pipeline, "launch", launch)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["pipeline", "--config", str(path), "--out", str(out)])
+    assert exit_.value.code == cli.EXIT_CODES["StageFailedError"] == 6
+    err = capsys.readouterr().err.strip()
+    assert err == (f"rlhf pipeline: stage sft (rlhf sft fit) failed with exit code 1; log: {out / 'sft.log'} "
+                   "(last line: ValueError: boom)")
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert [(e["status"], e.get("exit_code")) for e in stages] == [("failed", 1)] + [("pending", None)] * 3
+
+
+# ---- (b) and (c): real stages in their own processes ----
+
+TINY = """stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+    args:
+      trainer.max_steps: 2
+      trainer.val_check_interval: 2
+      trainer.limit_val_batches: 1
+  - name: dpo
+    stage: dpo
+    config: [configs/dpo/tiny.yaml]
+    args:
+      model.policy.path: ${sft}
+      trainer.max_steps: 4
+      trainer.limit_val_batches: 0
+      checkpoint.every_n_train_steps: 1
+      trainer.callbacks: [{class_path: tests.test_pipeline.KillPipelineAt}]
+"""
+SAME = ("name", "stage", "status", "artifact", "run_dir", "config_hash", "exit_code")
+
+
+def run_pipeline(config: Path, out: Path, kill_at: int | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
+    if kill_at is not None:
+        env[KILL_ENV] = str(kill_at)
+    return subprocess.run([sys.executable, "-m", "recipes.cli", "pipeline", "--config", str(config), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+
+
+def manifest(out: Path) -> list[dict]:
+    return json.loads((out / "manifest.json").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """(pipeline file, run folder) of one uninterrupted run of TINY."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = write(tmp, TINY)
+    done = run_pipeline(config, tmp / "full")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return config, tmp / "full"
+
+
+@pytest.mark.slow
+def test_two_stages_run_and_a_rerun_skips_both(finished):
+    config, out = finished
+    stages = manifest(out)
+    assert [(e["name"], e["status"], e["exit_code"]) for e in stages] == [("sft", "done", 0), ("dpo", "done", 0)]
+    assert all((out / e["artifact"] / MARKER).is_file() for e in stages)
+    assert stages[1]["inputs"] == {"sft": stages[0]["run_id"]}
+    assert f"--model.policy.path={out / 'sft'}" in stages[1]["command"]
+    assert "val/loss" in stages[0]["metrics"]
+    logs = {e["name"]: (out / f"{e['name']}.log").read_text() for e in stages}
+    again = run_pipeline(config, out)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skipped (done, unchanged)") == 2
+    assert manifest(out) == stages  # same started times, run ids, everything
+    assert {e["name"]: (out / f"{e['name']}.log").read_text() for e in stages} == logs
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_the_interrupted_stage_from_its_checkpoint(finished, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    config, full = finished
+    out = tmp_path / "killed"
+    killed = run_pipeline(config, out, kill_at=2)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    stages = manifest(out)
+    assert [e["status"] for e in stages] == ["done", "running"]
+    assert list((out / "dpo.run" / "0").rglob("last.ckpt")) and not (out / "dpo" / MARKER).exists()
+
+    pipeline.main(["--config", str(config), "--out", str(out), "--dry-run"])
+    dry = capsys.readouterr().out
+    assert "# sft: skip (done, unchanged)\n# dpo: resume (interrupted: --ckpt_path last in dpo.run/0)\n" in dry
+    assert dry.rstrip().endswith(f"--trainer.default_root_dir={out / 'dpo.run' / '0'} --ckpt_path=last")
+    resumed = run_pipeline(config, out)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "sft: skipped (done, unchanged)" in resumed.stdout
+    assert "dpo: resuming (interrupted: --ckpt_path last in dpo.run/0)" in resumed.stdout
+    assert "rlhf dpo: --ckpt_path last: resuming" in (out / "dpo.log").read_text()
+    final = manifest(out)
+    assert final[0] == stages[0]  # sft untouched
+    assert final[1]["resumed"] and "--ckpt_path=last" in final[1]["command"]
+    assert [{k: e[k] for k in SAME} for e in final] == [{k: e[k] for k in SAME} for e in manifest(full)]
+    from safetensors.torch import load_file
+
+    for name in ("sft", "dpo"):  # resumed from step 2 of 4, it ends where the uninterrupted run did
+        mine, theirs = load_file(out / name / "model.safetensors"), load_file(full / name / "model.safetensors")
+        assert all(mine[k].equal(theirs[k]) for k in theirs), name
+
+
+def test_a_second_pipeline_on_the_same_folder_is_refused(tmp_path, fake_stages, capsys):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    path = write(tmp_path, CHAIN.format(sft_steps=2))
+    with (out / ".pipeline.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as exit_:
+            pipeline.main(["--config", str(path), "--out", str(out)])
+    assert exit_.value.code == 2 and fake_stages == []
+    assert "another rlhf pipeline is running in" in capsys.readouterr().err
