@@ -35,14 +35,17 @@ from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.stage import StageHooks
 
 
-def select_best(scores: Tensor, min_score: float | None = None) -> tuple[Tensor, Tensor]:
+def select_best(scores: Tensor, min_score: float | None = None, by: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Best of K per prompt: scores (b, k) -> index of the best (b,), first index on ties; keep (b,) bool,
-    False where the best is below `min_score`."""
-    k = scores.shape[-1]
-    top = scores.max(-1, keepdim=True).values  # (b, 1)
-    cols = torch.arange(k, device=scores.device).expand_as(scores)  # (b, k)
-    best = torch.where(scores == top, cols, k).min(-1).values  # lowest column holding the max
-    keep = torch.ones_like(best, dtype=torch.bool) if min_score is None else top.squeeze(-1) >= min_score
+    False where the chosen sample's score is below `min_score`. `by` (b, k): what to choose on instead of the
+    scores (e.g. KL-penalised ones); min_score still reads the chosen sample's own score."""
+    by = scores if by is None else by
+    k = by.shape[-1]
+    top = by.max(-1, keepdim=True).values  # (b, 1)
+    cols = torch.arange(k, device=by.device).expand_as(by)  # (b, k)
+    best = torch.where(by == top, cols, k).min(-1).values  # lowest column holding the max
+    chosen = scores.gather(-1, best[:, None]).squeeze(-1)  # (b,)
+    keep = torch.ones_like(best, dtype=torch.bool) if min_score is None else chosen >= min_score
     return best, keep
 
 
@@ -231,9 +234,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             self.policy.eval()  # no dropout in the log-probs
             kl = self.log_ratio(rollout).view_as(scores).to(scores.device)
             self.policy.train(was_training)
-        best, _ = select_best(kl_penalised_scores(scores, kl, self.kl_coef, self.reward_norm))
-        top = scores.gather(1, best[:, None]).squeeze(1)  # (b,): the chosen sample's own score
-        keep = torch.ones_like(best, dtype=torch.bool) if self.min_score is None else top >= self.min_score
+        best, keep = select_best(scores, self.min_score, kl_penalised_scores(scores, kl, self.kl_coef, self.reward_norm))
         return rollout, responses, scores, best, keep, kl
 
     def sft_loss(self, batch: dict[str, Tensor], keep: Tensor) -> Tensor:

@@ -52,6 +52,9 @@ def test_kl_penalised_selection_prefers_the_sample_the_reference_finds_likely():
     torch.testing.assert_close(penalised, torch.tensor([[0.7, 0.75, 0.2], [0.5, 0.4, 0.8]]))
     assert select_best(penalised)[0].tolist() == [1, 2]
     assert select_best(scores)[0].tolist() == [0, 2]
+    # chosen on the penalised scores, kept on the chosen sample's own score: 0.8 < 0.85 <= 0.9
+    best, keep = select_best(scores, min_score=0.85, by=penalised)
+    assert best.tolist() == [1, 2] and keep.tolist() == [False, True]
     assert kl_penalised_scores(scores, log_ratio, 0.0) is scores
     assert kl_penalised_scores(scores, None, 0.1) is scores
 
