@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from modules.generation import Rollout, SamplingSpec, decode_responses, generate
+from modules.generation import SamplingSpec, decode_responses, generate
 from modules.losses import ppo as losses
 from modules.losses.kl_control import AdaptiveKLController, FixedKLController
 from modules.losses.normalise import RunningMoments
@@ -256,7 +256,8 @@ class PPOModule(StageHooks, LightningModule):
     @torch.no_grad()
     def rollout(self, batch: dict, generator: torch.Generator, kl_coef: float, chunk: int,
                 update_norm: bool = False) -> tuple[Experience, dict]:
-        """Sample, score and evaluate one batch of prompts: Experience plus per-row stats (b,) for logging.
+        """Sample, score and evaluate one batch of prompts: Experience plus per-row stats (b,) for logging, and
+        under "texts" the decoded responses (b) the reward scored.
         update_norm: add this rollout's scores to the running reward moments (training rollouts only)."""
         self._no_dropout()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
@@ -285,7 +286,7 @@ class PPOModule(StageHooks, LightningModule):
             advantages = losses.whiten_advantages(advantages, mask)
         exp = Experience(out.sequences, out.attention_mask, mask, logp, ref_logp, values, advantages, returns, p)
         stats = {"scores": scores, "kl": kl.sum(-1), "entropy": torch.cat(entropy), "rlhf_reward": rewards.sum(-1),
-                 "response_length": mask.sum(-1).float()}
+                 "response_length": mask.sum(-1).float(), "texts": texts}
         return exp, stats
 
     def normalise_scores(self, scores: torch.Tensor, update: bool) -> torch.Tensor:
@@ -373,11 +374,9 @@ class PPOModule(StageHooks, LightningModule):
             self.val_metrics[key].update(value)
         self.val_metrics["value_loss"].update(vl, weight=b)
         if self.judge is not None:  # the held-out judge scores the same decoded responses
-            rollout = Rollout(exp.sequences, exp.attention_mask, exp.mask, exp.prompt_length, None)
-            texts = decode_responses(self.tokenizer, rollout, self.tokenizer.eos_token_id)
             n = self.sampling.num_samples
             meta = repeat_each(batch.get("meta") or [{}] * len(batch["prompts"]), n)
-            judged = self.judge.score(repeat_each(batch["prompts"], n), texts, meta, device=exp.mask.device)
+            judged = self.judge.score(repeat_each(batch["prompts"], n), stats["texts"], meta, device=exp.mask.device)
             self.val_metrics["judge_reward"].update(judged.float())
 
     def on_validation_epoch_end(self) -> None:

@@ -24,14 +24,14 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from modules.generation import Rollout, SamplingSpec, decode_responses, generate
-from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from modules.losses.rejection_sampling import kl_penalised_scores
+from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from modules.ops import IGNORE_INDEX, masked_sum, shifted_logprobs, token_logprobs
-from modules.rollout import response_logits
 from modules.optim import adamw
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.reward_spec import RewardSpec, as_reward_spec
+from modules.rollout import response_logits
 from modules.stage import StageHooks
 
 
