@@ -48,7 +48,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -58,7 +57,7 @@ from pathlib import Path
 
 import yaml
 
-from modules.outputs import MARKER
+from modules.outputs import MARKER, is_ours
 
 PROG = "rlhf pipeline"
 KEYS = ("out", "args", "stages")
@@ -283,8 +282,8 @@ def complete(out: Path, stage: Stage) -> bool:
     """The artifact holds the marker (every member of an ensemble does)."""
     artifact = out / stage.name
     if stage.members:
-        return all((artifact / f"member_{i}" / MARKER).is_file() for i in range(stage.members))
-    return (artifact / MARKER).is_file()
+        return all(is_ours(artifact / f"member_{i}") for i in range(stage.members))
+    return is_ours(artifact)
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
@@ -412,9 +411,11 @@ def run(pipeline: Pipeline, out: Path, start: str | None = None, dry_run: bool =
             print(f"{PROG}: {stage.name}: skipped ({reason}): {out / stage.name}")
             continue
         if action == "run" and stage.members:  # a fresh ensemble: --members would skip members saved before
-            for member in (out / stage.name).glob("member_*"):
-                if (member / MARKER).is_file():
-                    shutil.rmtree(member)
+            from recipes.reward import (
+                clear_members,  # here: it imports Lightning, which the runner itself never needs
+            )
+
+            clear_members(out / stage.name)
         run_dir, extra = attempt(out, stage, action, entry)
         command = python + stage_args(pipeline, stage, str(out)) + extra
         log = out / f"{stage.name}.log"

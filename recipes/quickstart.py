@@ -15,14 +15,13 @@ import argparse
 import contextlib
 import io
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from modules.outputs import MARKER
 from recipes.common import quiet
+from recipes.reward import clear_members
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -145,9 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if "reward" in args.stages:
         # an ensemble of 3 (seeds 0-2), each initialised from the SFT policy as InstructGPT's: far fewer errors on
         # the policy's own samples than any one member (benchmarks/alignment.md)
-        for member in (out / "reward").glob("member_*"):  # a rerun retrains them (--members would skip them)
-            if (member / MARKER).is_file():  # ours: the marker proves lightning-rlhf wrote it
-                shutil.rmtree(member)
+        clear_members(out / "reward")  # a rerun retrains them (--members would skip them)
         rm = stage("reward", "reward/synthetic.yaml", "rankings", [f"--model.backbone.path={sft}", f"--members={MEMBERS}"])
         accuracy = reward_accuracy(rm, files["pairs_val"])
         results.append(("reward model", accuracy, f"{rm}  ({MEMBERS} members' mean: held-out accuracy vs the oracle's preferences)"))

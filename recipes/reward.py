@@ -14,6 +14,7 @@ import contextlib
 import gc
 import io
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def fit_members(members: int, args: list[str]) -> list[tuple[str, Path]]:
     import torch
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from modules.outputs import MARKER
+    from modules.outputs import is_ours
 
     if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=") for a in args):
         return main(args)  # what one member's run would be: help or its config
@@ -108,7 +109,7 @@ def fit_members(members: int, args: list[str]) -> list[tuple[str, Path]]:
     done = []
     for i in range(members):
         out = parent / f"member_{i}"
-        if (out / MARKER).is_file():
+        if is_ours(out):
             done.append(("skipped", out))
             continue
         if rank_zero_only.rank == 0:
@@ -123,6 +124,16 @@ def fit_members(members: int, args: list[str]) -> list[tuple[str, Path]]:
         for i, (status, out) in enumerate(done):
             print(f"{PROG}: member_{i} {status}{' (a finished export is there)' if status == 'skipped' else ''}: {out}")
     return done
+
+
+def clear_members(parent: Path) -> None:
+    """Remove the member folders of an ensemble that lightning-rlhf wrote (marked), so `--members` trains them
+    afresh instead of skipping them; anything else in `parent` is left alone."""
+    from modules.outputs import is_ours
+
+    for member in Path(parent).glob("member_*"):
+        if is_ours(member):
+            shutil.rmtree(member)
 
 
 def member_args(config: dict, i: int, out: Path, seed: int, root: str | None) -> list[str]:
