@@ -41,7 +41,6 @@ its log (exit 6). One pipeline at a time per run folder (a lock file, OUT/.pipel
 from __future__ import annotations
 
 import argparse
-import csv
 import fcntl
 import hashlib
 import json
@@ -58,6 +57,7 @@ from pathlib import Path
 import yaml
 
 from modules.outputs import MARKER, is_ours
+from recipes.report import read_metrics
 
 PROG = "rlhf pipeline"
 KEYS = ("out", "args", "stages")
@@ -301,13 +301,11 @@ def read_manifest(out: Path) -> dict[str, dict]:
 
 
 def val_metrics(run_dir: Path) -> dict:
-    """The last value of each val/ metric in the run's metrics.csv files, oldest first (an ensemble: per member)."""
+    """The last (finite) value of each val/ metric in the run's metrics.csv files, oldest first (an ensemble: per
+    member)."""
     found = {}
     for path in sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime):
-        last = {}
-        with path.open() as f:
-            for row in csv.DictReader(f):
-                last.update({k: float(v) for k, v in row.items() if k and k.startswith("val/") and v not in ("", None)})
+        last = {k: series[-1][1] for k, series in read_metrics(path).items() if k.startswith("val/")}
         member = next((p for p in path.parts if p.startswith("member_")), None)
         (found.setdefault(member, {}) if member else found).update(last)  # a resumed run: its versions in order
     return found
