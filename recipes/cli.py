@@ -61,7 +61,20 @@ def main(argv: list[str] | None = None):
             raise
         print(one_line(err), file=sys.stderr)
         return code
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the DDP process group a stage started, while the interpreter is still whole.
+
+    Left to interpreter shutdown, gloo's worker threads can be torn down joinable and the process aborts
+    (SIGABRT, `terminate called without an active exception`) after the work is done and written.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def exit_code(err: BaseException) -> int | None:
