@@ -1,27 +1,45 @@
 """Label fresh samples of the current policy: K responses per prompt -> K-wise rankings the reward stage reads.
 
 The loop of InstructGPT and Llama 2 collects comparisons of the *current* policy's outputs, so the next reward
-model is trained where the policy now samples. This module is the labeller of that loop when the labels come
-from a judge: any scoring function (the built-in task's oracle standing in for human labellers, or reward
-models / functions through a RewardSpec: AI feedback). A simulated labeller's mistakes are configurable: a share
-of groups in which two responses of different rank swap ranks (`flip`), and scores closer than `tie_tolerance`
-share a rank. Groups whose responses all tie teach nothing and are left out (counted).
+model is trained where the policy now samples. This module is the labeller of that loop, with two labellers:
+
+- `--labeller judge` (default): any scoring function (the built-in task's oracle standing in for human labellers,
+  or reward models / functions through a RewardSpec: AI feedback). A simulated labeller's mistakes are
+  configurable: a share of groups in which two responses of different rank swap ranks (`--flip`), and scores
+  closer than `--tie_tolerance` share a rank. Groups whose responses all tie teach nothing and are left out.
+- `--labeller human`: the groups go to a queue file that people label (docs/labelling-queue.md: the queue and
+  labels formats); the labels file is read back. Short of `--min_labelled` items labelled, it prints one
+  `waiting for labels: ...` line to stderr and exits with code 7, writing no --out; rerun once labels are in.
 
 Input: `rlhf generate` rows {prompt, response, sample, index, meta} (K samples per prompt); output rows
 {prompt, responses, ranks} (rank 0 = best, ties share a rank), the layout `rankings` of the reward DataModule.
+With `--add_to`, the rows of an existing preference .jsonl come first, so each round's --out holds all data so far.
 
-    python -m datamodules.labelling SAMPLES.jsonl OUT.jsonl [--judge '{oracle: synthetic}'] [--flip 0.1] [--seed 0]
+    python -m datamodules.labelling --samples=SAMPLES.jsonl --out=OUT.jsonl [--add_to=PREVIOUS.jsonl] \\
+        [--judge='{oracle: synthetic}'] [--flip=0.1] [--seed=0]
+    python -m datamodules.labelling --samples=SAMPLES.jsonl --out=OUT.jsonl --labeller=human [--min_labelled=0.8]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import random
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from datamodules.sources import DataError
+
 ScoreFn = Callable[[list[str], list[str], list[dict]], Sequence[float]]
+LABELS_PENDING_EXIT = 7  # = recipes/cli.py EXIT_CODES["LabelsPendingError"]; the pipeline waits on it
+
+
+class LabelsPendingError(Exception):
+    """Human labelling: fewer queue items are labelled than --min_labelled asks; str() is the `waiting for
+    labels: ...` line. main() prints it and exits with LABELS_PENDING_EXIT."""
 
 
 def group_generations(rows: list[dict]) -> list[dict]:
@@ -86,34 +104,197 @@ def label_groups(groups: list[dict], score: ScoreFn, flip: float = 0.0, tie_tole
     return rows, stats
 
 
-def main(argv: list[str] | None = None) -> None:
-    import yaml
+def item_id(prompt: str, responses: list[str]) -> str:
+    """A queue item's id: the first 16 hex digits of sha256(json.dumps([prompt, responses])), so the same group
+    gets the same id every time the queue is written."""
+    return hashlib.sha256(json.dumps([prompt, responses]).encode("utf-8")).hexdigest()[:16]
 
+
+def queue_items(groups: list[dict], where: str) -> list[dict]:
+    """Groups -> queue rows {id, prompt, responses, kind ("pair" | "ranking"), meta}; identical groups (same
+    prompt and responses) are one item. A group of fewer than 2 responses has nothing to compare: DataError."""
+    items: dict[str, dict] = {}
+    for g in groups:
+        if len(g["responses"]) < 2:
+            raise DataError(where, "fewer than 2 responses to a prompt, nothing to compare",
+                            f"{len(g['responses'])}; sample with rlhf generate --num_samples 2 or more")
+        key = item_id(g["prompt"], g["responses"])
+        items.setdefault(key, {"id": key, "prompt": g["prompt"], "responses": list(g["responses"]),
+                               "kind": "ranking" if len(g["responses"]) > 2 else "pair", "meta": g["meta"]})
+    return list(items.values())
+
+
+def label_ranks(row: dict, item: dict | None, where: str) -> list[int]:
+    """One labels row -> the ranks of its item's responses: {"ranks": [...]} (integers 0..K-1, 0 = best, ties
+    share a rank, one per response) or, for a pair, {"chosen": i} (the better response: ranks 0 for it, 1 for the
+    other). Anything else: DataError at `where`."""
+    if item is None:
+        raise DataError(where, "unknown id", f"{row.get('id')!r} is not an item of the queue")
+    k = len(item["responses"])
+    if ("ranks" in row) == ("chosen" in row):
+        raise DataError(where, "a label needs exactly one of 'ranks' and 'chosen'", f"keys: {', '.join(row)}")
+    if "chosen" in row:
+        chosen = row["chosen"]
+        if item["kind"] != "pair":
+            raise DataError(where, "'chosen' labels a pair", f"item {item['id']} has {k} responses: give 'ranks'")
+        if isinstance(chosen, bool) or chosen not in (0, 1):
+            raise DataError(where, "'chosen' is not 0 or 1", f"got {chosen!r}")
+        return [0, 1] if chosen == 0 else [1, 0]
+    ranks = row["ranks"]
+    if not isinstance(ranks, list) or len(ranks) != k:
+        got = f"{len(ranks)} ranks" if isinstance(ranks, list) else type(ranks).__name__
+        raise DataError(where, "ranks is not a list of one rank per response",
+                        f"got {got}, item {item['id']} has {k} responses")
+    bad = [r for r in ranks if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < k]
+    if bad or 0 not in ranks:
+        detail = f"{bad[0]!r} is not an integer in 0..{k - 1}" if bad else "no response has rank 0 (the best)"
+        raise DataError(where, "invalid ranks", f"{ranks}: {detail}")
+    return ranks
+
+
+def read_labels(path: Path, items: list[dict]) -> dict[str, list[int]]:
+    """The labels file -> {item id: ranks}; several labels of one id: the last counts. No file: no labels. A last
+    line without its newline that is not JSON yet is being appended: it is read next time."""
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    by_id, labels = {item["id"]: item for item in items}, {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise DataError(where, "invalid JSON", err.msg) from None
+        if not isinstance(row, dict):
+            raise DataError(where, "row is not a JSON object", f"got {type(row).__name__}")
+        labels[row.get("id")] = label_ranks(row, by_id.get(row.get("id")), where)
+    return labels
+
+
+def labels_needed(min_labelled: float, total: int) -> int:
+    """--min_labelled as a count of items: a share of `total` (<= 1.0, rounded up) or a count (> 1)."""
+    if min_labelled <= 1.0:
+        return math.ceil(round(min_labelled * total, 9))  # 0.3 * 10 is 3.0000000000000004: still 3
+    return int(min_labelled)
+
+
+def human_rows(items: list[dict], queue: Path, labels_path: Path, need: int) -> tuple[list[dict], dict]:
+    """The queue's labels -> (rows {prompt, responses, ranks} of the labelled items, all-tied ones left out;
+    stats {items, labelled, all_tied}). Fewer than `need` items labelled: LabelsPendingError."""
+    labels = read_labels(labels_path, items)
+    if len(labels) < need:
+        raise LabelsPendingError(f"waiting for labels: {len(labels)} of {len(items)} items labelled (need {need}); "
+                                 f"queue: {queue}; labels: {labels_path}")
+    rows, stats = [], {"items": len(items), "labelled": len(labels), "all_tied": 0}
+    for item in items:
+        ranks = labels.get(item["id"])
+        if ranks is None:
+            continue
+        if len(set(ranks)) < 2:  # "all equally good": no pair to learn from
+            stats["all_tied"] += 1
+            continue
+        rows.append({"prompt": item["prompt"], "responses": item["responses"], "ranks": ranks})
+    return rows, stats
+
+
+def read_add_to(path: str) -> list[dict]:
+    """The rows of an existing preference .jsonl, parsed (a bad line: DataError naming it) to be written again."""
+    from datamodules.formats import iter_rows
+
+    return [row for _, row in iter_rows(path)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from datamodules.formats import iter_rows
     from modules.outputs import write_jsonl
-    from modules.reward_spec import as_reward_spec
 
     parser = argparse.ArgumentParser(prog="python -m datamodules.labelling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("samples", type=Path, help="`rlhf generate` jsonl, K samples per prompt")
-    parser.add_argument("out", type=Path, help="rankings jsonl for `rlhf reward fit --data.layout rankings`")
-    parser.add_argument("--judge", default="{oracle: synthetic}", help="a RewardSpec as YAML (models, functions, oracle)")
-    parser.add_argument("--flip", type=float, default=0.0, help="share of groups where two ranks swap")
-    parser.add_argument("--tie_tolerance", type=float, default=0.0, help="scores closer than this share a rank")
+    parser.add_argument("--samples", type=Path, required=True, help="`rlhf generate` jsonl, K samples per prompt")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="rankings .jsonl for `rlhf reward fit --data.layout rankings` (written whole, atomically)")
+    parser.add_argument("--add_to", type=Path, default=None,
+                        help="an existing preference .jsonl whose rows --out starts with (the data so far)")
+    parser.add_argument("--labeller", choices=["judge", "human"], default="judge")
+    parser.add_argument("--judge", default="{oracle: synthetic}",
+                        help="judge: a RewardSpec as YAML (models, functions, oracle)")
+    parser.add_argument("--flip", type=float, default=None,
+                        help="judge: share of groups where two ranks swap (default 0)")
+    parser.add_argument("--tie_tolerance", type=float, default=None,
+                        help="judge: scores closer than this share a rank (default 0)")
+    parser.add_argument("--queue", type=Path, default=None,
+                        help="human: the queue to write (default: the --out path with suffix .queue.jsonl)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="human: the labels to read (default: the --out path with suffix .labels.jsonl)")
+    parser.add_argument("--min_labelled", type=float, default=None,
+                        help="human: labelled items needed, a share of the queue (<= 1) or a count (> 1); default 1.0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    with open(args.samples, encoding="utf-8") as f:
-        groups = group_generations([json.loads(line) for line in f if line.strip()])
+    for name in ("out", "add_to"):
+        path = getattr(args, name)
+        if path is not None and path.suffix.lower() != ".jsonl":
+            parser.error(f"--{name} {path}: a .jsonl file is needed (JSON lines of preference rows)")
+    human_only = [f"--{n}" for n in ("queue", "labels", "min_labelled") if getattr(args, n) is not None]
+    judge_only = [f"--{n}" for n in ("flip", "tie_tolerance") if getattr(args, n) is not None]
+    if args.labeller == "human" and judge_only:
+        parser.error(f"{' and '.join(judge_only)}: for --labeller judge only (a simulated labeller's mistakes)")
+    if args.labeller == "judge" and human_only:
+        parser.error(f"{' and '.join(human_only)}: for --labeller human only")
+    share_or_count = args.min_labelled is None or 0 <= args.min_labelled <= 1 or args.min_labelled.is_integer()
+    if not share_or_count:
+        parser.error(f"--min_labelled is a share in [0, 1] or a whole count above 1, got {args.min_labelled:g}")
+
+    kept = read_add_to(str(args.add_to)) if args.add_to is not None else []
+    groups = group_generations([row for _, row in iter_rows(str(args.samples))])
+    if args.labeller == "human":
+        queue = args.queue or args.out.with_suffix(".queue.jsonl")
+        labels = args.labels or args.out.with_suffix(".labels.jsonl")
+        items = queue_items(groups, str(args.samples))
+        write_jsonl(queue, items)  # every run: the labelling app serves it (same groups, same ids)
+        min_labelled = 1.0 if args.min_labelled is None else args.min_labelled
+        need = labels_needed(min_labelled, len(items))
+        if need > len(items):
+            parser.error(f"--min_labelled {min_labelled:g} asks for more items than the queue's {len(items)} "
+                         f"({queue})")
+        try:
+            rows, stats = human_rows(items, queue, labels, need)
+        except LabelsPendingError as err:
+            print(err, file=sys.stderr)
+            raise SystemExit(LABELS_PENDING_EXIT) from None
+        said = (f"{stats['labelled']} of {stats['items']} items labelled by hand ({stats['all_tied']} all tied, "
+                f"{stats['items'] - stats['labelled']} unlabelled: left out)")
+    else:
+        rows, stats = judge_rows(groups, args)
+        said = (f"labelled {stats['kept']} of {stats['groups']} prompts ({stats['all_tied']} all tied, left out; "
+                f"{stats['flipped']} flipped)")
+    write_jsonl(args.out, kept + rows)
+    added = f"{len(kept)} rows of {args.add_to} + " if args.add_to is not None else ""
+    print(f"{said} -> {args.out}: {added}{len(rows)} new rows")
+
+
+def judge_rows(groups: list[dict], args) -> tuple[list[dict], dict]:
+    """label_groups with the --judge RewardSpec loaded on --device."""
+    import yaml
+
+    from modules.reward_spec import as_reward_spec
+
     judge = as_reward_spec(yaml.safe_load(args.judge)).load(args.device)
 
     def score(prompts, responses, metas):
         return judge.score(prompts, responses, metas, args.device).tolist()
 
-    rows, stats = label_groups(groups, score, args.flip, args.tie_tolerance, args.seed)
-    write_jsonl(args.out, rows)
-    print(f"labelled {stats['kept']} of {stats['groups']} prompts ({stats['all_tied']} all tied, left out; "
-          f"{stats['flipped']} flipped) -> {args.out}")
+    return label_groups(groups, score, args.flip or 0.0, args.tie_tolerance or 0.0, args.seed)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as err:  # one line naming file:line, as `rlhf` prints it (recipes/cli.py EXIT_CODES)
+        print(" ".join(str(err).splitlines()), file=sys.stderr)
+        sys.exit(3)

@@ -13,6 +13,7 @@ EXIT_CODES = {
     "OutputExistsError": 5,  # save_dir holds something we did not write
     "PipelineConfigError": 2,  # rlhf pipeline: a bad pipeline file, file:line: reason per problem (nothing ran)
     "StageFailedError": 6,  # rlhf pipeline: a stage exited nonzero: its name, exit code and log
+    "LabelsPendingError": 7,  # python -m datamodules.labelling --labeller human: too few labels yet, queue written
 }
 DATA_ERROR_EXIT = EXIT_CODES["DataError"]
 STAGES = {"sft": "recipes.sft", "reward": "recipes.reward", "dpo": "recipes.dpo", "ppo": "recipes.ppo", "rs": "recipes.rejection_sampling"}

@@ -10,9 +10,14 @@ template, or HH-RLHF `chosen`); the row's other columns come back under `meta`:
 
 Each row: {"prompt" (the text the model saw), "response", "sample" (0..K-1), "finish_reason" ("eos" | "stop" |
 "length"), "tokens" (response tokens, EOS included), "index" (the prompt's row in --prompts), "meta"}.
-Rows are appended batch by batch; running again with the same --out continues after the last prompt that has all
-its samples. Batch i samples from a generator seeded by (--seed, i), so with the same settings (batch size
-included) a resumed run writes exactly the rows an uninterrupted one would.
+
+--part I --parts N samples only part I (1-based) of the prompts cut into N contiguous parts of near-equal size
+(the first len % N parts get one more prompt), e.g. a fresh slice per round of iterated RLHF; `index` stays the
+row in the whole --prompts file, so the parts' outputs never collide.
+
+Rows are appended batch by batch; running again with the same --out (and part) continues after the last prompt that
+has all its samples. Batch i (of the part) samples from a generator seeded by (--seed, i), so with the same settings
+(batch size included) a resumed run writes exactly the rows an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -47,9 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
                         help="weight dtype (default: a checkpoint's own, float32 for a folder)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--part", type=int, default=None, help="sample only this part (1..--parts) of the prompts")
+    parser.add_argument("--parts", type=int, default=None, help="cut the prompts into this many contiguous parts")
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--num_samples, --batch_size and --max_new_tokens must be at least 1")
+    if (args.part is None) != (args.parts is None):
+        parser.error("--part and --parts go together: give both (e.g. --part 2 --parts 5) or neither")
+    if args.parts is not None and args.parts < 1:
+        parser.error(f"--parts must be at least 1, got {args.parts}")
+    if args.parts is not None and not 1 <= args.part <= args.parts:
+        parser.error(f"--part must be in 1..{args.parts} (--parts), got {args.part}")
 
     from recipes.common import quiet
 
@@ -61,12 +74,28 @@ def main(argv: list[str] | None = None) -> None:
 
     check_model_arg(args.model)
     records = read_prompts(args.prompts, args.split)  # a bad prompt file stops here, before any weights load
+    start, stop = 0, len(records)
+    if args.parts is not None:
+        start, stop = part_bounds(len(records), args.part, args.parts)
+        if start == stop:
+            parser.error(f"--part {args.part} --parts {args.parts}: that part of {args.prompts} has no prompts "
+                         f"({len(records)} prompts in all); use at most {len(records)} parts")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_policy(args.model, args.dtype, device)
-    rows = encode_prompts(records, tokenizer, args.max_prompt_length)
+    rows = encode_prompts(records[start:stop], tokenizer, args.max_prompt_length)
+    for row in rows:
+        row["index"] += start  # the row in the whole --prompts file, so parts never collide
     spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, num_samples=args.num_samples, stop_strings=list(args.stop))
     run(model, tokenizer, rows, spec, args.out, args.seed, args.batch_size, device)
+
+
+def part_bounds(total: int, part: int, parts: int) -> tuple[int, int]:
+    """[start, stop) of part `part` (1-based) of `total` prompts cut into `parts` contiguous parts whose sizes
+    differ by at most one, the first total % parts one larger: 10 prompts, 3 parts -> [0, 4), [4, 7), [7, 10)."""
+    size, extra = divmod(total, parts)
+    start = (part - 1) * size + min(part - 1, extra)
+    return start, start + size + int(part <= extra)
 
 
 def check_model_arg(path: str) -> None:
@@ -136,8 +165,9 @@ def encode_prompts(records, tokenizer, max_prompt_length: int | None) -> list[di
 
 
 def finished_prompts(out: Path, rows: list[dict], k: int) -> int:
-    """Prompts that `out` already holds all k samples of, in order. A trailing partial prompt (or a line cut by a
-    kill) is dropped by rewriting the file without it (atomically); rows that belong to another prompt file or
+    """How many of `rows` (from the first) `out` already holds all k samples of, in order, matched by "index" (a
+    part's indices start where the part does) and prompt text. A trailing partial prompt (or a line cut by a kill)
+    is dropped by rewriting the file without it (atomically); rows that belong to another prompt file, part or
     --num_samples stop the run (DataError naming the line)."""
     from datamodules.formats import DataError
 
@@ -152,12 +182,14 @@ def finished_prompts(out: Path, rows: list[dict], k: int) -> int:
             if number == len(lines):  # the last line, cut mid-write
                 break
             raise DataError(f"{out}:{number}", "not a JSON line", "the file is not an rlhf generate output") from None
-        prompt, sample = divmod(good, k)
-        if not (isinstance(row, dict) and row.get("index") == prompt and row.get("sample") == sample
-                and prompt < len(rows) and row.get("prompt") == rows[prompt]["prompt"]):
+        position, sample = divmod(good, k)
+        expected = rows[position] if position < len(rows) else None
+        if not (isinstance(row, dict) and expected is not None and row.get("index") == expected["index"]
+                and row.get("sample") == sample and row.get("prompt") == expected["prompt"]):
+            wanted = f"prompt {expected['index']} sample {sample}" if expected else "no more rows"
             raise DataError(f"{out}:{number}", "does not continue this run",
-                            f"expected prompt {prompt} sample {sample} of {len(rows)} prompts x {k} samples; "
-                            "another --prompts, --num_samples or model? use another --out")
+                            f"expected {wanted} of {len(rows)} prompts x {k} samples; "
+                            "another --prompts, --part, --num_samples or model? use another --out")
         good += 1
     done = good // k
     keep = [line if line.endswith("\n") else line + "\n" for line in lines[: done * k]]
@@ -185,8 +217,8 @@ def run(model, tokenizer, rows: list[dict], spec, out: Path, seed: int, batch_si
     eos = tokenizer.eos_token_id
     start, tokens, clock = time.perf_counter(), 0, None
     with out.open("a", encoding="utf-8") as f:
-        # batches are fixed slices of all prompts, so batch i (and its seed) is the same on every run; a batch
-        # a resumed run enters midway (another --batch_size) is sampled whole and only its new prompts written
+        # batches are fixed slices of all (the part's) prompts, so batch i (and its seed) is the same on every run;
+        # a batch a resumed run enters midway (another --batch_size) is sampled whole and only its new prompts written
         for b in range(done // batch_size, (total + batch_size - 1) // batch_size):
             chunk = rows[b * batch_size : (b + 1) * batch_size]
             batch = collate_prompts(chunk, tokenizer.pad_token_id)
@@ -194,8 +226,8 @@ def run(model, tokenizer, rows: list[dict], spec, out: Path, seed: int, batch_si
                                tokenizer.pad_token_id, batch_generator(seed, b, device), tokenizer)
             answers = response_rows(tokenizer, rollout, [r["prompt"] for r in chunk], [r["index"] for r in chunk],
                                     [r["meta"] for r in chunk], k)
-            for row, samples in zip(chunk, answers):
-                if row["index"] < done:
+            for position, samples in enumerate(answers, b * batch_size):
+                if position < done:  # a position in rows: a part's indices do not start at 0
                     continue
                 for answer in samples:
                     f.write(json.dumps(answer, ensure_ascii=False, default=str) + "\n")

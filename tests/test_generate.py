@@ -1,4 +1,5 @@
-"""`rlhf generate`: rows and their fields, finish reasons, seeds, resume, checkpoint vs exported folder, adapters."""
+"""`rlhf generate`: rows and their fields, finish reasons, seeds, resume, parts, checkpoint vs exported folder,
+adapters."""
 
 import json
 import shutil
@@ -88,6 +89,71 @@ def test_resumed_run_writes_each_prompt_once_and_the_same_rows(tiny_model_dir, p
     capsys.readouterr()
     generate(tiny_model_dir, prompts, out, *args)
     assert out.read_text() == full.read_text() and "already holds all 5 prompts" in capsys.readouterr().err
+
+
+def test_parts_cut_the_prompts_into_contiguous_slices_that_keep_their_file_index(tiny_model_dir, synthetic_dir,
+                                                                                 tmp_path):
+    from recipes.generate import part_bounds
+
+    # 10 prompts in 3 parts: 10 = 3 * 3 + 1, so the first part gets one more: 4, 3, 3 rows -> [0, 4), [4, 7), [7, 10)
+    assert [part_bounds(10, i, 3) for i in (1, 2, 3)] == [(0, 4), (4, 7), (7, 10)]
+    # 11 prompts in 3 parts: 11 = 3 * 3 + 2: 4, 4, 3
+    assert [part_bounds(11, i, 3) for i in (1, 2, 3)] == [(0, 4), (4, 8), (8, 11)]
+    assert part_bounds(10, 1, 1) == (0, 10)
+    prompts = tmp_path / "prompts10.jsonl"
+    lines = synthetic_dir.joinpath("prompts_val.jsonl").read_text().splitlines(True)[:10]
+    prompts.write_text("".join(lines))
+    indices = []
+    for part, expected in [(1, [0, 1, 2, 3]), (2, [4, 5, 6]), (3, [7, 8, 9])]:
+        rows = generate(tiny_model_dir, prompts, tmp_path / f"part{part}.jsonl", "--part", str(part), "--parts", "3",
+                        "--num_samples", "2", "--batch_size", "2")
+        assert [(r["index"], r["sample"]) for r in rows] == [(i, s) for i in expected for s in range(2)]
+        # each row's prompt and meta are those of its row in the whole file
+        assert all(r["meta"] == {"target": json.loads(lines[r["index"]])["target"]} for r in rows)
+        indices += [r["index"] for r in rows]
+    assert sorted(set(indices)) == list(range(10))
+
+
+def test_a_part_resumes_after_its_last_finished_prompt(tiny_model_dir, synthetic_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts10.jsonl"
+    prompts.write_text("".join(synthetic_dir.joinpath("prompts_val.jsonl").read_text().splitlines(True)[:10]))
+    args = ("--part", "2", "--parts", "3", "--num_samples", "2", "--batch_size", "2", "--seed", "1")
+    full = tmp_path / "full.jsonl"
+    generate(tiny_model_dir, prompts, full, *args)  # prompts 4, 5, 6: 6 rows
+    lines = full.read_text().splitlines(True)
+    assert len(lines) == 6 and json.loads(lines[0])["index"] == 4
+    out = tmp_path / "out.jsonl"
+    # killed while writing prompt 5 (the part's 2nd): prompt 4 whole, prompt 5's sample 0 there, sample 1 cut
+    out.write_text("".join(lines[:3]) + lines[3][:20])
+    capsys.readouterr()
+    generate(tiny_model_dir, prompts, out, *args)
+    assert "continuing after 1 of 3 prompts" in capsys.readouterr().err
+    assert out.read_text() == full.read_text()
+    # finished: a rerun writes nothing
+    generate(tiny_model_dir, prompts, out, *args)
+    assert out.read_text() == full.read_text() and "already holds all 3 prompts" in capsys.readouterr().err
+    # another part on the same --out does not continue it
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out),
+            "--part", "3", "--parts", "3", "--num_samples", "2"]
+    assert cli.main(argv) == 3
+    assert f"{out}:1: does not continue this run (expected prompt 7 sample 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--part", "1"], "--part and --parts go together"),
+    (["--parts", "2"], "--part and --parts go together"),
+    (["--part", "1", "--parts", "0"], "--parts must be at least 1, got 0"),
+    (["--part", "0", "--parts", "2"], "--part must be in 1..2 (--parts), got 0"),
+    (["--part", "3", "--parts", "2"], "--part must be in 1..2 (--parts), got 3"),
+    (["--part", "6", "--parts", "6"], "--part 6 --parts 6: that part of"),  # 5 prompts: parts 1 each, the 6th none
+])
+def test_bad_parts_are_refused(tiny_model_dir, prompts, tmp_path, capsys, extra, says):
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+            *extra]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_an_output_of_another_run_is_refused(tiny_model_dir, prompts, tmp_path, capsys):
