@@ -1,6 +1,6 @@
-"""`rlhf pipeline --config configs/pipeline/NAME.yaml [--out DIR] [--from NAME] [--dry-run]`: stages chained in
-one command, each its own `rlhf <stage> fit` process, with a manifest that makes a re-run skip what is done and
-resume what was interrupted.
+"""`rlhf pipeline --config configs/pipeline/NAME.yaml [--out DIR] [--from NAME] [--rounds N] [--dry-run]`: stages
+and rounds of the RLHF loop chained in one command, each its own process (`rlhf <stage> fit` or a tool), with a
+manifest that makes a re-run skip what is done and resume what was interrupted.
 
 The pipeline file:
 
@@ -17,8 +17,33 @@ The pipeline file:
         args: {model.backbone.path: "${sft}"}
         members: 3                        # optional, reward only: --members 3 (an ensemble in OUT/reward/member_i)
 
+    rounds:                               # optional: the loop, run `count` times (--rounds N overrides)
+      count: 2
+      stages:                             # each round's stages run as r<k>.<name> (r1.samples, r1.labels, ...)
+        - name: samples                   # K samples per prompt from the current policy on a fresh slice
+          stage: generate                 # a tool: generate | label | eval, its options as args (no config)
+          args: {model: "${rs|sft}", prompts: data/prompts.jsonl, part: "${round}", parts: 4, num_samples: 4}
+        - name: labels                    # ranked by a labeller; the file is the data so far plus the new
+          stage: label
+          args: {samples: "${samples}", add_to: "${labels|data/rankings.jsonl}", judge: "{oracle: synthetic}"}
+        - name: reward
+          stage: reward
+          config: configs/reward/synthetic.yaml
+          args: {data.train_file: "${labels}", model.backbone.path: "${sft}"}
+        - name: rs
+          stage: rs
+          config: configs/rs/synthetic-rm.yaml
+          args: {model.policy.path: "${rs|sft}", model.reward.models: [{path: "${reward}"}]}
+
 `${name}` is the artifact of an earlier stage: OUT/<name> (a reward ensemble: the folder of its members, which
-a RewardSpec expands). References point backwards only, so a pipeline has no cycles. The pipeline sets
+a RewardSpec expands), OUT/<name>.jsonl of generate and label, the folder of eval.json of eval. References point
+backwards only, so a pipeline has no cycles. In a round, `${x}` of a stage earlier in the round is this round's;
+`${x|fallback}` of a stage at or after this one is the previous round's, and in round 1 the fallback (a stage
+before the rounds, or a path); `${round}` is the round's number (1, 2, ...). Tools get `--out OUT/<artifact>`
+and only their own args (the pipeline-wide args are for the training stages): `generate` is `rlhf generate`,
+`label` is `python -m datamodules.labelling` (its human labeller stops the pipeline with exit code 7 until
+the labels are in: docs/labelling-queue.md), `eval` is `rlhf eval`. After each round stage, OUT/rounds.md and
+OUT/rounds.png show every round's metrics side by side (recipes/pipeline_rounds.py). The pipeline sets
 `--model.save_dir OUT/<name>` and `--trainer.default_root_dir OUT/<name>.run/<attempt>` (logs and checkpoints
 of that attempt: runs/<stage>/version_N/ under it); stdout and stderr go to OUT/<name>.log.
 
@@ -26,16 +51,19 @@ OUT/manifest.json (rewritten atomically at every status change) holds, per stage
 done | failed), artifact and run_dir (relative to OUT), config_hash (of the resolved command with OUT written
 `${out}`, and of the contents of its --config files; data files are not hashed), inputs (run_id of each stage
 it references when it started), run_id (new at each finish), command, started, wall_s, exit_code, resumed,
-and metrics (the last value of each val/ metric in its metrics.csv).
+round (of a round's stage), and metrics (the last value of each val/ metric in its metrics.csv; a tool's: rows
+of its file, or an eval's win_rate, score and kl).
 
 A re-run skips a stage that is done with the same config_hash and inputs whose artifact holds lightning_rlhf.json
 (every member does, for an ensemble). A stage whose config changed runs again, and then so does every stage
 that references it, directly or through others (their inputs changed). A stage left running or failed, its
 config and inputs unchanged, resumes: `--ckpt_path last` in the same run_dir (the newest last.ckpt of that
-attempt); a reward ensemble re-runs `--members`, which skips the members already saved. `--from NAME` runs
+attempt); a reward ensemble re-runs `--members`, which skips the members already saved; a tool runs again
+(generate continues its file; a fresh run of generate starts a new one). `--from NAME` runs
 NAME and every stage after it afresh. Config errors are found before any stage runs, one line each naming the
 pipeline file and line (exit 2); a failed stage stops the pipeline with one line naming it, its exit code and
-its log (exit 6). One pipeline at a time per run folder (a lock file, OUT/.pipeline.lock; exit 2 if held).
+its log (exit 6); a human labeller short of labels stops it with exit 7. One pipeline at a time per run folder
+(a lock file, OUT/.pipeline.lock; exit 2 if held).
 """
 
 from __future__ import annotations
@@ -52,8 +80,20 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
+
 from modules.outputs import MARKER, is_ours
-from recipes.pipeline_config import PROG, REF, Pipeline, PipelineConfigError, Stage, load  # noqa: F401 (re-exported)
+from recipes.pipeline_config import (  # noqa: F401 (re-exported)
+    PROG,
+    REF,
+    SET_BY_PIPELINE,
+    TOOLS,
+    Pipeline,
+    PipelineConfigError,
+    Stage,
+    load,
+)
+from recipes.pipeline_rounds import write_rounds
 from recipes.report import read_metrics
 
 
@@ -61,16 +101,23 @@ class StageFailedError(RuntimeError):
     """A stage's process exited nonzero: str() is one line naming the stage, its exit code and its log."""
 
 
+class LabelsPendingError(RuntimeError):
+    """A `label` stage with the human labeller waits for labels (its exit code 7): str() says where."""
+
+
+LABELS_PENDING = 7  # the exit code of `python -m datamodules.labelling --labeller human` short of labels
+
 
 # ---- commands, hashes, manifest ----
 
-def _resolve(value, base: str):
+def _resolve(value, base: str, artifacts: dict[str, str]):
     if isinstance(value, str):
-        return REF.sub(lambda m: f"{base}/{m.group(1)}", value)
+        return REF.sub(lambda m: base if m.group(1) == "out" else f"{base}/{artifacts.get(m.group(1), m.group(1))}",
+                       value)
     if isinstance(value, dict):
-        return {k: _resolve(v, base) for k, v in value.items()}
+        return {k: _resolve(v, base, artifacts) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v, base) for v in value]
+        return [_resolve(v, base, artifacts) for v in value]
     return value
 
 
@@ -80,10 +127,20 @@ def _arg(value) -> str:
     return json.dumps(value)  # true / false / null / numbers / flow lists and mappings: YAML reads JSON
 
 
+def program(stage: Stage) -> list[str]:
+    """The process a stage runs: `python -m recipes.cli` (stages, generate, eval) or the labelling module."""
+    return [sys.executable, "-m", TOOLS[stage.stage][0] if stage.tool else "recipes.cli"]
+
+
 def stage_args(pipeline: Pipeline, stage: Stage, base: str) -> list[str]:
-    """`<stage> fit --config ... --key=value ... --model.save_dir=BASE/<name> [--members=N]`, no run root."""
+    """`<stage> fit --config ... --key=value ... --model.save_dir=BASE/<name> [--members=N]`, no run root; a
+    tool: its own --key=value then `--out=BASE/<artifact>` (the pipeline-wide args are for the stages only)."""
+    artifacts = {s.name: s.artifact for s in pipeline.stages}
+    if stage.tool:
+        args = [*TOOLS[stage.stage][1], *[f"--{k}={_arg(_resolve(v, base, artifacts))}" for k, v in stage.args]]
+        return args + [f"--out={base}/{stage.artifact}"]
     args = [stage.stage, "fit", *[a for c in stage.configs for a in ("--config", c)]]
-    args += [f"--{key}={_arg(_resolve(value, base))}" for key, value in [*pipeline.args, *stage.args]]
+    args += [f"--{key}={_arg(_resolve(value, base, artifacts))}" for key, value in [*pipeline.args, *stage.args]]
     args.append(f"--model.save_dir={base}/{stage.name}")
     return args + ([f"--members={stage.members}"] if stage.members else [])
 
@@ -98,8 +155,13 @@ def config_hash(pipeline: Pipeline, stage: Stage) -> str:
 
 
 def complete(out: Path, stage: Stage) -> bool:
-    """The artifact holds the marker (every member of an ensemble does)."""
-    artifact = out / stage.name
+    """The artifact holds the marker (every member of an ensemble does); a tool's output is there (each tool
+    writes it whole, by rename; generate's own appending is guarded by the manifest's status)."""
+    artifact = out / stage.artifact
+    if stage.stage == "eval":
+        return (artifact / "eval.json").is_file()
+    if stage.tool:
+        return artifact.is_file()
     if stage.members:
         return all(is_ours(artifact / f"member_{i}") for i in range(stage.members))
     return is_ours(artifact)
@@ -117,6 +179,19 @@ def read_manifest(out: Path) -> dict[str, dict]:
         return {e["name"]: e for e in json.loads((out / "manifest.json").read_text())["stages"]}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def tool_metrics(out: Path, stage: Stage) -> dict:
+    """generate / label: the rows of its file; eval: win rate, the policy's mean judge score, KL."""
+    artifact = out / stage.artifact
+    if stage.stage != "eval":
+        with artifact.open("rb") as f:
+            return {"rows": sum(1 for line in f if line.strip())}
+    result = json.loads((artifact / "eval.json").read_text())
+    found = {"win_rate": (result.get("win_rate") or {}).get("win_rate"),
+             "score": ((result.get("policy") or {}).get("score") or {}).get("mean"),
+             "kl": (result.get("kl") or {}).get("kl")}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def val_metrics(run_dir: Path) -> dict:
@@ -155,6 +230,9 @@ def plan(pipeline: Pipeline, out: Path, old: dict[str, dict], start: str | None)
             action = ("skip", "done, unchanged")
         elif prev.get("status") == "done":
             action = ("run", f"artifact {stage.name} lacks {MARKER}")
+        elif prev.get("status") in ("running", "failed", "waiting") and stage.tool:
+            action = ("resume", "interrupted: runs again" + (" (continues its file)" if stage.stage == "generate"
+                                                             else ""))
         elif prev.get("status") in ("running", "failed") and stage.members:
             action = ("resume", "interrupted ensemble: members already saved are skipped")
         elif prev.get("status") in ("running", "failed") and run_dir and any(run_dir.rglob("last.ckpt")):
@@ -184,9 +262,11 @@ def _last_line(log: Path) -> str:
 
 
 def attempt(out: Path, stage: Stage, action: str, entry: dict) -> tuple[str, list[str]]:
-    """(run_dir relative to OUT, command) of the stage's next attempt: a resume continues in its run_dir with
+    """(run_dir relative to OUT, extra args) of the stage's next attempt (a tool: (None, [])): a resume continues in its run_dir with
     `--ckpt_path last` (an ensemble: `--members` skips the saved members); a fresh run gets a new run_dir, so
     `last` never finds an earlier attempt's checkpoint."""
+    if stage.tool:
+        return None, []
     if action == "resume":
         run_dir = entry["run_dir"]
     else:
@@ -199,28 +279,35 @@ def attempt(out: Path, stage: Stage, action: str, entry: dict) -> tuple[str, lis
 def run(pipeline: Pipeline, out: Path, start: str | None = None, dry_run: bool = False) -> dict:
     old = read_manifest(out)
     actions = plan(pipeline, out, old, start)
-    python = [sys.executable, "-m", "recipes.cli"]
     if dry_run:
         for stage, (action, reason) in zip(pipeline.stages, actions):
             print(f"# {stage.name}: {action} ({reason})")
             if action != "skip":
                 extra = attempt(out, stage, action, old.get(stage.name) or {})[1]
-                print(shlex.join(python + stage_args(pipeline, stage, str(out)) + extra))
+                print(shlex.join(program(stage) + stage_args(pipeline, stage, str(out)) + extra))
         return {}
     out.mkdir(parents=True, exist_ok=True)
-    lock = (out / ".pipeline.lock").open("w")  # held while this runs; a killed process releases it
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise PipelineConfigError(f"{PROG}: another rlhf pipeline is running in {out}: wait for it, or choose "
-                                  "another --out") from None
+    with (out / ".pipeline.lock").open("w") as lock:  # held while this runs; a killed process releases it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineConfigError(f"{PROG}: another rlhf pipeline is running in {out}: wait for it, or choose "
+                                      "another --out") from None
+        return execute(pipeline, out, start)
+
+
+def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
+    """Runs the stages the plan does not skip, under the lock run() holds."""
+    old = read_manifest(out)  # again under the lock: the plan printed by --dry-run may be stale
+    actions = plan(pipeline, out, old, start)
     entries = []
     for stage, (action, _) in zip(pipeline.stages, actions):
-        entry = dict(old.get(stage.name) or {}, name=stage.name, stage=stage.stage, artifact=stage.name)
+        entry = dict(old.get(stage.name) or {}, name=stage.name, stage=stage.stage, round=stage.round,
+                     artifact=stage.artifact)
         if action == "run" or not entry.get("status"):
             entry.update(status="pending")
         entries.append(entry)
-    manifest = {"pipeline": str(pipeline.path), "out": str(out), "stages": entries}
+    manifest = {"pipeline": str(pipeline.path), "out": str(out), "rounds": pipeline.rounds, "stages": entries}
     write_manifest(out, manifest)
     by_name = {e["name"]: e for e in entries}
     for stage, (action, reason), entry in zip(pipeline.stages, actions, entries):
@@ -233,8 +320,10 @@ def run(pipeline: Pipeline, out: Path, start: str | None = None, dry_run: bool =
             )
 
             clear_members(out / stage.name)
+        if action == "run" and stage.stage == "generate":  # a fresh run: generate would continue an old file
+            (out / stage.artifact).unlink(missing_ok=True)
         run_dir, extra = attempt(out, stage, action, entry)
-        command = python + stage_args(pipeline, stage, str(out)) + extra
+        command = program(stage) + stage_args(pipeline, stage, str(out)) + extra
         log = out / f"{stage.name}.log"
         entry.update(status="running", run_dir=run_dir, config_hash=config_hash(pipeline, stage),
                      inputs={r: by_name[r].get("run_id") for r in stage.refs}, run_id=None, command=command,
@@ -256,15 +345,23 @@ def run(pipeline: Pipeline, out: Path, start: str | None = None, dry_run: bool =
             code = entry["exit_code"] = 1
             with log.open("a") as f:
                 f.write(f"{PROG}: exited 0 but {out / stage.name} lacks {MARKER}\n")
+        if code == LABELS_PENDING and stage.stage == "label":
+            entry["status"] = "waiting"
+            write_manifest(out, manifest)
+            raise LabelsPendingError(f"{PROG}: stage {stage.name} waits for human labels: {_last_line(log)}; "
+                                     "label them and run the same command again")
         if code != 0:
             entry["status"] = "failed"
             write_manifest(out, manifest)
             last = _last_line(log)
             raise StageFailedError(f"{PROG}: stage {stage.name} (rlhf {stage.stage} fit) failed with exit code {code}; "
                                    f"log: {log}" + (f" (last line: {last})" if last else ""))
-        entry.update(status="done", run_id=uuid.uuid4().hex[:12], metrics=val_metrics(out / run_dir))
+        metrics = tool_metrics(out, stage) if stage.tool else val_metrics(out / run_dir)
+        entry.update(status="done", run_id=uuid.uuid4().hex[:12], metrics=metrics)
         write_manifest(out, manifest)
-        print(f"{PROG}: {stage.name}: done in {entry['wall_s']:.0f} s: {out / stage.name}", flush=True)
+        print(f"{PROG}: {stage.name}: done in {entry['wall_s']:.0f} s: {out / stage.artifact}", flush=True)
+        if stage.round is not None:
+            write_rounds(out, manifest)
     return manifest
 
 
@@ -275,10 +372,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="the pipeline file (configs/pipeline/*.yaml)")
     parser.add_argument("--out", help="the run folder (default: the file's `out`)")
     parser.add_argument("--from", dest="start", metavar="NAME", help="run NAME and every later stage afresh")
+    parser.add_argument("--rounds", type=int, metavar="N", help="run N rounds (default: the file's rounds: count)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="added to the file's pipeline-wide args (every training stage), e.g. "
+                             "--set seed_everything=1; repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's action and command; run nothing")
     args = parser.parse_args(argv)
     try:
-        pipeline = load(args.config)
+        pipeline = load(args.config, args.rounds)
+        for item in args.set:
+            key, eq, value = item.partition("=")
+            if not eq or not key.lstrip("-"):
+                raise PipelineConfigError(f"{PROG}: --set {item!r}: give KEY=VALUE")
+            if key.lstrip("-") in SET_BY_PIPELINE or any(r != "out" for r in REF.findall(value)):
+                raise PipelineConfigError(f"{PROG}: --set {item!r}: the pipeline sets {key} itself, or the value "
+                                          "names a stage (only ${out} is known to pipeline-wide args)")
+            pipeline.args.append((key.lstrip("-"), yaml.safe_load(value)))
         if args.start is not None and args.start not in [s.name for s in pipeline.stages]:
             raise PipelineConfigError(f"{PROG}: --from {args.start}: no such stage in {args.config} (stages: "
                                       f"{', '.join(s.name for s in pipeline.stages)})")
@@ -286,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not out:
             raise PipelineConfigError(f"{args.config}:1: no `out` folder: set one in the file or give --out")
         return run(pipeline, Path(out).expanduser().absolute(), args.start, args.dry_run)
-    except (PipelineConfigError, StageFailedError) as err:
+    except (PipelineConfigError, StageFailedError, LabelsPendingError) as err:
         print(str(err), file=sys.stderr)
         raise SystemExit(EXIT_CODES[type(err).__name__]) from None
 

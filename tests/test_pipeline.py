@@ -38,6 +38,12 @@ def write(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
 
 # ---- (a) config errors: one line each, naming the line; nothing runs ----
 
+ROUNDS_HEAD = """stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+"""
+
 BAD = [
     ("""stages:
   - name: sft
@@ -111,6 +117,44 @@ stages:
     stage: sft
    config: [configs/sft/tiny.yaml]
 """, 4, "not valid YAML"),
+    (ROUNDS_HEAD + """rounds:
+  stages:
+    - name: samples
+      stage: generate
+      args: {model: "${policy}", prompts: p.jsonl}
+    - name: policy
+      stage: sft
+      config: [configs/sft/tiny.yaml]
+""", 9, "${policy} is this stage or a later one of the round: for the previous round's, give round 1 a fallback"),
+    (ROUNDS_HEAD + """  - name: dpo
+    stage: dpo
+    config: [configs/dpo/tiny.yaml]
+    args: {model.policy.path: "${sft|sft}"}
+""", 8, "${round} and ${name|fallback} are for the stages of `rounds`"),
+    (ROUNDS_HEAD + """rounds:
+  stages:
+    - name: samples
+      stage: generate
+      args: {model: "${policy|nope}", prompts: p.jsonl}
+    - name: policy
+      stage: sft
+      config: [configs/sft/tiny.yaml]
+""", 9, "the fallback must be a stage defined before the rounds or a path"),
+    (ROUNDS_HEAD + """rounds:
+  stages:
+    - name: samples
+      stage: generate
+      config: [configs/sft/tiny.yaml]
+""", 9, "stage samples: config: a generate stage takes its options as args"),
+    (ROUNDS_HEAD + """rounds:
+  count: 0
+  stages:
+    - {name: samples, stage: generate, args: {model: "${sft}"}}
+""", 6, "rounds: count must be a whole number >= 1, got 0"),
+    (ROUNDS_HEAD + """rounds:
+  stages:
+    - {name: samples, stage: generate, args: {model: "${sft}", out: x.jsonl}}
+""", 7, "args: out is set by the pipeline"),
 ]
 
 
@@ -146,12 +190,15 @@ def test_the_example_pipeline_parses(monkeypatch, capsys):
     assert "'--model.reward.models=[{\"path\": \"/nonexistent/out/reward\"}]'" in out
 
 
-def test_the_example_pipeline_stages_parse_against_their_recipes(monkeypatch, capsys):
+@pytest.mark.parametrize("example", ["quickstart-chain", "quickstart"])
+def test_the_example_pipeline_stages_parse_against_their_recipes(example, monkeypatch, capsys):
     from recipes.cli import STAGES
 
     monkeypatch.chdir(ROOT)
-    example = pipeline.load("configs/pipeline/quickstart-chain.yaml")
+    example = pipeline.load(f"configs/pipeline/{example}.yaml")
     for stage in example.stages:
+        if stage.tool:
+            continue
         monkeypatch.setattr(sys, "argv", [f"rlhf {stage.stage}"])
         module = __import__(STAGES[stage.stage], fromlist=["main"])
         with pytest.raises(SystemExit) as exit_:
@@ -378,3 +425,141 @@ def test_a_second_pipeline_on_the_same_folder_is_refused(tmp_path, fake_stages, 
             pipeline.main(["--config", str(path), "--out", str(out)])
     assert exit_.value.code == 2 and fake_stages == []
     assert "another rlhf pipeline is running in" in capsys.readouterr().err
+
+
+# ---- (e) rounds: fresh samples, labels, a retrained reward model, the policy; tools as stages ----
+
+LOOP = """out: unused
+stages:
+  - {name: sft, stage: sft, config: [configs/sft/tiny.yaml]}
+  - {name: base_samples, stage: generate, args: {model: "${sft}", prompts: "${out}/val.jsonl"}}
+rounds:
+  count: 2
+  stages:
+    - name: samples
+      stage: generate
+      args: {model: "${policy|sft}", prompts: "${out}/pool.jsonl", part: "${round}", parts: 3, seed: "${round}"}
+    - name: labels
+      stage: label
+      args: {samples: "${samples}", add_to: "${labels|${out}/data.jsonl}", flip: 0.1}
+    - name: rm
+      stage: reward
+      config: [configs/reward/tiny.yaml]
+      args: {data.train_file: "${labels}"}
+    - name: policy
+      stage: rs
+      config: [configs/rs/tiny.yaml]
+      args: {model.policy.path: "${policy|sft}", model.reward.models: [{path: "${rm}"}]}
+    - name: eval
+      stage: eval
+      args: {policy: "${policy}", baseline: "${base_samples}", reference_model: "${sft}"}
+"""
+
+
+def _flag(command: list[str], key: str) -> str:
+    return next(a.split("=", 1)[1] for a in command if a.startswith(f"--{key}="))
+
+
+@pytest.fixture
+def fake_loop(monkeypatch):
+    """pipeline.launch replaced: a training stage writes the marker into its save_dir, generate and label write
+    their --out file, eval its eval.json; -> the commands run, in order."""
+    ran = []
+
+    def launch(command, log):
+        ran.append(command)
+        if "datamodules.labelling" in command or "generate" in command:
+            Path(_flag(command, "out")).write_text('{"row": 1}\n{"row": 2}\n')
+        elif "eval" in command:
+            folder = Path(_flag(command, "out"))
+            folder.mkdir(parents=True)
+            (folder / "eval.json").write_text(json.dumps(
+                {"win_rate": {"win_rate": 0.5 + 0.1 * len(ran)}, "policy": {"score": {"mean": 0.25}}, "kl": {"kl": 1.5}}))
+        else:
+            save_dir = Path(_flag(command, "model.save_dir"))
+            save_dir.mkdir(parents=True, exist_ok=True)
+            (save_dir / MARKER).write_text("{}")
+        return 0
+
+    monkeypatch.setattr(pipeline, "launch", launch)
+    monkeypatch.chdir(ROOT)
+    return ran
+
+
+def test_rounds_expand_with_the_previous_rounds_artifacts(tmp_path, fake_loop):
+    path, out = write(tmp_path, LOOP), tmp_path / "out"
+    pipeline.main(["--config", str(path), "--out", str(out)])
+    names = [e["name"] for e in manifest(out)]
+    assert names == ["sft", "base_samples", *[f"r{k}.{n}" for k in (1, 2) for n in ("samples", "labels", "rm",
+                                                                                       "policy", "eval")]]
+    by_name = dict(zip(names, fake_loop))
+    # round 1 falls back: the policy is sft, the data so far the file given; round 2 takes round 1's
+    assert _flag(by_name["r1.samples"], "model") == str(out / "sft")
+    assert _flag(by_name["r2.samples"], "model") == str(out / "r1.policy")
+    assert (_flag(by_name["r1.samples"], "part"), _flag(by_name["r2.samples"], "part")) == ("1", "2")
+    assert _flag(by_name["r2.samples"], "seed") == "2" and _flag(by_name["r2.samples"], "parts") == "3"
+    assert _flag(by_name["r1.labels"], "add_to") == str(out / "data.jsonl")
+    assert _flag(by_name["r2.labels"], "add_to") == str(out / "r1.labels.jsonl")
+    assert _flag(by_name["r2.labels"], "samples") == str(out / "r2.samples.jsonl")  # this round's
+    assert by_name["r2.labels"][1:3] == ["-m", "datamodules.labelling"]
+    assert _flag(by_name["r2.rm"], "data.train_file") == str(out / "r2.labels.jsonl")
+    assert _flag(by_name["r2.policy"], "model.policy.path") == str(out / "r1.policy")
+    assert json.loads(_flag(by_name["r2.policy"], "model.reward.models")) == [{"path": str(out / "r2.rm")}]
+    assert _flag(by_name["r1.eval"], "baseline") == str(out / "base_samples.jsonl")
+    assert _flag(by_name["r1.eval"], "out") == str(out / "r1.eval")
+    stages = {e["name"]: e for e in manifest(out)}
+    assert stages["r2.policy"]["inputs"] == {"r1.policy": stages["r1.policy"]["run_id"],
+                                             "r2.rm": stages["r2.rm"]["run_id"]}
+    assert [stages[f"r{k}.eval"]["round"] for k in (1, 2)] == [1, 2] and stages["sft"]["round"] is None
+    assert stages["r1.labels"]["metrics"] == {"rows": 2}
+    # launches 3 + 5 (sft, base_samples, r1.*) and 3 + 5 + 5: win rates 0.5 + 0.1 * 7 and 0.5 + 0.1 * 12
+    assert stages["r1.eval"]["metrics"] == {"win_rate": pytest.approx(1.2), "score": 0.25, "kl": 1.5}
+    table = (out / "rounds.md").read_text()
+    assert "| round | samples/rows | labels/rows | eval/win_rate | eval/score | eval/kl | wall_s |" in table
+    assert "| 2 | 2 | 2 | 1.7 | 0.25 | 1.5 |" in table and (out / "rounds.png").stat().st_size > 0
+
+
+def test_more_rounds_run_only_the_new_round_and_a_changed_generate_starts_a_new_file(tmp_path, fake_loop):
+    path, out = write(tmp_path, LOOP), tmp_path / "out"
+    pipeline.main(["--config", str(path), "--out", str(out), "--rounds", "1"])
+    fake_loop.clear()
+    pipeline.main(["--config", str(path), "--out", str(out), "--rounds", "2"])
+    assert [_flag(c, "out") if "--out=" in " ".join(c) else _flag(c, "model.save_dir") for c in fake_loop] == [
+        str(out / f"r2.{n}") + (".jsonl" if n in ("samples", "labels") else "") for n in
+        ("samples", "labels", "rm", "policy", "eval")]
+    fake_loop.clear()
+    seen = []
+    pipeline.launch, real = (lambda command, log: seen.append(Path(_flag(command, "out")).exists()) or 0), pipeline.launch
+    try:
+        pipeline.main(["--config", str(path), "--out", str(out), "--from", "r2.samples", "--rounds", "2"])
+    except SystemExit:
+        pass  # the stand-in writes no output: r2.samples 'exits 0 without its file'
+    finally:
+        pipeline.launch = real
+    assert seen[0] is False  # the old r2.samples.jsonl was removed before the fresh run
+
+
+def test_a_human_labeller_short_of_labels_stops_the_pipeline_until_they_are_in(tmp_path, fake_loop, monkeypatch,
+                                                                              capsys):
+    path, out = write(tmp_path, LOOP.replace("flip: 0.1", "labeller: human")), tmp_path / "out"
+    real, waiting = pipeline.launch, [True]
+
+    def launch(command, log):
+        if "datamodules.labelling" in command and waiting[0]:
+            log.write_text("waiting for labels: 0 of 2 items labelled (need 2); queue: q; labels: l\n")
+            return 7
+        return real(command, log)
+
+    monkeypatch.setattr(pipeline, "launch", launch)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["pipeline", "--config", str(path), "--out", str(out), "--rounds", "1"])
+    assert exit_.value.code == cli.EXIT_CODES["LabelsPendingError"] == 7
+    assert capsys.readouterr().err.strip() == (
+        "rlhf pipeline: stage r1.labels waits for human labels: waiting for labels: 0 of 2 items labelled (need 2); "
+        "queue: q; labels: l; label them and run the same command again")
+    assert [e["status"] for e in manifest(out)] == ["done", "done", "done", "waiting", "pending", "pending", "pending"]
+    waiting[0], before = False, len(fake_loop)
+    pipeline.main(["--config", str(path), "--out", str(out), "--rounds", "1"])
+    assert [c[2] if c[2] != "recipes.cli" else c[3] for c in fake_loop[before:]] == [
+        "datamodules.labelling", "reward", "rs", "eval"]  # the labels stage runs again, then the rest
+    assert [e["status"] for e in manifest(out)] == ["done"] * 7
