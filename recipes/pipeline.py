@@ -38,8 +38,8 @@ The pipeline file:
 `${name}` is the artifact of an earlier stage: OUT/<name> (a reward ensemble: the folder of its members, which
 a RewardSpec expands), OUT/<name>.jsonl of generate and label, the folder of eval.json of eval. References point
 backwards only, so a pipeline has no cycles. In a round, `${x}` of a stage earlier in the round is this round's;
-`${x|fallback}` of a stage at or after this one is the previous round's, and in round 1 the fallback (a stage
-before the rounds, or a path); `${round}` is the round's number (1, 2, ...). Tools get `--out OUT/<artifact>`
+`${x|fallback}` of any stage of the round is the previous round's, and in round 1 the fallback (a stage before
+the rounds, or a path); `${round}` is the round's number (1, 2, ...). Tools get `--out OUT/<artifact>`
 and only their own args (the pipeline-wide args are for the training stages): `generate` is `rlhf generate`,
 `label` is `python -m datamodules.labelling` (its human labeller stops the pipeline with exit code 7 until
 the labels are in: docs/labelling-queue.md), `eval` is `rlhf eval`. After each round stage, OUT/rounds.md and

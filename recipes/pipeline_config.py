@@ -132,10 +132,10 @@ def _substitute(value, sub):
     return value
 
 
-def in_round(stage: Stage, k: int, before: list[str], later: list[str]) -> Stage:
+def in_round(stage: Stage, k: int, before: list[str]) -> Stage:
     """A round's stage template made concrete for round k: ${round} -> k; ${x} of a stage earlier in the round ->
-    ${r<k>.x}; ${x|fallback} of a stage at or after this one in the round -> round k-1's ${r<k-1>.x}, or in
-    round 1 the fallback (a stage before the rounds, or a path)."""
+    ${r<k>.x}; ${x|fallback} of any stage of the round -> round k-1's ${r<k-1>.x}, or in round 1 the fallback
+    (a stage before the rounds, or a path)."""
 
     def sub(ref: str):
         name, bar, fallback = ref.partition("|")
@@ -143,12 +143,12 @@ def in_round(stage: Stage, k: int, before: list[str], later: list[str]) -> Stage
             return k
         if name == "out":
             return "${out}"
-        if name in before:
-            return f"${{r{k}.{name}}}"
-        if bar and name in later:
+        if bar:  # checked by load(): a stage of the round
             if k > 1:
                 return f"${{r{k - 1}.{name}}}"
             return f"${{{fallback}}}" if NAME.fullmatch(fallback) else fallback
+        if name in before:
+            return f"${{r{k}.{name}}}"
         return f"${{{name}}}"
 
     args = [(key, _substitute(value, sub)) for key, value in stage.args]
@@ -191,10 +191,9 @@ def load(path: str, rounds: int | None = None) -> Pipeline:
             return
         later = [n for n in round_names if n not in defined]
         if bar:
-            if name not in later:
-                errors.append((at, f"{where}args: ${{{ref}}}: `name|fallback` is the previous round's stage `name` "
-                                   "(one at or after this stage in the round), or `fallback` in round 1; "
-                                   f"{name!r} is not such a stage"))
+            if name not in round_names:
+                errors.append((at, f"{where}args: ${{{ref}}}: `name|fallback` is the previous round's stage `name`, "
+                                   f"or `fallback` in round 1; {name!r} is not a stage of the round"))
             if not fallback or (NAME.fullmatch(fallback) and fallback not in defined):
                 errors.append((at, f"{where}args: ${{{ref}}}: the fallback must be a stage defined before the rounds "
                                    "or a path (with a /)"))
@@ -314,6 +313,5 @@ def load(path: str, rounds: int | None = None) -> Pipeline:
         raise PipelineConfigError(f"{PROG}: --rounds must be >= 1, got {count}")
     for k in range(1, count + 1 if templates else 1):
         for i, template in enumerate(templates):
-            done = [t.name for t in templates[:i]]
-            stages.append(in_round(template, k, done, [t.name for t in templates[i:]]))
+            stages.append(in_round(template, k, [t.name for t in templates[:i]]))
     return Pipeline(path, out, common, stages, count if templates else 0)

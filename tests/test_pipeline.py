@@ -452,7 +452,7 @@ rounds:
       args: {model.policy.path: "${policy|sft}", model.reward.models: [{path: "${rm}"}]}
     - name: eval
       stage: eval
-      args: {policy: "${policy}", baseline: "${base_samples}", reference_model: "${sft}"}
+      args: {policy: "${policy}", baseline: "${base_samples}", reference_model: "${sft}", earlier: "${samples|sft}"}
 """
 
 
@@ -507,6 +507,9 @@ def test_rounds_expand_with_the_previous_rounds_artifacts(tmp_path, fake_loop):
     assert json.loads(_flag(by_name["r2.policy"], "model.reward.models")) == [{"path": str(out / "r2.rm")}]
     assert _flag(by_name["r1.eval"], "baseline") == str(out / "base_samples.jsonl")
     assert _flag(by_name["r1.eval"], "out") == str(out / "r1.eval")
+    # ${x|fallback} of a stage earlier in the round is still the previous round's
+    assert (_flag(by_name["r1.eval"], "earlier"), _flag(by_name["r2.eval"], "earlier")) == (
+        str(out / "sft"), str(out / "r1.samples.jsonl"))
     stages = {e["name"]: e for e in manifest(out)}
     assert stages["r2.policy"]["inputs"] == {"r1.policy": stages["r1.policy"]["run_id"],
                                              "r2.rm": stages["r2.rm"]["run_id"]}
