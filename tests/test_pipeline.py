@@ -566,3 +566,58 @@ def test_a_human_labeller_short_of_labels_stops_the_pipeline_until_they_are_in(t
     assert [c[2] if c[2] != "recipes.cli" else c[3] for c in fake_loop[before:]] == [
         "datamodules.labelling", "reward", "rs", "eval"]  # the labels stage runs again, then the rest
     assert [e["status"] for e in manifest(out)] == ["done"] * 7
+
+
+TINY_LOOP = """stages:
+  - name: sft
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+    args: {trainer.max_steps: 2, trainer.limit_val_batches: 0}
+rounds:
+  count: 1
+  stages:
+    - name: samples
+      stage: generate
+      args: {model: "${policy|sft}", prompts: tests/fixtures/synthetic/prompts_val.jsonl, part: "${round}", parts: 4,
+             num_samples: 2, max_new_tokens: 6, device: cpu}
+    - name: labels
+      stage: label
+      args: {samples: "${samples}", add_to: "${labels|tests/fixtures/synthetic/pairs_train.jsonl}",
+             judge: "{oracle: synthetic}"}
+    - name: rm
+      stage: reward
+      config: [configs/reward/tiny.yaml]
+      args: {data.train_file: "${labels}", trainer.max_steps: 2, trainer.limit_val_batches: 0}
+    - name: policy
+      stage: rs
+      config: [configs/rs/tiny.yaml]
+      args: {model.policy.path: "${policy|sft}", model.reward.models: [{path: "${rm}"}], trainer.max_steps: 2,
+             trainer.limit_val_batches: 0}
+    - name: eval
+      stage: eval
+      args: {policy: "${samples}", judge: "{oracle: synthetic}", device: cpu}
+"""
+
+
+@pytest.mark.slow
+def test_a_real_round_samples_labels_retrains_and_optimises(tmp_path):
+    """The real processes of one round on the tiny model: 8 fresh prompts x 2 samples, labelled by the oracle and
+    added to the 256 fixture pairs, a reward model on them, rejection sampling against it, an evaluation."""
+    config, out = write(tmp_path, TINY_LOOP), tmp_path / "out"
+    done = run_pipeline(config, out)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stages = {e["name"]: e for e in manifest(out)}
+    assert [e["status"] for e in stages.values()] == ["done"] * 6
+    samples = [json.loads(line) for line in (out / "r1.samples.jsonl").read_text().splitlines()]
+    assert sorted({r["index"] for r in samples}) == list(range(8)) and len(samples) == 16  # part 1 of 4 of 32
+    labels = (out / "r1.labels.jsonl").read_text().splitlines()
+    pairs = (ROOT / "tests/fixtures/synthetic/pairs_train.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in labels[:256]] == [json.loads(line) for line in pairs]
+    new = [json.loads(line) for line in labels[256:]]
+    assert len(new) <= 8 and all(len(r["responses"]) == 2 and sorted(r["ranks"]) == [0, 1] for r in new)
+    assert stages["r1.labels"]["metrics"] == {"rows": 256 + len(new)}
+    assert f"--data.train_file={out / 'r1.labels.jsonl'}" in stages["r1.rm"]["command"]
+    assert (out / "r1.policy" / MARKER).is_file() and (out / "r1.eval" / "eval.json").is_file()
+    assert "| 1 | 16 |" in (out / "rounds.md").read_text()
+    again = run_pipeline(config, out)
+    assert again.returncode == 0 and again.stdout.count("skipped (done, unchanged)") == 6
