@@ -7,6 +7,11 @@ learned-reward configs), and prints the held-out oracle score after each stage; 
 rate against SFT judged by the oracle, and its KL to SFT (`rlhf eval` on the same samples). Writes OUT/report/
 (`rlhf report` of the runs' metrics and the evaluations) and OUT/results.json (every number printed, and each
 stage's wall time), which benchmarks/alignment.py gathers over seeds and tasks.
+
+`--rounds N` runs the RLHF loop instead: the same data and base model, then `rlhf pipeline` with
+configs/pipeline/quickstart.yaml (SFT, reward ensemble, rejection sampling, then N rounds of fresh samples of the
+current policy labelled by a noisy oracle, a retrained ensemble and rejection sampling again, each evaluated on
+the held-out prompts); `--rounds 0` writes the data (OUT/data, OUT/pool) and base model (OUT/base) only.
 """
 
 from __future__ import annotations
@@ -88,6 +93,47 @@ def run_stage(stage: str, config: str, overrides: list[str]) -> None:
     importlib.import_module(STAGES[stage]).main(["fit", "--config", str(CONFIGS / config), *overrides])
 
 
+POOL = 3000  # prompts the rounds sample fresh comparisons from (a third per round in the pipeline file)
+PIPELINE = CONFIGS / "pipeline" / "quickstart.yaml"
+
+
+def prepare(out: Path, n_train: int, seed: int, task: str) -> dict[str, Path]:
+    """The task's data (OUT/data), a pool of POOL distinct prompts found in none of its files
+    (OUT/pool/prompts_train.jsonl) and the base model (OUT/base): a tiny tokenizer and Llama built on
+    demonstrations."""
+    from datamodules.synthetic import make_demonstrations, write_task
+    from modules.models import build_tiny_model
+
+    files = write_task(out / "data", n_train=n_train, n_val=200, seed=seed, task=task)
+    files["pool"] = write_pool(out / "pool" / "prompts_train.jsonl", files.values(), seed, task)
+    texts = [r["prompt"] + r["completion"] for r in make_demonstrations(2000, seed=seed + 123, task=task)]
+    build_tiny_model(out / "base", texts, vocab_size=320, hidden_size=64, num_layers=2, seed=seed)
+    return files
+
+
+def write_pool(path: Path, data_files, seed: int, task: str) -> Path:
+    """POOL distinct prompts (in draw order) found in none of `data_files`."""
+    from datamodules.synthetic import make_prompts
+    from modules.outputs import write_jsonl
+
+    seen = {json.loads(line)["prompt"] for f in data_files for line in Path(f).read_text().splitlines() if line}
+    pool = []
+    for row in make_prompts(2 * POOL, seed + 5000, task=task, exclude=seen):  # draws repeat: keep the first
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            pool.append(row)
+    return write_jsonl(path, pool[:POOL])
+
+
+def run_rounds(out: Path, rounds: int, seed: int) -> None:
+    """`rlhf pipeline` over configs/pipeline/quickstart.yaml in OUT, then its rounds table."""
+    from recipes import pipeline
+
+    pipeline.main(["--config", str(PIPELINE), "--out", str(out), "--rounds", str(rounds),
+                   "--set", f"seed_everything={seed}"])
+    print((out / "rounds.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rlhf quickstart", description=__doc__)
     parser.add_argument("--out", default="runs/quickstart", help="folder for data, models and logs")
@@ -99,17 +145,19 @@ def main(argv: list[str] | None = None) -> None:
         "--rl-reward", choices=["oracle", "model"], default="oracle",
         help="what rejection sampling and PPO optimise: the task's oracle, or the reward model trained here",
     )
+    parser.add_argument("--rounds", type=int, default=None, metavar="N",
+                        help="the RLHF loop: rlhf pipeline with configs/pipeline/quickstart.yaml and N rounds of "
+                             "fresh labelled samples (0: write the data and base model only)")
     args = parser.parse_args(argv)
     args.stages = set(args.stages.split(","))
     quiet()
-    from datamodules.synthetic import make_demonstrations, write_task
-    from modules.models import build_tiny_model
-
     out = Path(args.out).resolve()
     start = time.time()
-    files = write_task(out / "data", n_train=args.n_train, n_val=200, seed=args.seed, task=args.task)
-    texts = [r["prompt"] + r["completion"] for r in make_demonstrations(2000, seed=args.seed + 123, task=args.task)]
-    build_tiny_model(out / "base", texts, vocab_size=320, hidden_size=64, num_layers=2, seed=args.seed)
+    files = prepare(out, args.n_train, args.seed, args.task)
+    if args.rounds is not None:
+        if args.rounds > 0:
+            run_rounds(out, args.rounds, args.seed)
+        return
     val_prompts = files["prompts_val"]
     samples = out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
