@@ -14,8 +14,8 @@ from recipes.report import pyplot, write_text
 
 
 def round_table(manifest: dict) -> tuple[list[str], dict[int, dict[str, float]]]:
-    """(columns `<stage>/<metric>` in first-seen order, {round: {column: value}}) of the finished round stages;
-    each round also gets `wall_s`, the sum of its finished stages' wall times."""
+    """(columns `<stage>/<metric>` in first-seen order, {round: {column: value}}) of the finished round stages
+    (an ensemble's metric: its members' mean); each round also gets `wall_s`, the sum of its stages' wall times."""
     columns, table = [], {}
     for entry in manifest.get("stages", []):
         k = entry.get("round")
@@ -24,9 +24,12 @@ def round_table(manifest: dict) -> tuple[list[str], dict[int, dict[str, float]]]
         row = table.setdefault(k, {"wall_s": 0.0})
         row["wall_s"] += entry.get("wall_s") or 0.0
         template = entry["name"].split(".", 1)[1]
-        for metric, value in (entry.get("metrics") or {}).items():
-            if isinstance(value, dict):  # an ensemble: per member; their mean
-                continue
+        metrics = entry.get("metrics") or {}
+        members = [m for m in metrics.values() if isinstance(m, dict)]  # an ensemble: per member; their mean
+        for metric in dict.fromkeys(k for m in members for k in m):
+            values = [m[metric] for m in members if metric in m]
+            metrics = {**metrics, metric: sum(values) / len(values)}
+        for metric, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 column = f"{template}/{metric}"
                 columns += [column] if column not in columns else []

@@ -621,3 +621,16 @@ def test_a_real_round_samples_labels_retrains_and_optimises(tmp_path):
     assert "| 1 | 16 |" in (out / "rounds.md").read_text()
     again = run_pipeline(config, out)
     assert again.returncode == 0 and again.stdout.count("skipped (done, unchanged)") == 6
+
+
+def test_the_rounds_table_takes_an_ensembles_member_mean_and_sums_wall_times():
+    from recipes.pipeline_rounds import round_table
+
+    stages = [{"name": "sft", "round": None, "status": "done", "wall_s": 5, "metrics": {"val/loss": 1.0}},
+              {"name": "r1.rm", "round": 1, "status": "done", "wall_s": 10,
+               "metrics": {"member_0": {"val/acc": 0.5}, "member_1": {"val/acc": 0.7}}},
+              {"name": "r1.eval", "round": 1, "status": "done", "wall_s": 2, "metrics": {"win_rate": 0.6}},
+              {"name": "r2.rm", "round": 2, "status": "running", "wall_s": None, "metrics": {}}]
+    columns, table = round_table({"stages": stages})
+    assert columns == ["rm/val/acc", "eval/win_rate"]  # not the stages before the rounds, nor unfinished ones
+    assert table == {1: {"wall_s": 12.0, "rm/val/acc": pytest.approx((0.5 + 0.7) / 2), "eval/win_rate": 0.6}}
