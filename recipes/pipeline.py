@@ -48,8 +48,8 @@ OUT/rounds.png show every round's metrics side by side (recipes/pipeline_rounds.
 of that attempt: runs/<stage>/version_N/ under it); stdout and stderr go to OUT/<name>.log.
 
 OUT/manifest.json (rewritten atomically at every status change) holds, per stage: status (pending | running |
-done | failed), artifact and run_dir (relative to OUT), config_hash (of the resolved command with OUT written
-`${out}`, and of the contents of its --config files; data files are not hashed), inputs (run_id of each stage
+done | failed | waiting), artifact and run_dir (relative to OUT), config_hash (of the resolved command with OUT
+written `${out}`, and of the contents of its --config files; data files are not hashed), inputs (run_id of each stage
 it references when it started), run_id (new at each finish), command, started, wall_s, exit_code, resumed,
 round (of a round's stage), and metrics (the last value of each val/ metric in its metrics.csv; a tool's: rows
 of its file, or an eval's win_rate, score and kl).
@@ -229,7 +229,7 @@ def plan(pipeline: Pipeline, out: Path, old: dict[str, dict], start: str | None)
         elif prev.get("status") == "done" and complete(out, stage):
             action = ("skip", "done, unchanged")
         elif prev.get("status") == "done":
-            action = ("run", f"artifact {stage.name} lacks {MARKER}")
+            action = ("run", f"artifact {stage.artifact} " + ("is missing" if stage.tool else f"lacks {MARKER}"))
         elif prev.get("status") in ("running", "failed", "waiting") and stage.tool:
             action = ("resume", "interrupted: runs again" + (" (continues its file)" if stage.stage == "generate"
                                                              else ""))
@@ -262,9 +262,9 @@ def _last_line(log: Path) -> str:
 
 
 def attempt(out: Path, stage: Stage, action: str, entry: dict) -> tuple[str, list[str]]:
-    """(run_dir relative to OUT, extra args) of the stage's next attempt (a tool: (None, [])): a resume continues in its run_dir with
+    """(run_dir relative to OUT, extra args) of the stage's next attempt: a resume continues in its run_dir with
     `--ckpt_path last` (an ensemble: `--members` skips the saved members); a fresh run gets a new run_dir, so
-    `last` never finds an earlier attempt's checkpoint."""
+    `last` never finds an earlier attempt's checkpoint. A tool has no run_dir: (None, [])."""
     if stage.tool:
         return None, []
     if action == "resume":
@@ -277,10 +277,9 @@ def attempt(out: Path, stage: Stage, action: str, entry: dict) -> tuple[str, lis
 
 
 def run(pipeline: Pipeline, out: Path, start: str | None = None, dry_run: bool = False) -> dict:
-    old = read_manifest(out)
-    actions = plan(pipeline, out, old, start)
     if dry_run:
-        for stage, (action, reason) in zip(pipeline.stages, actions):
+        old = read_manifest(out)
+        for stage, (action, reason) in zip(pipeline.stages, plan(pipeline, out, old, start)):
             print(f"# {stage.name}: {action} ({reason})")
             if action != "skip":
                 extra = attempt(out, stage, action, old.get(stage.name) or {})[1]
@@ -298,7 +297,7 @@ def run(pipeline: Pipeline, out: Path, start: str | None = None, dry_run: bool =
 
 def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
     """Runs the stages the plan does not skip, under the lock run() holds."""
-    old = read_manifest(out)  # again under the lock: the plan printed by --dry-run may be stale
+    old = read_manifest(out)
     actions = plan(pipeline, out, old, start)
     entries = []
     for stage, (action, _) in zip(pipeline.stages, actions):
