@@ -6,7 +6,8 @@ model is trained where the policy now samples. This module is the labeller of th
 - `--labeller judge` (default): any scoring function (the built-in task's oracle standing in for human labellers,
   or reward models / functions through a RewardSpec: AI feedback). A simulated labeller's mistakes are
   configurable: a share of groups in which two responses of different rank swap ranks (`--flip`), and scores
-  closer than `--tie_tolerance` share a rank. Groups whose responses all tie teach nothing and are left out.
+  closer than `--tie_tolerance` share a rank. Groups whose responses all tie (or are all the same text)
+  teach nothing and are left out.
 - `--labeller human`: the groups go to a queue file that people label (docs/labelling-queue.md: the queue and
   labels formats); the labels file is read back. Short of `--min_labelled` items labelled, it prints one
   `waiting for labels: ...` line to stderr and exits with code 7, writing no --out; rerun once labels are in.
@@ -43,8 +44,10 @@ class LabelsPendingError(Exception):
 
 
 def group_generations(rows: list[dict]) -> list[dict]:
-    """`rlhf generate` rows -> one group per prompt index, in index order: {prompt, responses (in sample order),
-    meta}. Rows without an index are grouped by prompt text; then groups keep their first-seen order."""
+    """`rlhf generate` rows -> one group per prompt index, in index order: {prompt, responses (distinct texts, in
+    sample order: a labeller is never shown one text twice, and the reward data refuses identical responses),
+    samples (how many were drawn), meta}. Rows without an index are grouped by prompt text; then groups keep their
+    first-seen order."""
     groups: dict = {}
     for row in rows:
         key = ("index", row["index"]) if row.get("index") is not None else ("prompt", row["prompt"])
@@ -53,7 +56,8 @@ def group_generations(rows: list[dict]) -> list[dict]:
     ordered = list(groups.items())
     if all(kind == "index" for kind, _ in groups):
         ordered.sort(key=lambda kv: kv[0][1])
-    return [{"prompt": g["prompt"], "responses": [r for _, r in sorted(g["samples"], key=lambda s: s[0])],
+    return [{"prompt": g["prompt"], "samples": len(g["samples"]),
+             "responses": list(dict.fromkeys(r for _, r in sorted(g["samples"], key=lambda s: s[0]))),
              "meta": g["meta"]} for _, g in ordered]
 
 
@@ -112,12 +116,15 @@ def item_id(prompt: str, responses: list[str]) -> str:
 
 def queue_items(groups: list[dict], where: str) -> list[dict]:
     """Groups -> queue rows {id, prompt, responses, kind ("pair" | "ranking"), meta}; identical groups (same
-    prompt and responses) are one item. A group of fewer than 2 responses has nothing to compare: DataError."""
+    prompt and responses) are one item, and a prompt whose samples are all the same text is left out. Fewer than 2
+    samples of a prompt is a sampling mistake: DataError."""
     items: dict[str, dict] = {}
     for g in groups:
-        if len(g["responses"]) < 2:
+        if g.get("samples", len(g["responses"])) < 2:
             raise DataError(where, "fewer than 2 responses to a prompt, nothing to compare",
                             f"{len(g['responses'])}; sample with rlhf generate --num_samples 2 or more")
+        if len(g["responses"]) < 2:  # every sample the same text
+            continue
         key = item_id(g["prompt"], g["responses"])
         items.setdefault(key, {"id": key, "prompt": g["prompt"], "responses": list(g["responses"]),
                                "kind": "ranking" if len(g["responses"]) > 2 else "pair", "meta": g["meta"]})

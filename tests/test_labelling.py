@@ -236,3 +236,19 @@ def test_options_of_the_other_labeller_are_refused(tmp_path, capsys, extra, says
     with pytest.raises(SystemExit) as exc:
         main([f"--samples={samples}", f"--out={out}", *extra])
     assert exc.value.code == 2 and says in capsys.readouterr().err and not out.exists()
+
+
+def test_a_response_sampled_twice_is_ranked_once_and_a_prompt_of_one_text_is_left_out():
+    """The reward data refuses identical responses in a group (datamodules/preference_formats.py): samples of a
+    peaked policy repeat, so the labeller keeps the distinct texts, in sample order."""
+    rows = _rows("p0", 0, ["a", "b", "a", "c"]) + _rows("p1", 1, ["x", "x"])
+    groups = group_generations(rows)
+    assert [g["responses"] for g in groups] == [["a", "b", "c"], ["x"]] and [g["samples"] for g in groups] == [4, 2]
+    scores = {"a": 0.2, "b": 0.9, "c": 0.5, "x": 0.3}
+    out, stats = label_groups(groups, lambda prompts, responses, metas: [scores[r] for r in responses])
+    # p0: b (0.9) beats a and c -> 0; c (0.5) beaten by b -> 1; a (0.2) beaten by both -> 2. p1: one text, no pair
+    assert out == [{"prompt": "p0", "responses": ["a", "b", "c"], "ranks": [2, 0, 1]}]
+    assert stats == {"groups": 2, "kept": 1, "all_tied": 1, "flipped": 0}
+    from datamodules.labelling import queue_items
+
+    assert [item["responses"] for item in queue_items(groups, "s.jsonl")] == [["a", "b", "c"]]
