@@ -311,7 +311,7 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
     by_name = {e["name"]: e for e in entries}
     for stage, (action, reason), entry in zip(pipeline.stages, actions, entries):
         if action == "skip":
-            print(f"{PROG}: {stage.name}: skipped ({reason}): {out / stage.name}")
+            print(f"{PROG}: {stage.name}: skipped ({reason}): {out / stage.artifact}")
             continue
         if action == "run" and stage.members:  # a fresh ensemble: --members would skip members saved before
             from recipes.reward import (
