@@ -24,6 +24,7 @@ TOOLS = {
     "eval": ("recipes.eval", "win rate vs a baseline, judge scores, KL to a reference, from generation files"),
     "report": ("recipes.report", "plots of runs' metrics.csv and eval.json files in report.md / report.html"),
     "pipeline": ("recipes.pipeline", "stages chained from one YAML, with a manifest; re-runs skip or resume stages"),
+    "label": ("recipes.label", "the human-feedback web app: annotators, serve a labelling queue, export labels"),
 }
 
 USAGE = """usage: rlhf <command> [args]
