@@ -308,6 +308,20 @@ def test_label_a_pair_and_a_ranking_survive_kill9(serve, page, tmp_path):
     assert (me["annotator"], me["labelled"], me["total"]) == ("ana", 2, 2)
     assert page.js_errors == []
 
+    # what the browser stored trains the reward model: the pair and the ranking of 4, as K-wise rankings
+    exported = server.db.with_name("labels.rankings.jsonl")
+    assert cli("export", "--db", str(server.db), "--format", "rankings", "--out", str(exported)).returncode == 0
+    rows = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert sorted(r["ranks"] for r in rows) == [[0, 1], [1, 3, 0, 2]]  # response 1 chosen: ranks [0, 1]
+    root = server.db.parent
+    fit = subprocess.run([sys.executable, "-m", "recipes.cli", "reward", "fit", "--config", "configs/reward/tiny.yaml",
+                          f"--data.train_file={exported}", "--data.layout=rankings", "--data.batch_size=2",
+                          "--trainer.max_steps=2", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={root}",
+                          f"--trainer.logger.init_args.save_dir={root / 'runs'}", f"--model.save_dir={root / 'rm'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert (root / "rm" / "lightning_rlhf.json").is_file()
+
 
 def test_token_form_and_unsafe_text(serve, page):
     server = serve([XSS])
