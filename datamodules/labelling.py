@@ -6,8 +6,8 @@ model is trained where the policy now samples. This module is the labeller of th
 - `--labeller judge` (default): any scoring function (the built-in task's oracle standing in for human labellers,
   or reward models / functions through a RewardSpec: AI feedback). A simulated labeller's mistakes are
   configurable: a share of groups in which two responses of different rank swap ranks (`--flip`), and scores
-  closer than `--tie_tolerance` share a rank. Groups whose responses all tie (or are all the same text)
-  teach nothing and are left out.
+  closer than `--tie_tolerance` share a rank. Empty responses are left out; groups whose responses all tie (or
+  are all the same text) teach nothing and are left out too.
 - `--labeller human`: the groups go to a queue file that people label (docs/labelling-queue.md: the queue and
   labels formats); the labels file is read back. Short of `--min_labelled` items labelled, it prints one
   `waiting for labels: ...` line to stderr and exits with code 7, writing no --out; rerun once labels are in.
@@ -44,9 +44,9 @@ class LabelsPendingError(Exception):
 
 
 def group_generations(rows: list[dict]) -> list[dict]:
-    """`rlhf generate` rows -> one group per prompt index, in index order: {prompt, responses (distinct texts, in
-    sample order: a labeller is never shown one text twice, and the reward data refuses identical responses),
-    samples (how many were drawn), meta}. Rows without an index are grouped by prompt text; then groups keep their
+    """`rlhf generate` rows -> one group per prompt index, in index order: {prompt, responses (the distinct
+    non-blank texts, in sample order: a labeller is never shown one text twice or an empty one, and the reward data
+    refuses both), samples (how many were drawn), meta}. Rows without an index are grouped by prompt text; then groups keep their
     first-seen order."""
     groups: dict = {}
     for row in rows:
@@ -57,7 +57,7 @@ def group_generations(rows: list[dict]) -> list[dict]:
     if all(kind == "index" for kind, _ in groups):
         ordered.sort(key=lambda kv: kv[0][1])
     return [{"prompt": g["prompt"], "samples": len(g["samples"]),
-             "responses": list(dict.fromkeys(r for _, r in sorted(g["samples"], key=lambda s: s[0]))),
+             "responses": list(dict.fromkeys(r for _, r in sorted(g["samples"], key=lambda s: s[0]) if r.strip())),
              "meta": g["meta"]} for _, g in ordered]
 
 

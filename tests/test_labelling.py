@@ -238,12 +238,12 @@ def test_options_of_the_other_labeller_are_refused(tmp_path, capsys, extra, says
     assert exc.value.code == 2 and says in capsys.readouterr().err and not out.exists()
 
 
-def test_a_response_sampled_twice_is_ranked_once_and_a_prompt_of_one_text_is_left_out():
+def test_a_response_sampled_twice_is_ranked_once_blanks_and_a_prompt_of_one_text_are_left_out():
     """The reward data refuses identical responses in a group (datamodules/preference_formats.py): samples of a
     peaked policy repeat, so the labeller keeps the distinct texts, in sample order."""
-    rows = _rows("p0", 0, ["a", "b", "a", "c"]) + _rows("p1", 1, ["x", "x"])
+    rows = _rows("p0", 0, ["a", "b", "a", " ", "c"]) + _rows("p1", 1, ["x", "x", ""])  # blank: refused as well
     groups = group_generations(rows)
-    assert [g["responses"] for g in groups] == [["a", "b", "c"], ["x"]] and [g["samples"] for g in groups] == [4, 2]
+    assert [g["responses"] for g in groups] == [["a", "b", "c"], ["x"]] and [g["samples"] for g in groups] == [5, 3]
     scores = {"a": 0.2, "b": 0.9, "c": 0.5, "x": 0.3}
     out, stats = label_groups(groups, lambda prompts, responses, metas: [scores[r] for r in responses])
     # p0: b (0.9) beats a and c -> 0; c (0.5) beaten by b -> 1; a (0.2) beaten by both -> 2. p1: one text, no pair
