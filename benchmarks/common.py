@@ -40,7 +40,7 @@ def hh_pairs(n: int) -> list[dict]:
 
 
 def build_standard_model(out: Path, texts: list[str]) -> Path:
-    from modules.models import build_tiny_model
+    from core.models import build_tiny_model
 
     return build_tiny_model(
         out, texts, vocab_size=8192, hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024,

@@ -23,8 +23,8 @@ def main() -> None:
     args = parser.parse_args()
 
     def make_module(model_dir: str, out: Path):
+        from core.models import ModelSpec
         from modules.dpo import DPOModule
-        from modules.models import ModelSpec
 
         return DPOModule(ModelSpec(path=model_dir), reference=args.reference, beta=0.1, save_dir=str(out))
 

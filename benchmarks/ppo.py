@@ -34,11 +34,11 @@ def main() -> None:
     setup_threads(2)
     from lightning.pytorch import Callback, Trainer
 
+    from core.generation import SamplingSpec
+    from core.models import LoraSpec, ModelSpec, load_sequence_classifier, load_tokenizer, save_hf
+    from core.reward_spec import RewardSpec
     from datamodules.prompts import PromptDataModule
-    from modules.generation import SamplingSpec
-    from modules.models import LoraSpec, ModelSpec, load_sequence_classifier, load_tokenizer, save_hf
     from modules.ppo import PPOModule
-    from modules.reward_spec import RewardSpec
     from recipes.common import quiet
 
     quiet()

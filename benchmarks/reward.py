@@ -20,7 +20,7 @@ def main() -> None:
     args = preference_parser().parse_args()
 
     def make_module(model_dir: str, out: Path):
-        from modules.models import ModelSpec
+        from core.models import ModelSpec
         from modules.reward import RewardModule
 
         return RewardModule(ModelSpec(path=model_dir), save_dir=str(out))

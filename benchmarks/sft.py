@@ -51,8 +51,8 @@ def main() -> None:
     setup_threads(2)
     from lightning.pytorch import Trainer
 
+    from core.models import ModelSpec
     from datamodules.sft import SFTDataModule
-    from modules.models import ModelSpec
     from modules.sft import SFTModule
     from recipes.common import quiet
 

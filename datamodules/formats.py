@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from datamodules.sources import DataError, source_rows
+from core.sources import DataError, source_rows
 
 Messages = list[dict]  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
 Text = str | Messages
@@ -169,18 +169,3 @@ def _prompt_record(row: dict, where: str) -> PromptRecord:
 def read_prompts(source: str, split: str = "train", skip_bad_rows: bool = False) -> ReadResult:
     """Generation prompts: prompt (string or messages) or an HH chosen's prompt; meta = the other columns."""
     return read_records(source, _prompt_record, split, skip_bad_rows)
-
-
-def render_prompt(prompt: Text, tokenizer) -> str:
-    """A string as is; messages via the tokenizer's chat template, else HH style ending "\\n\\nAssistant:"."""
-    if isinstance(prompt, str):
-        return prompt
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-    system, text = "\n\n".join(m["content"] for m in prompt if m["role"] == "system"), ""
-    for m in prompt:
-        if m["role"] == "user":  # HH has no system turn: the system text opens the first human turn
-            text, system = text + "\n\nHuman: " + (f"{system}\n\n" if system else "") + m["content"], ""
-        elif m["role"] == "assistant":
-            text += f"\n\nAssistant: {m['content']}"
-    return (f"\n\nHuman: {system}" if system else "") + text + "\n\nAssistant:"

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from datamodules.sources import DataError
+from core.sources import DataError
 
 ScoreFn = Callable[[list[str], list[str], list[dict]], Sequence[float]]
 LABELS_PENDING_EXIT = 7  # = recipes/cli.py EXIT_CODES["LabelsPendingError"]; the pipeline waits on it
@@ -217,8 +217,8 @@ def read_add_to(path: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from core.outputs import write_jsonl
     from datamodules.formats import iter_rows
-    from modules.outputs import write_jsonl
 
     parser = argparse.ArgumentParser(prog="python -m datamodules.labelling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,7 +289,7 @@ def judge_rows(groups: list[dict], args) -> tuple[list[dict], dict]:
     """label_groups with the --judge RewardSpec loaded on --device."""
     import yaml
 
-    from modules.reward_spec import as_reward_spec
+    from core.reward_spec import as_reward_spec
 
     judge = as_reward_spec(yaml.safe_load(args.judge)).load(args.device)
 

@@ -17,19 +17,25 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.formats import render_prompt
-from datamodules.packing import (
+from core.models import load_tokenizer
+from core.packing import (
     collate_pairs_packed,
     collate_pairs_shared,
     collate_shared_prefix,
     ids_and_labels,
     pair_extras,
 )
+from core.tokenize import (
+    IGNORE_INDEX,
+    check_lengths,
+    encode_completions,
+    encode_prompts,
+    pad_right,
+    render_prompt,
+)
 from datamodules.preference_formats import Ranking, read_preferences
 from datamodules.prompts import collate_prompts
 from datamodules.resumable import EvalSampler, ResumableLoader
-from datamodules.tokenize import IGNORE_INDEX, check_lengths, encode_completions, encode_prompts, pad_right
-from modules.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 Encoded = list[tuple[list[int], list[int]]]  # (prompt_ids, completion_ids ending in EOS) per response

@@ -9,10 +9,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.formats import DataError, read_prompts, render_prompt
+from core.models import load_tokenizer
+from core.tokenize import Cuts, render_prompt
+from datamodules.formats import DataError, read_prompts
 from datamodules.resumable import EvalSampler, ResumableLoader
-from datamodules.tokenize import Cuts
-from modules.models import load_tokenizer
 
 
 class PromptDataModule(LightningDataModule):

@@ -9,19 +9,20 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.formats import read_demonstrations, render_prompt
-from datamodules.prompts import collate_prompts
-from datamodules.resumable import EvalSampler, ResumableLoader
-from datamodules.tokenize import (
+from core.models import load_tokenizer
+from core.ops import first_fit
+from core.tokenize import (
     IGNORE_INDEX,
     check_lengths,
     completion_text,
     encode_completions,
     encode_prompts,
     pad_right,
+    render_prompt,
 )
-from modules.models import load_tokenizer
-from modules.ops import first_fit
+from datamodules.formats import read_demonstrations
+from datamodules.prompts import collate_prompts
+from datamodules.resumable import EvalSampler, ResumableLoader
 
 
 class SFTDataModule(LightningDataModule):

@@ -1,10 +1,11 @@
-"""The built-in verifiable tasks: reverse or sort a sequence of letters, scored by a programmatic oracle.
+"""The built-in verifiable tasks' data: reverse or sort a sequence of letters, scored by a programmatic oracle.
 
 Two tasks, told apart by their prompt's prefix, so one oracle (``oracle: synthetic``) and the same configs
-serve both with only the data paths changed (completions carry no EOS: tokenization adds it):
+serve both with only the data paths changed (completions carry no EOS: tokenization adds it). The prompt
+format and the oracles are in ``core/tasks.py`` (pure scoring, which RewardSpec imports too):
 
 - ``reverse``: ``"Reverse: c a f b\\nAnswer:"`` -> ``" b f a c"``; oracle: share of positions right.
-- ``sort`` (pieces in ``datamodules/synthetic_sort.py``): ``"Sort: d a c b\\nAnswer:"`` -> ``" a b c d"``;
+- ``sort`` (its labeller in ``datamodules/synthetic_sort.py``): ``"Sort: d a c b\\nAnswer:"`` -> ``" a b c d"``;
   oracle: 1 - Levenshtein distance / length, so a dropped letter costs one edit, not a shift.
 
 Tiny models learn them in a minute on CPU. Demonstrations and preference labels come from a simulated noisy
@@ -24,21 +25,22 @@ import os
 import random
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
+from core.outputs import write_jsonl
+from core.tasks import (
+    TASKS,
+    format_answer,
+    format_prompt,
+    get_task,
+    oracle_reward,  # noqa: F401  (the old path "datamodules.synthetic:oracle_reward" still works)
+    oracle_score,
+)
 from datamodules import synthetic_sort
-from modules.outputs import write_jsonl
 
 LETTERS = "abcdefgh"
-PROMPT_PREFIX = "Reverse:"
 P_CORRECT = 0.3  # share of pairs/rankings that include the exact answer: "perfect beats near-perfect"
 VAL_SEED_OFFSET = 1_000_000  # write_task: val seed = seed + this (prompts are also made disjoint)
 _MAX_TRIES = 10_000
-
-
-def _positional_score(target: list[str], items: list[str]) -> float:
-    # the reversal oracle: #{i: items[i] == target[i]} / max(len(target), len(items))
-    return sum(r == t for r, t in zip(items, target, strict=False)) / max(len(target), len(items))
 
 
 def noisy_response(
@@ -59,105 +61,26 @@ def noisy_response(
     return format_answer(seq)
 
 
-class Task(NamedTuple):
-    """One built-in task: prompts ``f"{prefix} c a f b\\nAnswer:"``, completions ``format_answer(letters)``.
-
-    ``score(target letters, response items)`` is the oracle score in [0, 1]; ``noisy_response(letters, rng,
-    copy_prob, error_rate, alphabet)`` is the simulated labeller (see ``noisy_response``)."""
-
-    prefix: str  # tells the tasks' prompts apart
-    noun: str  # for errors: "not a reversal task prompt"
-    target: Callable[[Sequence[str]], list[str]]  # prompt letters -> correct answer letters
-    score: Callable[[list[str], list[str]], float]
-    noisy_response: Callable[[Sequence[str], random.Random, float, float, str], str]
-
-
-TASKS = {
-    "reverse": Task(PROMPT_PREFIX, "reversal", lambda x: list(x)[::-1], _positional_score, noisy_response),
-    "sort": Task(synthetic_sort.PREFIX, "sort", sorted, synthetic_sort.score, synthetic_sort.noisy_response),
-}
-
-
-def _task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; the built-in ones are {', '.join(map(repr, TASKS))}")
-    return TASKS[name]
-
-
-def format_prompt(letters: Sequence[str], task: str = "reverse") -> str:
-    """``["c", "a"]`` -> ``"Reverse: c a\\nAnswer:"`` (``task="sort"``: ``"Sort: c a\\nAnswer:"``)."""
-    return f"{_task(task).prefix} {' '.join(letters)}\nAnswer:"
-
-
-def format_answer(letters: Sequence[str]) -> str:
-    """Completion text for letters in the given order: ``["a", "c"]`` -> ``" a c"`` (leading space)."""
-    return " " + " ".join(letters)
-
-
-def _parse(prompt: str) -> tuple[Task, list[str]]:
-    # the task whose prefix occurs last (prompts may be wrapped in chat text) and the letters after it
-    task = max(TASKS.values(), key=lambda t: prompt.rfind(t.prefix))
-    start = prompt.rfind(task.prefix)
-    if start < 0:
-        kinds = " nor ".join(f"a {t.noun} task prompt" for t in TASKS.values())
-        prefixes = ", ".join(repr(t.prefix) for t in TASKS.values())
-        raise ValueError(f"not {kinds} (known prefixes: {prefixes}): {prompt[:80]!r}")
-    letters = prompt[start + len(task.prefix) :].split("\n", 1)[0].split()
-    if not letters:
-        raise ValueError(f"not a {task.noun} task prompt: {prompt[:80]!r}")
-    return task, letters
-
-
-def parse_prompt(prompt: str) -> list[str]:
-    """Letters of a task prompt (after the last ``"Reverse:"`` or ``"Sort:"`` up to the next newline);
-    else ValueError naming the known prefixes."""
-    return _parse(prompt)[1]
-
-
-def target_response(prompt: str) -> str:
-    """The correct completion of a task prompt (of either task)."""
-    task, letters = _parse(prompt)
-    return format_answer(task.target(letters))
-
-
-def oracle_score(prompt: str, response: str) -> float:
-    """The prompt's task's oracle score in [0, 1] for ``response``; the task is told by the prompt's prefix.
-
-    Only the response's first line counts and its items are whitespace-separated, so a perfect answer
-    scores 1, and each extra, missing or wrong letter costs. Empty or junk responses score 0.
-
-    - reverse: fraction of positions right, ``#{i: resp[i] == target[i]} / max(len(target), len(resp))``
-      (a missing or extra letter also shifts all later ones).
-    - sort: ``max(0, 1 - levenshtein(resp, target) / max(len(target), len(resp)))``.
-
-    Raises ValueError if ``prompt`` is not a task prompt.
-    """
-    task, letters = _parse(prompt)
-    return task.score(task.target(letters), response.split("\n", 1)[0].split())
-
-
-def oracle_reward(prompts: list[str], responses: list[str], meta: list[dict] | None = None) -> list[float]:
-    """``oracle_score`` per pair, as a RewardSpec reward function (``oracle: synthetic`` is its short name):
-    ``functions: ["datamodules.synthetic:oracle_reward"]``. Either task, even mixed. ``meta`` is unused."""
-    return [oracle_score(p, r) for p, r in zip(prompts, responses, strict=True)]
-
-
-def mean_oracle_score(prompts: list[str], responses: list[str]) -> float:
-    """Mean ``oracle_score`` over aligned prompts and responses."""
-    if len(prompts) != len(responses) or not prompts:
-        raise ValueError(f"need equally many (> 0) prompts and responses: {len(prompts)}, {len(responses)}")
-    return sum(oracle_score(p, r) for p, r in zip(prompts, responses, strict=True)) / len(prompts)
-
-
 def _stream(task: str, name: str, seed: int) -> random.Random:
     # reverse keeps the stream names it had before the sort task existed: its files stay byte-identical
     label = f"synthetic/{name}/{seed}" if task == "reverse" else f"synthetic/{task}/{name}/{seed}"
     return random.Random(label)
 
 
+LABELLERS: dict[str, Callable[[Sequence[str], random.Random, float, float, str], str]] = {
+    "reverse": noisy_response,
+    "sort": synthetic_sort.noisy_response,
+}  # per task: the simulated labeller (see ``noisy_response``)
+
+
+def _labeller(task: str) -> Callable[[Sequence[str], random.Random, float, float, str], str]:
+    get_task(task)  # an unknown task: ValueError naming the built-in ones
+    return LABELLERS[task]
+
+
 def _candidate(task: str, letters: list[str], rng: random.Random) -> str:
     # a labeller of random skill: copy_prob in {0, 0.5}, error_rate uniform in [0, 0.5]
-    return _task(task).noisy_response(letters, rng, rng.choice((0.0, 0.5)), rng.uniform(0.0, 0.5), LETTERS)
+    return _labeller(task)(letters, rng, rng.choice((0.0, 0.5)), rng.uniform(0.0, 0.5), LETTERS)
 
 
 def _candidates(task: str, letters: list[str], rng: random.Random, k: int) -> tuple[list[str], list[float]]:
@@ -166,7 +89,7 @@ def _candidates(task: str, letters: list[str], rng: random.Random, k: int) -> tu
         raise ValueError(f"need k >= 2 candidates per prompt, got {k}")
     prompt = format_prompt(letters, task)
     for _ in range(_MAX_TRIES):
-        responses = [format_answer(_task(task).target(letters))] if rng.random() < P_CORRECT else []
+        responses = [format_answer(get_task(task).target(letters))] if rng.random() < P_CORRECT else []
         while len(responses) < k:
             cand = _candidate(task, letters, rng)
             if cand not in responses:
@@ -199,7 +122,7 @@ def make_prompts(
 ) -> list[dict]:
     """``n`` rows ``{"prompt", "target"}`` (target: the correct completion, for reference only)."""
     draws = _draw(task, "prompts", n, seed, min_len, max_len, exclude)
-    target = _task(task).target
+    target = get_task(task).target
     return [{"prompt": format_prompt(x, task), "target": format_answer(target(x))} for x, _ in draws]
 
 
@@ -208,7 +131,7 @@ def make_demonstrations(
     *, task: str = "reverse", min_len: int = 3, max_len: int = 6, exclude: Collection[str] = (),
 ) -> list[dict]:
     """``n`` imperfect demonstrations ``{"prompt", "completion"}`` from the task's noisy labeller."""
-    noisy = _task(task).noisy_response
+    noisy = _labeller(task)
     return [
         {"prompt": format_prompt(x, task), "completion": noisy(x, rng, copy_prob, error_rate, LETTERS)}
         for x, rng in _draw(task, "sft", n, seed, min_len, max_len, exclude)
@@ -231,7 +154,7 @@ def make_pairs(
         prompt = format_prompt(letters, task)
         for _ in range(_MAX_TRIES):
             correct = rng.random() < P_CORRECT
-            a = format_answer(_task(task).target(letters)) if correct else _candidate(task, letters, rng)
+            a = format_answer(get_task(task).target(letters)) if correct else _candidate(task, letters, rng)
             b = _candidate(task, letters, rng)
             if oracle_score(prompt, a) != oracle_score(prompt, b):
                 break
@@ -282,7 +205,7 @@ def write_task(
 ) -> dict[str, Path]:
     """Write ``task``'s ``{sft,pairs,rankings,prompts}_{train,val}.jsonl`` to ``out_dir``; return paths by
     stem. Val uses seed ``seed + VAL_SEED_OFFSET`` and no val prompt appears in any train file."""
-    _task(task)
+    get_task(task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     makers = dict(sft=make_demonstrations, pairs=make_pairs, rankings=make_rankings, prompts=make_prompts)

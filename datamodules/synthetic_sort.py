@@ -1,37 +1,14 @@
-"""The built-in sort task's own pieces (prefix, oracle, labeller); its target is ``sorted(letters)``.
+"""The built-in sort task's simulated labeller; its prefix, target (``sorted(letters)``) and oracle (edit
+distance) are in ``core/tasks.py``.
 
-Prompt ``"Sort: d a c b\\nAnswer:"``, correct completion ``" a b c d"``. Its oracle differs in kind from
-the reversal task's positional one: a dropped or added letter costs one edit instead of shifting every later
-letter, and a pair left swapped costs two. ``datamodules/synthetic.py`` lists these in its task table and
-makes the prompts, labels and files of both tasks; stdlib only.
+Prompt ``"Sort: d a c b\\nAnswer:"``, correct completion ``" a b c d"``. ``datamodules/synthetic.py`` lists this
+labeller next to the reversal task's and makes the prompts, labels and files of both tasks; stdlib only.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-
-PREFIX = "Sort:"
-
-
-def edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
-    """Levenshtein distance between two item sequences: the fewest single-item insertions, deletions and
-    substitutions that turn ``a`` into ``b`` (a swap of two neighbours costs 2)."""
-    prev = list(range(len(b) + 1))  # prev[j]: distance between a[:i-1] and b[:j]
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))  # delete, insert, substitute
-        prev = cur
-    return prev[-1]
-
-
-def score(target_items: list[str], items: list[str]) -> float:
-    """``max(0, 1 - edit_distance(items, target) / max(len(target), len(items)))`` for a non-empty target.
-
-    Perfect scores 1; empty scores 0 (distance = len(target)). The distance never exceeds the longer
-    length, so the clamp is only a guard."""
-    return max(0.0, 1 - edit_distance(items, target_items) / max(len(target_items), len(items)))
 
 
 def noisy_response(

@@ -24,8 +24,8 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
+from core.sources import DataError
 from datamodules.preference_formats import DEFAULT_STRENGTH_MARGINS
-from datamodules.sources import DataError
 from labelapp.store import Store, label_ranks
 
 FORMATS = ("pairs", "rankings", "ratings", "labels")
@@ -145,7 +145,7 @@ def agreement(store: Store) -> dict:
 def write_export(store: Store, fmt: str, out: str | Path) -> dict:
     """Write `fmt` rows to `out` (.jsonl, atomically) and, when some item has 2+ annotators, the agreement to
     OUT with suffix .agreement.json -> {rows, left_out, out, agreement, agreement_file}."""
-    from modules.outputs import write_jsonl  # stdlib only: no torch
+    from core.outputs import write_jsonl  # stdlib only: no torch
 
     out = Path(out)
     rows, left_out = export_rows(store, fmt)

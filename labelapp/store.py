@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from datamodules.sources import DataError
+from core.sources import DataError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS annotators (

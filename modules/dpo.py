@@ -15,12 +15,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.aggregation import MeanMetric
 
-from modules.forward import completion_logits, tree_completion_logits
-from modules.generation import SamplingSpec
-from modules.losses.dpo import dpo_loss, uses_average_logprobs
-from modules.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer
-from modules.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
-from modules.optim import adamw
+from core.forward import completion_logits, tree_completion_logits
+from core.generation import SamplingSpec
+from core.losses.dpo import dpo_loss, uses_average_logprobs
+from core.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer
+from core.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
+from core.optim import adamw
 from modules.predict import response_writer, sample_rows
 from modules.stage import StageHooks
 

@@ -3,7 +3,7 @@ arXiv 2203.02155): each batch of prompts is one rollout, then `ppo_epochs` passe
 
 Per batch: (1) sample responses (KV cache, seeded generator); (2) no grad: behaviour and reference
 log-probs, values, RewardSpec scores of the decoded text; (3) rewards = -kl_coef * KL per token with the
-score on the last real response token, GAE, whitened advantages (losses/ppo.py); (4) ppo_epochs x
+score on the last real response token, GAE, whitened advantages (core/losses/ppo.py); (4) ppo_epochs x
 num_minibatches optimizer steps, each over grad_accum micro-batches, with gradient clipping.
 Layouts: "separate" = policy (full or LoRA) + frozen reference copy + value model (scalar head, read per
 token); "shared" = ONE base: the policy is a LoRA adapter, the reference the adapter switched off, the value
@@ -20,22 +20,22 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from modules.generation import SamplingSpec, decode_responses, generate
-from modules.losses import ppo as losses
-from modules.losses.kl_control import AdaptiveKLController, FixedKLController
-from modules.losses.normalise import RunningMoments
-from modules.models import (
+from core.generation import SamplingSpec, decode_responses, generate
+from core.losses import ppo as losses
+from core.losses.kl_control import AdaptiveKLController, FixedKLController
+from core.losses.normalise import RunningMoments
+from core.models import (
     ModelSpec,
     as_spec,
     load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
 )
-from modules.ops import entropy_from_logits, masked_sum, token_logprobs
-from modules.optim import adamw
+from core.ops import entropy_from_logits, masked_sum, token_logprobs
+from core.optim import adamw
+from core.reward_spec import RewardSpec, as_reward_spec
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import response_writer, sample_rows
-from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.rollout import (
     Experience,
     Packed,
@@ -339,7 +339,7 @@ class PPOModule(StageHooks, LightningModule):
         self.log_dict(metrics, batch_size=b)
 
     def ppo_losses(self, exp: Experience, idx: torch.Tensor):
-        """The PPO loss of rows idx under the current policy and value (losses/ppo.py ppo_loss output)."""
+        """The PPO loss of rows idx under the current policy and value (core/losses/ppo.py ppo_loss output)."""
         self._no_dropout()
         logp, values, logits = self.policy_forward(exp.sequences[idx], exp.attention_mask[idx], exp.prompt_length)
         mask = exp.mask[idx]

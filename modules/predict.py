@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from modules.generation import Rollout, SamplingSpec, decode_responses, generate
-from modules.outputs import write_jsonl
+from core.generation import Rollout, SamplingSpec, decode_responses, generate
+from core.outputs import write_jsonl
 
 
 def batch_generator(seed: int, batch_index: int, device, rank: int = 0) -> torch.Generator:

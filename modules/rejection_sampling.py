@@ -23,14 +23,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
-from modules.generation import Rollout, SamplingSpec, decode_responses, generate
-from modules.losses.rejection_sampling import kl_penalised_scores
-from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
-from modules.ops import IGNORE_INDEX, masked_sum, shifted_logprobs, token_logprobs
-from modules.optim import adamw
+from core.generation import Rollout, SamplingSpec, decode_responses, generate
+from core.losses.rejection_sampling import kl_penalised_scores
+from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
+from core.ops import IGNORE_INDEX, masked_sum, shifted_logprobs, token_logprobs
+from core.optim import adamw
+from core.reward_spec import RewardSpec, as_reward_spec
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
-from modules.reward_spec import RewardSpec, as_reward_spec
 from modules.rollout import response_logits
 from modules.stage import StageHooks
 
@@ -89,7 +89,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         rounds: passes over the prompt set; the recipe links trainer.max_epochs to it.
         min_score: keep a prompt's best sample only if its score reaches this (None keeps every best).
         kl_coef: select the best of K by score - kl_coef * log(pi(y|x) / pi_ref(y|x)), the sample's summed
-            log-ratio to a frozen copy of the initial policy (losses/rejection_sampling.py), instead of the score
+            log-ratio to a frozen copy of the initial policy (core/losses/rejection_sampling.py), instead of the score
             alone; 0 (default) loads no reference. Against a learned reward model it keeps the policy on text the
             reward model was trained on, where its scores can be trusted.
         reward_norm: select on each prompt's K scores standardised (minus their mean, over their std), so kl_coef

@@ -10,12 +10,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from modules.losses.reward import RewardLossOutput, pairwise_loss, ranking_loss
-from modules.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
-from modules.ops import IGNORE_INDEX
-from modules.optim import adamw
+from core.losses.reward import RewardLossOutput, pairwise_loss, ranking_loss
+from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
+from core.ops import IGNORE_INDEX
+from core.optim import adamw
+from core.reward_spec import sequence_scores
 from modules.predict import JsonlPredictionWriter, batch_indexes
-from modules.reward_spec import sequence_scores
 from modules.stage import StageHooks
 
 

@@ -8,8 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from modules.forward import lm_parts
-from modules.ops import first_fit
+from core.forward import lm_parts
+from core.ops import first_fit
 
 
 class Experience(NamedTuple):

@@ -10,11 +10,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from modules.forward import completion_logits
-from modules.generation import SamplingSpec
-from modules.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
-from modules.ops import token_logprobs
-from modules.optim import adamw
+from core.forward import completion_logits
+from core.generation import SamplingSpec
+from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
+from core.ops import token_logprobs
+from core.optim import adamw
 from modules.predict import response_writer, sample_rows
 from modules.stage import StageHooks
 

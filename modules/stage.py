@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from modules.guard import NonFiniteError, grad_norm, nonfinite_names
-from modules.models import save_hf
-from modules.optim import configure_optim, keep_trainable
-from modules.outputs import check_writable, config_hash
+from core.guard import NonFiniteError, grad_norm, nonfinite_names
+from core.models import save_hf
+from core.optim import configure_optim, keep_trainable
+from core.outputs import check_writable, config_hash
 
 
 class StageHooks:

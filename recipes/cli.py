@@ -82,7 +82,7 @@ def close_process_group() -> None:
 def exit_code(err: BaseException) -> int | None:
     """EXIT_CODES of our own error classes (matched by name along the class's bases: no torch import here)."""
     for cls in type(err).__mro__:
-        if cls.__name__ in EXIT_CODES and cls.__module__.split(".")[0] in ("modules", "datamodules"):
+        if cls.__name__ in EXIT_CODES and cls.__module__.split(".")[0] in ("core", "modules", "datamodules"):
             return EXIT_CODES[cls.__name__]
     return None
 

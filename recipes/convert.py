@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from recipes.common import quiet
 
     quiet()
-    from modules.models import convert_gguf
+    from core.models import convert_gguf
 
     gguf = args.gguf or packaged_smollm2()
     out = convert_gguf(str(gguf.parent), gguf.name, args.out, args.overwrite)

@@ -18,7 +18,7 @@ prompt's row in the prompt file (`index`) when every row of both files has one, 
 --judge is a RewardSpec as YAML/JSON text or a file holding it (`{oracle: synthetic}`, `{models: [runs/rm]}`,
 `{functions: ["pkg.mod:fn"]}`), or a reward-model folder. Both files are scored in one call, so a judge that
 whitens with batch statistics puts them on one scale. Writes OUT/eval.json (every number, interval and
-count) and OUT/eval.md (a table, also printed). Methods (modules/losses/eval.py):
+count) and OUT/eval.md (a table, also printed). Methods (core/losses/eval.py):
   win rate    (wins + ties/2) / pairs, Wilson 95% score interval over the pairs (conservative with ties);
               a tie is |policy - baseline| <= --tie_tolerance
   judge score mean of each file with mean -/+ 1.96 standard errors
@@ -107,8 +107,8 @@ def is_model(path: str) -> bool:
 def generate_inputs(args, device: str) -> None:
     """Sample each model in args.models into OUT/<side>.jsonl (recipes/generate.py, a fresh file each time) and
     point args.<side> at it."""
+    from core.generation import SamplingSpec
     from datamodules.formats import read_prompts
-    from modules.generation import SamplingSpec
     from recipes.generate import check_model_arg, encode_prompts, load_policy, run
 
     if not args.models:
@@ -132,7 +132,7 @@ def read_judge(parser: argparse.ArgumentParser, text: str):
     """--judge text -> RewardSpec: YAML/JSON (a file's or the argument's own), or a reward-model folder."""
     import yaml
 
-    from modules.reward_spec import as_reward_spec
+    from core.reward_spec import as_reward_spec
 
     path = Path(text).expanduser()
     if path.is_dir():
@@ -181,7 +181,7 @@ def read_generations(path: str) -> list[dict]:
 def evaluate(args, judge, device: str) -> dict:
     import torch
 
-    from modules.losses.eval import mean_interval, win_tie_loss
+    from core.losses.eval import mean_interval, win_tie_loss
 
     policy = read_generations(args.policy)
     baseline = read_generations(args.baseline) if args.baseline else []
@@ -232,7 +232,7 @@ def model_of(models: dict, side: str) -> dict:
 
 def describe(rows: list[dict]) -> dict:
     """Length, distinct-1/2 over whitespace words; EOS rate (finish_reason) and mean tokens where every row has them."""
-    from modules.losses.eval import text_stats
+    from core.losses.eval import text_stats
 
     reasons = [r["finish_reason"] for r in rows]
     eos = [x == "eos" for x in reasons] if all(isinstance(x, str) for x in reasons) else None
@@ -243,12 +243,12 @@ def describe(rows: list[dict]) -> dict:
 
 
 def policy_kl(rows: list[dict], args, device: str):
-    """KL(policy || reference) over the rows' responses (modules.losses.eval.sequence_kl); each model is a
+    """KL(policy || reference) over the rows' responses (core.losses.eval.sequence_kl); each model is a
     folder or a .ckpt, loaded one at a time."""
     import torch
     from torch.nn.utils.rnn import pad_sequence
 
-    from modules.losses.eval import sequence_kl
+    from core.losses.eval import sequence_kl
     from recipes.generate import load_policy
 
     logps, vocab = [], None
@@ -267,7 +267,7 @@ def policy_kl(rows: list[dict], args, device: str):
 
 
 def encode_responses(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per row from one tokenization (datamodules/tokenize.py's contract): the
+    """(prompt ids, response ids) per row from one tokenization (core/tokenize.py's contract): the
     prompt's tokens must prefix prompt+response's; EOS is appended where sampling ended with it."""
     from datamodules.formats import DataError
 
@@ -290,8 +290,8 @@ def response_logps(model, encoded: list[tuple[list[int], list[int]]], pad_id: in
     """One model's log-prob of each response token, batched on right-padded rows: a (len(response),) tensor per row."""
     import torch
 
-    from modules.forward import completion_logits
-    from modules.ops import IGNORE_INDEX, token_logprobs
+    from core.forward import completion_logits
+    from core.ops import IGNORE_INDEX, token_logprobs
 
     out = []
     with torch.no_grad():

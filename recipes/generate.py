@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     import torch
 
+    from core.generation import SamplingSpec
     from datamodules.formats import read_prompts
-    from modules.generation import SamplingSpec
 
     check_model_arg(args.model)
     records = read_prompts(args.prompts, args.split)  # a bad prompt file stops here, before any weights load
@@ -100,7 +100,7 @@ def part_bounds(total: int, part: int, parts: int) -> tuple[int, int]:
 
 def check_model_arg(path: str) -> None:
     """A missing local --model (folder or .ckpt) is a one-line ModelPathError, before anything loads."""
-    from modules.models import ModelPathError, ModelSpec, check_model_path
+    from core.models import ModelPathError, ModelSpec, check_model_path
 
     if path.endswith(".ckpt"):
         if not Path(path).expanduser().is_file():
@@ -111,7 +111,7 @@ def check_model_arg(path: str) -> None:
 
 def load_policy(path: str, dtype: str | None, device):
     """(frozen model in eval mode on device, left-padding tokenizer) from a folder or a Lightning checkpoint."""
-    from modules.models import load_saved_causal_lm, load_tokenizer
+    from core.models import load_saved_causal_lm, load_tokenizer
 
     if path.endswith(".ckpt"):
         return load_checkpoint_policy(path, dtype, device)
@@ -130,7 +130,7 @@ def load_checkpoint_policy(path: str, dtype: str | None, device):
     parameters must be there."""
     import torch
 
-    from modules.models import as_spec, freeze, load_causal_lm, load_tokenizer
+    from core.models import as_spec, freeze, load_causal_lm, load_tokenizer
 
     ckpt = torch.load(path, weights_only=True, map_location="cpu")
     hparams, stage = ckpt.get("hyper_parameters") or {}, ckpt.get("stage", "unknown stage")
@@ -159,7 +159,7 @@ def load_checkpoint_policy(path: str, dtype: str | None, device):
 def encode_prompts(records, tokenizer, max_prompt_length: int | None) -> list[dict]:
     """Prompt records -> {"input_ids", "prompt" (rendered text), "meta", "index"} as PromptDataModule encodes
     them (chat template for messages, the tokenizer's special tokens, long prompts cut from the left)."""
-    from datamodules.tokenize import encode_prompts as encode
+    from core.tokenize import encode_prompts as encode
 
     return encode(records, tokenizer, max_prompt_length, limit_name="--max_prompt_length")
 
@@ -202,8 +202,8 @@ def finished_prompts(out: Path, rows: list[dict], k: int) -> int:
 
 
 def run(model, tokenizer, rows: list[dict], spec, out: Path, seed: int, batch_size: int, device) -> None:
+    from core.generation import generate
     from datamodules.prompts import collate_prompts
-    from modules.generation import generate
     from modules.predict import batch_generator, response_rows
 
     k, total = spec.num_samples, len(rows)

@@ -82,7 +82,7 @@ from pathlib import Path
 
 import yaml
 
-from modules.outputs import MARKER, is_ours
+from core.outputs import MARKER, is_ours
 from recipes.pipeline_config import (  # noqa: F401 (re-exported)
     PROG,
     REF,

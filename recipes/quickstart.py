@@ -36,9 +36,9 @@ MEMBERS = 3  # reward-model ensemble members
 def oracle_eval(model_dir: str | Path, prompts_file: Path, samples: Path, seed: int = 0) -> float:
     """Mean oracle score of one response per held-out prompt sampled at T=1 (`rlhf generate`'s functions) into
     `samples`, a fresh generation file that `rlhf eval` reads later."""
+    from core.generation import SamplingSpec
+    from core.tasks import mean_oracle_score
     from datamodules.formats import read_prompts
-    from datamodules.synthetic import mean_oracle_score
-    from modules.generation import SamplingSpec
     from recipes.generate import encode_prompts, load_policy, run
 
     cpu = torch.device("cpu")
@@ -71,8 +71,8 @@ def against_sft(out: Path, policies: list[tuple[str, Path]], sft: Path) -> list[
 def reward_accuracy(model_dir: Path, pairs_file: Path) -> float:
     """Fraction of held-out oracle-labelled pairs the reward model (a folder of ensemble members: their mean
     score) orders like the labels."""
-    from modules.models import ModelSpec
-    from modules.reward_spec import RewardSpec
+    from core.models import ModelSpec
+    from core.reward_spec import RewardSpec
 
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
     members = (model_dir / "member_0").is_dir()
@@ -101,8 +101,8 @@ def prepare(out: Path, n_train: int, seed: int, task: str) -> dict[str, Path]:
     """The task's data (OUT/data), a pool of POOL distinct prompts found in none of its files
     (OUT/pool/prompts_train.jsonl) and the base model (OUT/base): a tiny tokenizer and Llama built on
     demonstrations."""
+    from core.models import build_tiny_model
     from datamodules.synthetic import make_demonstrations, write_task
-    from modules.models import build_tiny_model
 
     files = write_task(out / "data", n_train=n_train, n_val=200, seed=seed, task=task)
     files["pool"] = write_pool(out / "pool" / "prompts_train.jsonl", files.values(), seed, task)
@@ -113,8 +113,8 @@ def prepare(out: Path, n_train: int, seed: int, task: str) -> dict[str, Path]:
 
 def write_pool(path: Path, data_files, seed: int, task: str) -> Path:
     """POOL distinct prompts (in draw order) found in none of `data_files`."""
+    from core.outputs import write_jsonl
     from datamodules.synthetic import make_prompts
-    from modules.outputs import write_jsonl
 
     seen = {json.loads(line)["prompt"] for f in data_files for line in Path(f).read_text().splitlines() if line}
     pool = []

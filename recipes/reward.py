@@ -86,7 +86,7 @@ def fit_members(members: int, args: list[str]) -> list[tuple[str, Path]]:
     import torch
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-    from modules.outputs import is_ours
+    from core.outputs import is_ours
 
     if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=") for a in args):
         return main(args)  # what one member's run would be: help or its config
@@ -129,7 +129,7 @@ def fit_members(members: int, args: list[str]) -> list[tuple[str, Path]]:
 def clear_members(parent: Path) -> None:
     """Remove the member folders of an ensemble that lightning-rlhf wrote (marked), so `--members` trains them
     afresh instead of skipping them; anything else in `parent` is left alone."""
-    from modules.outputs import is_ours
+    from core.outputs import is_ours
 
     for member in Path(parent).glob("member_*"):
         if is_ours(member):

@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import pytest
 
+from core.models import load_tokenizer
 from datamodules.formats import DataError, read_demonstrations, read_prompts
 from datamodules.preference_formats import read_preferences
-from modules.models import load_tokenizer
 from recipes import cli
 from tests.conftest import ROOT, TINY_MODEL
 
@@ -212,7 +212,7 @@ def test_generation_prompts_cut_from_the_left_are_reported_or_skipped(tmp_path, 
 
     path = write(tmp_path / "p.jsonl", [{"prompt": "Task: reverse." + LONG + "\nAnswer:"}, {"prompt": "Reverse: a\nAnswer:"}])
     kw = dict(train_file=path, val_file=path, tokenizer=str(TINY_MODEL), max_prompt_length=32)
-    with caplog.at_level("WARNING", logger="datamodules.tokenize"):
+    with caplog.at_level("WARNING", logger="core.tokenize"):
         left = PromptDataModule(**kw)
         left.setup("fit")
     assert [len(r["input_ids"]) for r in left.val_rows] == [32, 6]  # the task header is what was lost
@@ -242,7 +242,7 @@ def test_table_matches_the_cases():
 
 
 def test_rlhf_prints_our_errors_in_one_line_with_their_exit_codes(monkeypatch, capsys):
-    from modules.models import ModelPathError
+    from core.models import ModelPathError
 
     def stage(err: Exception):
         def main(args):
@@ -255,8 +255,8 @@ def test_rlhf_prints_our_errors_in_one_line_with_their_exit_codes(monkeypatch, c
         monkeypatch.setitem(sys.modules, "tests.fake_stage", stage(err))
         assert cli.main(["fake", "fit"]) == cli.DATA_ERROR_EXIT == 3
         assert capsys.readouterr().err == cli.one_line(err) + "\n"
-    from modules.guard import NonFiniteError
-    from modules.outputs import OutputExistsError
+    from core.guard import NonFiniteError
+    from core.outputs import OutputExistsError
 
     for err, code in [(NonFiniteError("sft: non-finite loss (nan) at optimizer step 3"), 4),
                       (OutputExistsError("out exists and was not written by lightning-rlhf"), 5)]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modules.losses.kl_control import AdaptiveKLController
+from core.losses.kl_control import AdaptiveKLController
 from tests.conftest import ROOT, SYNTHETIC
 
 VAL_ROWS = 31

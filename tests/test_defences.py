@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
+from core.generation import SamplingSpec
+from core.losses.normalise import RunningMoments
+from core.losses.rejection_sampling import kl_penalised_scores
+from core.models import ModelSpec
+from core.ops import masked_sum, token_logprobs
+from core.reward_spec import RewardSpec
 from datamodules.prompts import PromptDataModule
-from modules.generation import SamplingSpec
-from modules.losses.normalise import RunningMoments
-from modules.losses.rejection_sampling import kl_penalised_scores
-from modules.models import ModelSpec
-from modules.ops import masked_sum, token_logprobs
 from modules.ppo import PPOModule
 from modules.rejection_sampling import RejectionSamplingModule, select_best
-from modules.reward_spec import RewardSpec
 from modules.rollout import response_logits
 
 

@@ -1,11 +1,11 @@
-"""Hand-computed checks of modules/losses/dpo.py."""
+"""Hand-computed checks of core/losses/dpo.py."""
 
 import math
 
 import pytest
 import torch
 
-from modules.losses.dpo import dpo_loss, uses_average_logprobs
+from core.losses.dpo import dpo_loss, uses_average_logprobs
 
 BETA = 0.5
 

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 import modules.dpo as dpo
-from datamodules.tokenize import IGNORE_INDEX, encode_completions, pad_right
+from core.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer
+from core.tokenize import IGNORE_INDEX, encode_completions, pad_right
 from modules.dpo import DPOModule
-from modules.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny-llama"
@@ -264,9 +264,9 @@ def test_precomputed_fit_checkpoints_tables_and_resume_skips_the_pass(monkeypatc
 
 
 def test_packed_pairs_give_the_same_sequence_logps_as_padded(tiny_model_dir):
+    from core.models import ModelSpec
     from datamodules.preference import collate_pairs, collate_pairs_packed
     from modules.dpo import DPOModule
-    from modules.models import ModelSpec
 
     module = DPOModule(ModelSpec(path=str(tiny_model_dir)))
     module.configure_model()

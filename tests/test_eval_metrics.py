@@ -1,4 +1,4 @@
-"""modules/losses/eval.py against hand-computed values; the KL estimate against the exact KL of a toy policy."""
+"""core/losses/eval.py against hand-computed values; the KL estimate against the exact KL of a toy policy."""
 
 import itertools
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from modules.losses.eval import (
+from core.losses.eval import (
     distinct_n,
     mean_interval,
     sequence_kl,

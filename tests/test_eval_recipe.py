@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from datamodules.synthetic import format_prompt, target_response
-from modules.losses.eval import wilson_interval
+from core.losses.eval import wilson_interval
+from core.tasks import format_prompt, target_response
 from recipes.cli import main as rlhf
 from tests.conftest import TINY_MODEL
 
@@ -72,7 +72,7 @@ def test_kl_of_a_model_to_itself_is_exactly_zero(files, tmp_path):
 
 
 def test_batched_logps_equal_one_row_at_a_time():
-    from modules.models import load_saved_causal_lm, load_tokenizer
+    from core.models import load_saved_causal_lm, load_tokenizer
     from recipes.eval import encode_responses, response_logps
 
     tok = load_tokenizer(str(TINY_MODEL))

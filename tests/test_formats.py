@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from core.tokenize import render_prompt
 from datamodules.formats import (
     DataError,
     Demonstration,
@@ -14,7 +15,6 @@ from datamodules.formats import (
     iter_rows,
     read_demonstrations,
     read_prompts,
-    render_prompt,
     split_hh,
 )
 from datamodules.preference_formats import DEFAULT_STRENGTH_MARGINS, Ranking, dense_ranks, read_preferences
@@ -350,7 +350,7 @@ def test_json_error_column_counts_within_the_line(tmp_path):
         read_demonstrations(str(path))
     rows = read_demonstrations(str(path), skip_bad_rows=True)
     assert rows.skipped == {"invalid JSON": 2} and len(rows) == 1
-    from datamodules.sources import source_rows
+    from core.sources import source_rows
 
     third = [item for _, item in source_rows(str(path), "train")][2]
     assert str(third) == f"{path}:3: invalid JSON (Expecting ':' delimiter at column 11)"
@@ -387,7 +387,7 @@ def test_unreadable_parquet_and_plain_folders(tmp_path):
 
 
 def test_looks_local(tmp_path, monkeypatch):
-    from datamodules.sources import looks_local
+    from core.sources import looks_local
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()

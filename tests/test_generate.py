@@ -208,7 +208,7 @@ def test_checkpoint_generates_what_its_exported_folder_does(run_recipe, tiny_mod
 
 
 def test_adapter_folder_generates_what_the_merged_model_does(tiny_model_dir, prompts, tmp_path):
-    from modules.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer, save_hf
+    from core.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer, save_hf
 
     spec = ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=2, alpha=4, dropout=0.0))
     model = load_causal_lm(spec)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from modules.generation import Rollout, SamplingSpec, decode_responses, generate, prompt_batch, sample_next
+from core.generation import Rollout, SamplingSpec, decode_responses, generate, prompt_batch, sample_next
 
 PAD, EOS = 0, 1
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
+from core.generation import SamplingSpec
+from core.models import LoraSpec, ModelSpec, load_causal_lm
+from core.reward_spec import RewardSpec
 from datamodules.prompts import PromptDataModule
-from modules.generation import SamplingSpec
-from modules.models import LoraSpec, ModelSpec, load_causal_lm
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.ppo import PPOModule
 from modules.rejection_sampling import RejectionSamplingModule
-from modules.reward_spec import RewardSpec
 from tests.conftest import ROOT
 
 # ----- (a) the monitor on hand-written sequences -----
@@ -322,7 +322,7 @@ def test_a_resume_with_another_judge_restarts_the_judge_state(tiny_model_dir):
     same.on_load_checkpoint(checkpoint)
     assert same.judge_monitor.trajectory == [(1.0, 2.0)] and same.best_weights.step == 1
     other = RejectionSamplingModule(policy, RewardSpec(oracle="synthetic"),
-                                    val_reward=RewardSpec(functions=["datamodules.synthetic:oracle_reward"]),
+                                    val_reward=RewardSpec(functions=["core.tasks:oracle_reward"]),
                                     export_best="val/judge_reward")
     with pytest.warns(UserWarning, match="judged with another val_reward: the best val/judge_reward .max. starts afresh"):
         other.on_load_checkpoint(checkpoint)

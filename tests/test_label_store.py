@@ -7,8 +7,8 @@ import sqlite3
 
 import pytest
 
+from core.sources import DataError
 from datamodules.labelling import item_id
-from datamodules.sources import DataError
 from labelapp.store import ClientIdReused, InvalidLabel, Store, read_queue, validate_label
 from recipes.cli import main as rlhf
 

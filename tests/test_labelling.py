@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from core.tasks import format_prompt, oracle_reward
 from datamodules.labelling import flip_two, group_generations, label_groups, main, ranks_from_scores
-from datamodules.synthetic import format_prompt, oracle_reward
 
 
 def _rows(prompt, index, responses):

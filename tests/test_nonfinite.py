@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from modules.generation import SamplingSpec, sample_next
-from modules.guard import NonFiniteError, grad_norm, nonfinite_names
-from modules.optim import keep_trainable
+from core.generation import SamplingSpec, sample_next
+from core.guard import NonFiniteError, grad_norm, nonfinite_names
+from core.optim import keep_trainable
 from tests.conftest import ROOT
 
 STAGES = ["sft", "reward", "dpo", "rs", "ppo"]

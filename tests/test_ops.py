@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from modules.ops import (
+from core.ops import (
     entropy_from_logits,
     last_true_index,
     masked_mean,

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from modules.outputs import MARKER, OutputExistsError, check_writable, recover, write_dir
+from core.outputs import MARKER, OutputExistsError, check_writable, recover, write_dir
 
 TINY = "configs/sft/tiny.yaml"
 
@@ -118,7 +118,7 @@ def test_saved_lora_adapter_records_an_absolute_base_path(tmp_path, tiny_model_d
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    from modules.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer, save_hf
+    from core.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer, save_hf
 
     monkeypatch.chdir(tiny_model_dir.parent.parent.parent)  # the repo root: the path as users give it
     spec = ModelSpec(path="tests/fixtures/tiny-llama", lora=LoraSpec(r=2, alpha=4))

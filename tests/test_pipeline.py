@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from modules.outputs import MARKER
+from core.outputs import MARKER
 from recipes import cli, pipeline
 from tests.conftest import ROOT
 

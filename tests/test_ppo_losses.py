@@ -1,4 +1,4 @@
-"""Hand-checked tests for modules/losses/ppo.py and modules/losses/kl_control.py."""
+"""Hand-checked tests for core/losses/ppo.py and core/losses/kl_control.py."""
 
 import ast
 import copy
@@ -8,8 +8,8 @@ import pathlib
 import pytest
 import torch
 
-from modules.losses.kl_control import AdaptiveKLController, FixedKLController
-from modules.losses.ppo import (
+from core.losses.kl_control import AdaptiveKLController, FixedKLController
+from core.losses.ppo import (
     PPOLossOutput,
     entropy_bonus,
     gae,
@@ -252,11 +252,11 @@ def test_ppo_losses_import_only_torch_and_stdlib():
     import sys
 
     for name in ("ppo.py", "kl_control.py"):
-        path = pathlib.Path(__file__).parents[1] / "modules" / "losses" / name
+        path = pathlib.Path(__file__).parents[1] / "core" / "losses" / name
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                 for mod in mods:
                     top = mod.split(".")[0]
-                    assert top in {"torch", "modules"} or top in sys.stdlib_module_names, (name, mod)
-                    assert top != "modules" or mod == "modules.ops", (name, mod)
+                    assert top in {"torch", "core"} or top in sys.stdlib_module_names, (name, mod)
+                    assert top != "core" or mod == "core.ops", (name, mod)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+from core.generation import Rollout, SamplingSpec
+from core.models import LoraSpec, ModelSpec, load_causal_lm
+from core.reward_spec import RewardSpec
 from datamodules.prompts import PromptDataModule
-from modules.generation import Rollout, SamplingSpec
-from modules.models import LoraSpec, ModelSpec, load_causal_lm
 from modules.ppo import PPOModule
-from modules.reward_spec import RewardSpec
 from modules.rollout import minibatches, position_ids, repeat_each, response_slice
 
 ORACLE = RewardSpec(oracle="synthetic")

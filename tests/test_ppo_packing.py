@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers.masking_utils import find_packed_sequence_indices
 
-from modules.forward import lm_parts
-from modules.generation import SamplingSpec
-from modules.models import LoraSpec, ModelSpec
+from core.forward import lm_parts
+from core.generation import SamplingSpec
+from core.models import LoraSpec, ModelSpec
+from core.reward_spec import RewardSpec
 from modules.ppo import PPOModule
-from modules.reward_spec import RewardSpec
 from modules.rollout import pack_sequences, position_ids, response_slice
 
 # p = 4, r = 2. Row 0: prompt [11, 12] (2 left pads), response [21, EOS]; row 1: prompt [13, 14, 15] (1 pad),

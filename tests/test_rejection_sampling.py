@@ -9,18 +9,18 @@ import yaml
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
+from core.generation import Rollout, SamplingSpec
+from core.models import ModelSpec
+from core.ops import IGNORE_INDEX
+from core.reward_spec import RewardSpec
 from datamodules.formats import read_demonstrations
 from datamodules.prompts import PromptDataModule
-from modules.generation import Rollout, SamplingSpec
-from modules.models import ModelSpec
-from modules.ops import IGNORE_INDEX
 from modules.rejection_sampling import (
     RejectionSamplingModule,
     collate_examples,
     rollout_examples,
     select_best,
 )
-from modules.reward_spec import RewardSpec
 from tests.conftest import ROOT
 
 TINY = "configs/rs/tiny.yaml"

@@ -4,9 +4,9 @@ one model in the weighted sum; a folder of member folders stands for its members
 import pytest
 import torch
 
-from modules.models import ModelSpec, save_hf
+from core.models import ModelSpec, save_hf
+from core.reward_spec import RewardSpec, as_reward_spec
 from modules.reward import RewardModule
-from modules.reward_spec import RewardSpec, as_reward_spec
 from tests.conftest import TINY_MODEL
 
 PROMPT = "Reverse: a b c\nAnswer:"

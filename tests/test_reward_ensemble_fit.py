@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.outputs import MARKER
-from modules.reward_spec import RewardSpec, as_reward_spec
+from core.outputs import MARKER
+from core.reward_spec import RewardSpec, as_reward_spec
 from tests.conftest import ROOT
 
 TINY = "configs/reward/tiny.yaml"

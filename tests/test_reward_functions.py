@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from modules.reward_spec import RewardSpec, as_reward_spec
+from core.reward_spec import RewardSpec, as_reward_spec
 
 PROMPT = "Reverse: a b c\nAnswer:"
 RESPONSES = [" c b a", " a b c", " c b"]
@@ -66,7 +66,7 @@ def test_weights_combine_two_functions(fns):
 
 def test_oracle_short_name_is_the_shipped_function(fns):
     short = RewardSpec(oracle="synthetic").score([PROMPT] * 3, RESPONSES)
-    path = RewardSpec(functions=["datamodules.synthetic:oracle_reward"]).score([PROMPT] * 3, RESPONSES)
+    path = RewardSpec(functions=["core.tasks:oracle_reward"]).score([PROMPT] * 3, RESPONSES)
     # target " c b a": all 3 right; " a b c": only the middle b; " c b": 2 right of max(3, 2)
     torch.testing.assert_close(short, torch.tensor([1.0, 1 / 3, 2 / 3]))
     torch.testing.assert_close(path, short)

@@ -1,11 +1,11 @@
-"""Hand-computed checks of modules/losses/reward.py."""
+"""Hand-computed checks of core/losses/reward.py."""
 
 import math
 
 import pytest
 import torch
 
-from modules.losses.reward import (
+from core.losses.reward import (
     ensemble_scores,
     llama2_combine,
     pairwise_loss,

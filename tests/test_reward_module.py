@@ -8,10 +8,10 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
+from core.models import LoraSpec, ModelSpec, load_tokenizer, save_hf
+from core.reward_spec import RewardSpec, as_reward_spec, sequence_scores
 from datamodules.preference import PreferenceDataModule, collate_pairs, collate_rankings
-from modules.models import LoraSpec, ModelSpec, load_tokenizer, save_hf
 from modules.reward import RewardModule, group_accuracies
-from modules.reward_spec import RewardSpec, as_reward_spec, sequence_scores
 from tests.conftest import TINY_MODEL
 
 PROMPT = "Reverse: a b c\nAnswer:"
@@ -265,8 +265,8 @@ def test_int8_base_with_lora_trains(tiny_model_dir):
 
 
 def test_packed_pairs_score_like_padded_pairs(tiny_model_dir):
+    from core.models import ModelSpec
     from datamodules.preference import collate_pairs, collate_pairs_packed
-    from modules.models import ModelSpec
     from modules.reward import RewardModule
 
     module = RewardModule(ModelSpec(path=str(tiny_model_dir)))

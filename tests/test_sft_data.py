@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
+from core.models import load_tokenizer
+from core.tokenize import encode_completions
 from datamodules.formats import DataError
 from datamodules.sft import SFTDataModule, collate_packed, collate_sft, pack
-from datamodules.tokenize import encode_completions
-from modules.models import load_tokenizer
 
 X = -100
 
@@ -120,7 +120,7 @@ def test_truncation_is_reported_per_reason_with_the_first_row(tiny_model_dir, ca
     prompts = ["Reverse: a b c\nAnswer:", "Reverse:" + " a b" * 20 + "\nAnswer:", "Reverse: a\nAnswer:"]
     completions = [" c b a", " b a", " a b" * 30]  # row 2: long prompt, row 3: long completion
     wheres = ["d.jsonl:1", "d.jsonl:2", "d.jsonl:3"]
-    with caplog.at_level("WARNING", logger="datamodules.tokenize"):
+    with caplog.at_level("WARNING", logger="core.tokenize"):
         rows = encode_completions(tok, prompts, completions, wheres, 24, 8)
     assert [len(p) + len(c) for p, c in rows][1:] == [24, 24] and rows[2][1][-1] != tok.eos_token_id
     n_prompt, n_completion = len(tok(prompts[1])["input_ids"]), len(tok(completions[2])["input_ids"]) + 1
@@ -131,7 +131,7 @@ def test_truncation_is_reported_per_reason_with_the_first_row(tiny_model_dir, ca
         f" -> {24 - len(rows[2][0])} tokens, cut from the right, with its EOS)",
     ]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="datamodules.tokenize"):
+    with caplog.at_level("WARNING", logger="core.tokenize"):
         kept = encode_completions(tok, prompts, completions, wheres, 24, 8, truncation="skip", aligned=True)
     assert kept[0] == rows[0] and kept[1:] == [None, None]
     assert caplog.messages[0].startswith("skipped (truncation='skip') 1 of 3 sequences: prompt longer than")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+from core.models import LoraSpec, ModelSpec, save_hf
+from core.ops import shifted_logprobs
 from datamodules.sft import SFTDataModule, collate_packed, collate_sft
-from modules.models import LoraSpec, ModelSpec, save_hf
-from modules.ops import shifted_logprobs
 from modules.sft import SFTModule
 
 

@@ -1,13 +1,13 @@
-"""Prompt-shared packed rows for reward models (datamodules/packing.py, ops.prefix_tree_mask): the layout by
+"""Prompt-shared packed rows for reward models (core/packing.py, ops.prefix_tree_mask): the layout by
 hand, the mask by hand, and scores/gradients equal to padded rows on the tiny model."""
 
 import pytest
 import torch
 
-from datamodules.packing import collate_pairs_shared, collate_shared_prefix, common_prefix_length
+from core.models import ModelSpec
+from core.ops import first_fit, prefix_tree_mask
+from core.packing import collate_pairs_shared, collate_shared_prefix, common_prefix_length
 from datamodules.preference import collate_pairs, collate_rankings
-from modules.models import ModelSpec
-from modules.ops import first_fit, prefix_tree_mask
 from modules.reward import RewardModule
 
 
@@ -162,8 +162,8 @@ def test_dpo_logps_and_grads_on_shared_rows_equal_padded(tiny_model_dir, attn):
 
 
 def test_dpo_lora_adapter_reference_on_shared_rows_equals_padded(tiny_model_dir):
+    from core.models import LoraSpec
     from modules.dpo import DPOModule
-    from modules.models import LoraSpec
 
     spec = ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0))
     module = DPOModule(spec, reference="adapter")
@@ -191,7 +191,7 @@ def test_reward_recipe_trains_with_shared_prompt(run_recipe, tmp_path):
 
 
 def test_train_top_layers_freezes_embeddings_and_lower_blocks(tiny_model_dir):
-    from modules.models import load_sequence_classifier
+    from core.models import load_sequence_classifier
 
     model = load_sequence_classifier(ModelSpec(path=str(tiny_model_dir), train_top_layers=1), pad_token_id=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -207,7 +207,7 @@ def test_train_top_layers_freezes_embeddings_and_lower_blocks(tiny_model_dir):
 
 
 def test_train_top_layers_bad_config_fails_before_loading():
-    from modules.models import LoraSpec
+    from core.models import LoraSpec
 
     with pytest.raises(ValueError, match="train_top_layers"):
         ModelSpec(path="nowhere", train_top_layers=0)

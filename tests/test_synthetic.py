@@ -8,20 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from datamodules import synthetic as syn
-from datamodules.synthetic import (
+from core.tasks import (
     format_answer,
     format_prompt,
+    mean_oracle_score,
+    oracle_score,
+    parse_prompt,
+    target_response,
+)
+from datamodules import synthetic as syn
+from datamodules.synthetic import (
     make_demonstrations,
     make_pairs,
     make_prompts,
     make_rankings,
     make_ratings,
-    mean_oracle_score,
     noisy_response,
-    oracle_score,
-    parse_prompt,
-    target_response,
     write_task,
 )
 

@@ -10,22 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from datamodules import synthetic as syn
-from datamodules.synthetic import (
+from core.tasks import (
+    edit_distance,
     format_prompt,
-    make_demonstrations,
-    make_pairs,
-    make_prompts,
-    make_rankings,
-    make_ratings,
     mean_oracle_score,
     oracle_reward,
     oracle_score,
     parse_prompt,
     target_response,
+)
+from datamodules import synthetic as syn
+from datamodules.synthetic import (
+    make_demonstrations,
+    make_pairs,
+    make_prompts,
+    make_rankings,
+    make_ratings,
     write_task,
 )
-from datamodules.synthetic_sort import edit_distance, noisy_response
+from datamodules.synthetic_sort import noisy_response
 
 ROOT = Path(__file__).resolve().parents[1]
 S = "Sort: d a c b\nAnswer:"  # target " a b c d"
@@ -105,9 +108,11 @@ def test_oracle_dispatches_by_prefix():
 
 
 def test_oracle_reward_through_reward_spec():
-    from modules.reward_spec import RewardSpec
+    from core.reward_spec import RewardSpec
 
     assert RewardSpec(oracle="synthetic").score([S, R], [" a c b d", " b f a c"]).tolist() == [0.5, 1.0]
+    # the oracle's old path (before it moved to core/tasks.py) names the same function
+    assert RewardSpec(functions=["datamodules.synthetic:oracle_reward"]).score([S], [" a c b d"]).tolist() == [0.5]
 
 
 @pytest.mark.parametrize("bad", ["Hello\nAnswer:", "", "sort: a b\nAnswer:", "Sorted a b"])

@@ -16,10 +16,10 @@ from typing import Literal
 
 import torch
 
-from modules.forward import tree_attention_mask
-from modules.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
-from modules.models import ModelSpec, as_spec, is_peft, load_sequence_classifier, load_tokenizer
-from modules.ops import last_true_index
+from core.forward import tree_attention_mask
+from core.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
+from core.models import ModelSpec, as_spec, is_peft, load_sequence_classifier, load_tokenizer
+from core.ops import last_true_index
 
 
 def sequence_scores(
@@ -29,7 +29,7 @@ def sequence_scores(
     """Scalar score per sequence: (b, t), (b, t) -> (b,) float32, for left or right padding; or, for packed
     rows (no attention mask; `sequence_ids` (rows, t) says which sequence each token is, -1 on padding, and
     position ids restart per sequence), one score per sequence id; or, for prompt-shared rows
-    (datamodules/packing.py), `tree` = {tree_ids, branch_ids, score_index} -> (n_seq,) in score_index order.
+    (core/packing.py), `tree` = {tree_ids, branch_ids, score_index} -> (n_seq,) in score_index order.
 
     Decoder classifiers (`score` head on a base model: Llama, Qwen, GPT-2, ..., also inside a peft wrapper):
     run the base model, take the hidden state at the last real token, apply the head. Anything else (an
@@ -68,12 +68,12 @@ def _flag(value) -> bool:
     return bool(value)
 
 
-ORACLES = {"synthetic": "datamodules.synthetic:oracle_reward"}  # short name -> reward function path
+ORACLES = {"synthetic": "core.tasks:oracle_reward"}  # short name -> reward function path
 
 
 def import_reward_function(path: str) -> Callable:
     """"package.module:name" (name may be dotted, e.g. "mod:Class.method") -> the callable; else ValueError
-    naming the path. Imported lazily from the string, so modules/ never imports datamodules/ at import time."""
+    naming the path. Imported lazily from the string, so a function's module loads only when a spec names it."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"reward function {path!r}: expected 'package.module:name'")
@@ -142,7 +142,7 @@ class RewardSpec:
             given, else with the batch's mean and std.
         whiten_mean: fixed mean for whitening (e.g. measured on the reward model's training data).
         whiten_std: fixed std for whitening.
-        oracle: "synthetic" is a short name for the function "datamodules.synthetic:oracle_reward", the
+        oracle: "synthetic" is a short name for the function "core.tasks:oracle_reward", the
             built-in task's noise-free oracle (scored after `functions`); null to use models/functions only.
         batch_size: rows per reward-model forward pass.
         max_length: tokens per scored text; longer ones keep their last max_length tokens.

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from modules.guard import NonFiniteError, nonfinite_names
+from core.guard import NonFiniteError, nonfinite_names
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 

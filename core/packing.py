@@ -6,7 +6,7 @@ per sequence, a `sequence_ids` map back to the sequences.
 `collate_shared_prefix` (reward models, DPO): the responses to one prompt share the prompt's computation. A unit
 = the K token sequences of one pair/ranking group is laid out as [common prefix, rest of seq 1, ..., rest of
 seq K]; positions restart at the prefix length for every branch, and a tree attention mask (built on the
-model's device by `modules.ops.prefix_tree_mask` from `tree_ids`/`branch_ids`) lets branch k see the prefix and
+model's device by `core.ops.prefix_tree_mask` from `tree_ids`/`branch_ids`) lets branch k see the prefix and
 itself only. Every sequence's hidden states are then exactly those of its own padded row, but the prompt (most
 of an HH-RLHF pair) is encoded once instead of K times. `score_index` holds each sequence's last token as a
 flat position into (rows * t).
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.tokenize import IGNORE_INDEX
-from modules.ops import first_fit
+from core.ops import first_fit
+from core.tokenize import IGNORE_INDEX
 
 
 def ids_and_labels(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[list[int]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from modules.ops import prefix_tree_mask
+from core.ops import prefix_tree_mask
 
 
 def lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -36,7 +36,7 @@ def completion_logits(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tens
 
 
 def tree_attention_mask(model, tree: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The 4D mask of prompt-shared rows (datamodules/packing.py) in the form the model's attention takes
+    """The 4D mask of prompt-shared rows (core/packing.py) in the form the model's attention takes
     (transformers passes a 4D mask through as is): boolean for sdpa, additive (0 / lowest value) for eager."""
     allowed = prefix_tree_mask(tree["tree_ids"], tree["branch_ids"])  # (rows, 1, t, t)
     impl = str(getattr(model.config, "_attn_implementation", "eager"))

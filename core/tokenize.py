@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 
-from datamodules.formats import DataError, render_prompt
+from core.sources import DataError
 
 IGNORE_INDEX = -100
 TRUNCATION = ("error", "left", "skip")
@@ -143,3 +143,18 @@ def encode_prompts(records, tokenizer, max_prompt_length: int | None, truncation
         rows.append({"input_ids": i, "prompt": text, "meta": dict(getattr(record, "meta", {})), "index": index})
     cuts.report(len(records), "prompts")
     return rows
+
+
+def render_prompt(prompt: str | Sequence[dict[str, str]], tokenizer) -> str:
+    """A string as is; messages via the tokenizer's chat template, else HH style ending "\\n\\nAssistant:"."""
+    if isinstance(prompt, str):
+        return prompt
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    system, text = "\n\n".join(m["content"] for m in prompt if m["role"] == "system"), ""
+    for m in prompt:
+        if m["role"] == "user":  # HH has no system turn: the system text opens the first human turn
+            text, system = text + "\n\nHuman: " + (f"{system}\n\n" if system else "") + m["content"], ""
+        elif m["role"] == "assistant":
+            text += f"\n\nAssistant: {m['content']}"
+    return (f"\n\nHuman: {system}" if system else "") + text + "\n\nAssistant:"

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from modules.ops import entropy_from_logits, last_true_index, masked_mean, masked_whiten
+from core.ops import entropy_from_logits, last_true_index, masked_mean, masked_whiten
 
 
 def _zero_pad(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

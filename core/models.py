@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from modules.outputs import write_dir
+from core.outputs import write_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger(__name__)

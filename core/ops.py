@@ -101,7 +101,7 @@ def rowwise_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def prefix_tree_mask(tree_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
     """Boolean attention mask (rows, 1, t, t), True = may attend, for prompt-shared packed rows
-    (datamodules/packing.py).
+    (core/packing.py).
 
     Query i may see key j <= i of the same unit (tree id) when j is in the shared prefix (branch 0) or in
     i's own branch; the padding tail (tree id -1) sees only itself, so no row of the softmax is empty.

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from modules.guard import NonFiniteError
+from core.guard import NonFiniteError
 
 
 @dataclass
