@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from core.guard import NonFiniteError
+from core.ops import positions_from_mask
 
 
 @dataclass
@@ -137,7 +138,7 @@ def _generate(
     # tokens are discarded), so no row is ever fully masked
     full_mask = torch.ones(rows, p + max_new, dtype=attention_mask.dtype, device=device)
     full_mask[:, :p] = attention_mask
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b*n, p)
+    position_ids = positions_from_mask(attention_mask)  # (b*n, p)
     next_pos = attention_mask.long().sum(-1, keepdim=True)  # (b*n, 1) position of the first response token
 
     # (b*n, max_new) response tokens; (b*n,) step each row finished at (max_new = never)

@@ -93,6 +93,12 @@ def last_true_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), positions, torch.zeros_like(positions)).max(-1).values
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 on each row's first real token: (b, t) 0/1 mask -> (b, t). Left padding
+    gets 0 on its pad columns; right padding keeps 0..n-1 on its real tokens (and repeats n-1 on the pad tail)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def rowwise_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum per row of values gathered as `x[mask]`: values (n,), mask (b, t) with n true entries -> (b,)."""
     rows = mask.nonzero(as_tuple=True)[0]  # (n,) row of each value, in row-major order like x[mask]

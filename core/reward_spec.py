@@ -19,7 +19,7 @@ import torch
 from core.forward import tree_attention_mask
 from core.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
 from core.models import ModelSpec, as_spec, is_peft, load_sequence_classifier, load_tokenizer
-from core.ops import last_true_index
+from core.ops import last_true_index, positions_from_mask
 
 
 def sequence_scores(
@@ -41,7 +41,7 @@ def sequence_scores(
         if tree is not None:  # prompt-shared rows: a tree mask instead of a padding mask
             attention_mask = tree_attention_mask(inner, tree)
         elif position_ids is None:  # right padding keeps positions 0..n-1; left padding needs them restarted
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
+            position_ids = positions_from_mask(attention_mask)  # (b, t)
         hidden = getattr(inner, prefix)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (b, t, h)

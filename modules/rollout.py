@@ -1,4 +1,4 @@
-"""Small tensor helpers for on-policy stages (PPO): positions, response slices, minibatch order, experience, and
+"""Small tensor helpers for on-policy stages (PPO): response slices, minibatch order, experience, and
 padding-free packing of prompt + response rows for the scoring and training forwards."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from core.forward import lm_parts
-from core.ops import first_fit
+from core.ops import first_fit, positions_from_mask
 
 
 class Experience(NamedTuple):
@@ -28,11 +28,6 @@ class Experience(NamedTuple):
     advantages: Tensor
     returns: Tensor
     prompt_length: int
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions that restart at 0 on the first real token of a left-padded row: (b, t) -> (b, t)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def response_slice(x: Tensor, prompt_length: int) -> Tensor:
@@ -123,7 +118,7 @@ def response_hidden(trunk, sequences: Tensor, attention_mask: Tensor, p: int, pa
     """A decoder trunk's last hidden state at the r positions that predict response tokens: (b, r, h), from the
     packed rows if given (attention_mask None: the restarts of position_ids bound the sequences), else padded."""
     if packed is None:
-        hidden = trunk(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+        hidden = trunk(input_ids=sequences, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
                        use_cache=False).last_hidden_state  # (b, p + r, h)
         return response_slice(hidden, p)
     hidden = trunk(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
@@ -147,6 +142,6 @@ def response_logits(model, sequences: Tensor, attention_mask: Tensor, p: int, pa
     if parts is not None:
         h = response_hidden(parts[0], sequences, attention_mask, p, packed)
         return parts[1](h), (h if hidden else None)
-    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
                 use_cache=False, logits_to_keep=sequences.shape[1] - p + 1, output_hidden_states=hidden)
     return out.logits[:, :-1], (response_slice(out.hidden_states[-1], p) if hidden else None)

@@ -10,6 +10,7 @@ from core.ops import (
     masked_mean,
     masked_var,
     masked_whiten,
+    positions_from_mask,
     rowwise_sum,
     sequence_logprobs,
     shifted_logprobs,
@@ -60,3 +61,11 @@ def test_entropy_last_index_and_rowwise_sum():
     keep = torch.tensor([[True, False, True], [False, True, False]])
     values = torch.tensor([1.0, 2.0, 10.0])  # x[keep] order: (0,0), (0,2), (1,1)
     assert rowwise_sum(values, keep).tolist() == [3.0, 10.0]
+
+
+def test_positions_from_mask_left_and_right_padding():
+    # cumsum - 1, clamped at 0: left [0,0,1,1,1] -> cumsum [0,0,1,2,3] -> [0,0,0,1,2];
+    # right [1,1,1,0,0] -> cumsum [1,2,3,3,3] -> [0,1,2,2,2] (real tokens keep 0..n-1)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+    assert positions_from_mask(mask.bool()).dtype == torch.long

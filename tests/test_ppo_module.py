@@ -9,10 +9,11 @@ from lightning.pytorch import Trainer
 
 from core.generation import Rollout, SamplingSpec
 from core.models import LoraSpec, ModelSpec, load_causal_lm
+from core.ops import positions_from_mask
 from core.reward_spec import RewardSpec
 from datamodules.prompts import PromptDataModule
 from modules.ppo import PPOModule
-from modules.rollout import minibatches, position_ids, repeat_each, response_slice
+from modules.rollout import minibatches, repeat_each, response_slice
 
 ORACLE = RewardSpec(oracle="synthetic")
 LORA = LoraSpec(r=4, alpha=8, dropout=0.0)
@@ -108,7 +109,7 @@ def test_shared_reference_is_the_base_with_adapter_off(tiny_model_dir):
     with torch.no_grad():
         ref = module.reference_logp(seq, mask, p=4)
         on = module.policy_forward(seq, mask, p=4)[0]
-        logits = base(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+        logits = base(input_ids=seq, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
     expected = torch.log_softmax(response_slice(logits, 4) / 0.7, -1).gather(-1, seq[:, 4:, None]).squeeze(-1)
     torch.testing.assert_close(ref, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(on, ref)
@@ -157,7 +158,6 @@ def test_layout_shared_needs_lora(tiny_model_dir):
 
 def test_rollout_helpers():
     assert repeat_each(["a", "b"], 2) == ["a", "a", "b", "b"]
-    torch.testing.assert_close(position_ids(torch.tensor([[0, 0, 1, 1, 1]])), torch.tensor([[0, 0, 0, 1, 2]]))
     x = torch.arange(6).view(1, 6)  # p = 4: positions 3 and 4 predict the 2 response tokens
     torch.testing.assert_close(response_slice(x, 4), torch.tensor([[3, 4]]))
     parts = minibatches(10, 2, 3, torch.Generator().manual_seed(0))

@@ -11,9 +11,10 @@ from transformers.masking_utils import find_packed_sequence_indices
 from core.forward import lm_parts
 from core.generation import SamplingSpec
 from core.models import LoraSpec, ModelSpec
+from core.ops import positions_from_mask
 from core.reward_spec import RewardSpec
 from modules.ppo import PPOModule
-from modules.rollout import pack_sequences, position_ids, response_slice
+from modules.rollout import pack_sequences, response_slice
 
 # p = 4, r = 2. Row 0: prompt [11, 12] (2 left pads), response [21, EOS]; row 1: prompt [13, 14, 15] (1 pad),
 # response [23, 24]. Sequence lengths: 2 + 2 = 4 and 3 + 2 = 5.
@@ -54,7 +55,7 @@ def test_pack_gathers_what_the_padded_slice_reads_and_rejects_empty_prompts():
     for row_length in (None, 3, 12, 40):  # 3 < longest sequence: raised to it
         packed = pack_sequences(seq, mask, 6, row_length=row_length)
         torch.testing.assert_close(packed.input_ids.flatten()[packed.index], response_slice(seq, 6))
-        torch.testing.assert_close(packed.position_ids.flatten()[packed.index], response_slice(position_ids(mask), 6))
+        torch.testing.assert_close(packed.position_ids.flatten()[packed.index], response_slice(positions_from_mask(mask), 6))
         assert packed.input_ids.numel() - mask.sum() < packed.input_ids.shape[1]  # at most one row's worth of tail
     with pytest.raises(ValueError, match="prompt token"):
         pack_sequences(seq, torch.cat([torch.zeros(5, 6), torch.ones(5, 3)], 1).long(), 6)
