@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from core.ops import prefix_tree_mask
+from core.ops import IGNORE_INDEX, prefix_tree_mask
 
 
 def lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -26,7 +26,7 @@ def completion_logits(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tens
     FLOPs of a small model. Models that post-process logits (soft-capping, scaling) get a full forward.
     """
     targets = labels[:, 1:]
-    keep = targets != -100  # (b, t-1): position i predicts token i + 1
+    keep = targets != IGNORE_INDEX  # (b, t-1): position i predicts token i + 1
     parts = lm_parts(model)
     if parts is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1]

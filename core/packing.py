@@ -1,4 +1,6 @@
-"""Padding-free batches for preference data: packed rows, and prompt-shared trees for reward models.
+"""Batches of (prompt_ids, completion_ids) rows: right-padded (`pad_completions`: SFT, preference pairs and
+rankings, rejection sampling's kept samples, `rlhf eval`), and padding-free ones for preference data: packed
+rows, and prompt-shared trees for reward models.
 
 `collate_pairs_packed` (DPO, reward): a batch's 2b sequences packed first-fit into rows, position ids restarting
 per sequence, a `sequence_ids` map back to the sequences.
@@ -16,13 +18,27 @@ from __future__ import annotations
 
 import torch
 
-from core.ops import first_fit
-from core.tokenize import IGNORE_INDEX
+from core.ops import IGNORE_INDEX, first_fit
+from core.tokenize import pad_right
 
 
 def ids_and_labels(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[list[int]]]:
     """[(prompt_ids, completion_ids)] -> token rows and label rows (-100 on the prompt), unpadded."""
     return [p + c for p, c in encoded], [[IGNORE_INDEX] * len(p) + c for p, c in encoded]
+
+
+def pad_completions(
+    rows: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """[(prompt_ids, completion_ids)] -> right-padded input_ids, attention_mask, labels (rows, t), labels -100 on
+    the prompt and on padding; t is the longest row, or `length`. Right padding: real tokens keep positions
+    0..n-1, so no position_ids are needed."""
+    ids, labels = ids_and_labels(rows)
+    return {
+        "input_ids": torch.tensor(pad_right(ids, pad_id, length)),  # (rows, t)
+        "attention_mask": torch.tensor(pad_right([[1] * len(x) for x in ids], 0, length)),  # (rows, t)
+        "labels": torch.tensor(pad_right(labels, IGNORE_INDEX, length)),  # (rows, t)
+    }
 
 
 def pair_extras(rows: list) -> dict[str, torch.Tensor]:

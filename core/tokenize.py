@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 from core.sources import DataError
 
-IGNORE_INDEX = -100
 TRUNCATION = ("error", "left", "skip")
 log = logging.getLogger(__name__)
 

@@ -22,17 +22,10 @@ from core.packing import (
     collate_pairs_packed,
     collate_pairs_shared,
     collate_shared_prefix,
-    ids_and_labels,
+    pad_completions,
     pair_extras,
 )
-from core.tokenize import (
-    IGNORE_INDEX,
-    check_lengths,
-    encode_completions,
-    encode_prompts,
-    pad_right,
-    render_prompt,
-)
+from core.tokenize import check_lengths, encode_completions, encode_prompts, render_prompt
 from datamodules.preference_formats import Ranking, read_preferences
 from datamodules.prompts import collate_prompts
 from datamodules.resumable import EvalSampler, ResumableLoader
@@ -258,25 +251,14 @@ def _ties_after_truncation(record: Ranking, enc: Encoded) -> bool:
     return any(enc[i] == enc[j] for i, j in ranked_pairs(record.ranks))
 
 
-def _pad(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    # right padding: real tokens keep positions 0..n-1; labels -100 on padding too
-    return {
-        "input_ids": torch.tensor(pad_right(ids, pad_id)),  # (rows, t)
-        "attention_mask": torch.tensor(pad_right([[1] * len(x) for x in ids], 0)),  # (rows, t)
-        "labels": torch.tensor(pad_right(labels, IGNORE_INDEX)),  # (rows, t)
-    }
-
-
 def collate_pairs(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
     """[(chosen (p, c), rejected (p, c), margin, index)] x b -> 2b rows (chosen first), margin (b,), index (b,)."""
-    ids, labels = ids_and_labels([r[0] for r in rows] + [r[1] for r in rows])
-    return {**_pad(ids, labels, pad_id), **pair_extras(rows)}
+    return {**pad_completions([r[0] for r in rows] + [r[1] for r in rows], pad_id), **pair_extras(rows)}
 
 
 def collate_rankings(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
     """[(K x (p, c), ranks [K], margin)] x g -> N = sum K rows, group (N,), ranks (N,), margin (g,)."""
-    ids, labels = ids_and_labels([e for enc, _, _ in rows for e in enc])
-    return {**_pad(ids, labels, pad_id), **_ranking_extras(rows)}
+    return {**pad_completions([e for enc, _, _ in rows for e in enc], pad_id), **_ranking_extras(rows)}
 
 
 def _ranking_extras(rows: list) -> dict[str, torch.Tensor]:

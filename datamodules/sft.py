@@ -10,9 +10,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from core.models import load_tokenizer
-from core.ops import first_fit
+from core.ops import IGNORE_INDEX, first_fit
+from core.packing import pad_completions
 from core.tokenize import (
-    IGNORE_INDEX,
     check_lengths,
     completion_text,
     encode_completions,
@@ -112,7 +112,7 @@ class SFTDataModule(LightningDataModule):
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
         if self.packing:
             return collate_packed(rows, self.tokenizer.pad_token_id)
-        return collate_sft(rows, self.tokenizer.pad_token_id)
+        return pad_completions(rows, self.tokenizer.pad_token_id)  # labels -100 on prompt and padding
 
     def train_dataloader(self) -> DataLoader:
         # resumes mid-epoch at the same position and order
@@ -153,18 +153,6 @@ class SFTDataModule(LightningDataModule):
 
     def collate_prompts(self, rows: list[dict]) -> dict:
         return {**collate_prompts(rows, self.tokenizer.pad_token_id), "index": [r["index"] for r in rows]}
-
-
-def collate_sft(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """[(prompt_ids, completion_ids)] -> right-padded input_ids, attention_mask, labels (-100 on prompt/pad)."""
-    ids = [p + c for p, c in rows]
-    labels = [[IGNORE_INDEX] * len(p) + c for p, c in rows]
-    mask = [[1] * len(x) for x in ids]
-    return {
-        "input_ids": torch.tensor(pad_right(ids, pad_id)),
-        "attention_mask": torch.tensor(pad_right(mask, 0)),
-        "labels": torch.tensor(pad_right(labels, IGNORE_INDEX)),
-    }
 
 
 def pack(rows: list, max_length: int, seed: int) -> list[list[tuple[list[int], list[int]]]]:

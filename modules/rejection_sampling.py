@@ -26,8 +26,9 @@ from torchmetrics.aggregation import MeanMetric
 from core.generation import Rollout, SamplingSpec, decode_responses, generate
 from core.losses.rejection_sampling import kl_penalised_scores
 from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
-from core.ops import IGNORE_INDEX, masked_sum, shifted_logprobs, token_logprobs
+from core.ops import masked_sum, shifted_logprobs, token_logprobs
 from core.optim import adamw
+from core.packing import pad_completions
 from core.reward_spec import RewardSpec, as_reward_spec
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
@@ -60,23 +61,6 @@ def rollout_examples(rollout: Rollout, rows: Tensor) -> list[tuple[list[int], li
         response = rollout.sequences[j, p:][rollout.response_mask[j].bool()]
         out.append((prompt.tolist(), response.tolist()))
     return out
-
-
-def collate_examples(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Tensor]:
-    """[(prompt_ids, response_ids)] -> right-padded input_ids, attention_mask, labels (b, t); labels are -100
-    on the prompt and on padding."""
-    width = max(len(p) + len(c) for p, c in rows)
-    ids, mask, labels = [], [], []
-    for p, c in rows:
-        pad = width - len(p) - len(c)
-        ids.append(p + c + [pad_id] * pad)
-        mask.append([1] * (len(p) + len(c)) + [0] * pad)
-        labels.append([IGNORE_INDEX] * len(p) + c + [IGNORE_INDEX] * pad)
-    return {
-        "input_ids": torch.tensor(ids),
-        "attention_mask": torch.tensor(mask),
-        "labels": torch.tensor(labels),
-    }
 
 
 class RejectionSamplingModule(StageHooks, LightningModule):
@@ -270,7 +254,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         for _ in range(self.sft_epochs):
             order = torch.randperm(b, generator=shuffle) if self.sft_epochs > 1 else torch.arange(b)
             for chunk in order.split(self.sft_batch_size or b):
-                mb = collate_examples([examples[i] for i in chunk.tolist()], self.tokenizer.pad_token_id)
+                mb = pad_completions([examples[i] for i in chunk.tolist()], self.tokenizer.pad_token_id)
                 mb = {key: t.to(self.device) for key, t in mb.items()}
                 loss = self.sft_loss(mb, keep[chunk.to(keep.device)])
                 opt.zero_grad()

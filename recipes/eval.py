@@ -291,19 +291,16 @@ def response_logps(model, encoded: list[tuple[list[int], list[int]]], pad_id: in
     import torch
 
     from core.forward import completion_logits
-    from core.ops import IGNORE_INDEX, token_logprobs
+    from core.ops import token_logprobs
+    from core.packing import pad_completions
 
     out = []
     with torch.no_grad():
         for start in range(0, len(encoded), args.batch_size):
             chunk = encoded[start : start + args.batch_size]
-            width = max(len(p) + len(r) for p, r in chunk)
-            ids = torch.tensor([p + r + [pad_id] * (width - len(p) - len(r)) for p, r in chunk], device=device)
-            mask = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in chunk],
-                                device=device)
-            labels = torch.tensor([[IGNORE_INDEX] * len(p) + r + [IGNORE_INDEX] * (width - len(p) - len(r))
-                                   for p, r in chunk], device=device)  # (b, t): response tokens only
-            logits, targets = completion_logits(model, labels, input_ids=ids, attention_mask=mask)  # (n, v), (n,)
+            batch = {k: v.to(device) for k, v in pad_completions(chunk, pad_id).items()}  # labels: response tokens only
+            logits, targets = completion_logits(model, batch["labels"], input_ids=batch["input_ids"],
+                                                attention_mask=batch["attention_mask"])  # (n, v), (n,)
             flat = token_logprobs(logits[None], targets[None], args.temperature)[0].double().cpu()  # (n,)
             out.extend(flat.split([len(r) for _, r in chunk]))
     return out

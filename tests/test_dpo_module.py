@@ -13,7 +13,9 @@ from transformers import PreTrainedModel
 
 import modules.dpo as dpo
 from core.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer
-from core.tokenize import IGNORE_INDEX, encode_completions, pad_right
+from core.ops import IGNORE_INDEX
+from core.packing import pad_completions
+from core.tokenize import encode_completions
 from modules.dpo import DPOModule
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -38,9 +40,7 @@ def _collate(pairs, indexes, pad_id=0, extra_pad=0):
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     width = max(len(p) + len(c) for p, c in seqs) + extra_pad
     return {
-        "input_ids": torch.tensor(pad_right([p + c for p, c in seqs], pad_id, width)),
-        "attention_mask": torch.tensor(pad_right([[1] * (len(p) + len(c)) for p, c in seqs], 0, width)),
-        "labels": torch.tensor(pad_right([[IGNORE_INDEX] * len(p) + c for p, c in seqs], IGNORE_INDEX, width)),
+        **pad_completions(seqs, pad_id, width),
         "margin": torch.zeros(len(pairs)),
         "index": torch.tensor(indexes),
     }

@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader
 from core.generation import Rollout, SamplingSpec
 from core.models import ModelSpec
 from core.ops import IGNORE_INDEX
+from core.packing import pad_completions
 from core.reward_spec import RewardSpec
 from datamodules.formats import read_demonstrations
 from datamodules.prompts import PromptDataModule
 from modules.rejection_sampling import (
     RejectionSamplingModule,
-    collate_examples,
     rollout_examples,
     select_best,
 )
@@ -52,7 +52,7 @@ def _rollout() -> Rollout:
 def test_examples_from_rollout_strip_padding_and_keep_eos():
     examples = rollout_examples(_rollout(), torch.tensor([0, 1]))
     assert examples == [([5, 6], [7, 8, 2]), ([9, 10, 11], [12, 13, 14, 15])]
-    batch = collate_examples(examples, pad_id=0)
+    batch = pad_completions(examples, pad_id=0)
     x = IGNORE_INDEX
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2, 0, 0], [9, 10, 11, 12, 13, 14, 15]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
@@ -111,11 +111,11 @@ def test_sft_epochs_and_minibatches_set_the_optimizer_steps(synthetic_dir, tiny_
 def test_sft_loss_ignores_dropped_rows(tiny_model_dir):
     module = _module(tiny_model_dir)
     examples = [([5, 6], [7, 8, 2]), ([9, 10, 11], [12, 13, 2]), ([20], [21, 22, 23, 2])]
-    batch = collate_examples(examples, pad_id=0)
+    batch = pad_completions(examples, pad_id=0)
     keep = torch.tensor([True, False, True])
     loss = module.sft_loss(batch, keep)
     # the same loss as a batch holding only the kept rows: a dropped row changes nothing
-    alone = module.sft_loss(collate_examples([examples[0], examples[2]], pad_id=0), torch.tensor([True, True]))
+    alone = module.sft_loss(pad_completions([examples[0], examples[2]], pad_id=0), torch.tensor([True, True]))
     torch.testing.assert_close(loss, alone)
     none = module.sft_loss(batch, torch.zeros(3, dtype=torch.bool))
     none.backward()  # nothing kept: 0 with a graph (every DDP rank still steps), and no gradient

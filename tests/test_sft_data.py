@@ -6,23 +6,29 @@ import pytest
 import torch
 
 from core.models import load_tokenizer
+from core.packing import pad_completions
 from core.tokenize import encode_completions
 from datamodules.formats import DataError
-from datamodules.sft import SFTDataModule, collate_packed, collate_sft, pack
+from datamodules.sft import SFTDataModule, collate_packed, pack
 
 X = -100
 
 
-def test_collate_sft_literal():
+def test_pad_completions_literal():
     rows = [([5, 6], [7, 2]), ([5], [8, 9, 2])]  # (prompt ids, completion ids ending with EOS=2)
-    batch = collate_sft(rows, pad_id=0)
+    batch = pad_completions(rows, pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [5, 8, 9, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[X, X, 7, 2], [X, 8, 9, 2]]
-    short = collate_sft([([5], [7, 2]), ([5, 6, 6], [8, 2])], pad_id=0)
+    short = pad_completions([([5], [7, 2]), ([5, 6, 6], [8, 2])], pad_id=0)
     assert short["input_ids"].tolist() == [[5, 7, 2, 0, 0], [5, 6, 6, 8, 2]]
     assert short["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert short["labels"].tolist() == [[X, 7, 2, X, X], [X, X, X, 8, 2]]
+    # a fixed length pads every row to it: rows of 3 and 2 tokens, length 4 -> 1 and 2 pad columns
+    wide = pad_completions([([5], [7, 2]), ([6], [2])], pad_id=0, length=4)
+    assert wide["input_ids"].tolist() == [[5, 7, 2, 0], [6, 2, 0, 0]]
+    assert wide["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert wide["labels"].tolist() == [[X, 7, 2, X], [X, 2, X, X]]
 
 
 def test_collate_packed_literal_restarts_positions():

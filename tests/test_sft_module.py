@@ -8,7 +8,8 @@ from lightning.pytorch import Trainer
 
 from core.models import LoraSpec, ModelSpec, save_hf
 from core.ops import shifted_logprobs
-from datamodules.sft import SFTDataModule, collate_packed, collate_sft
+from core.packing import pad_completions
+from datamodules.sft import SFTDataModule, collate_packed
 from modules.sft import SFTModule
 
 
@@ -42,7 +43,7 @@ def test_packing_does_not_attend_across_examples(tiny_model_dir):
     module = SFTModule(ModelSpec(path=str(tiny_model_dir)))
     module.configure_model()
     rows = [([5, 6, 7], [8, 9, 2]), ([10, 11], [12, 2]), ([13], [14, 15, 16, 2])]
-    nll_plain = module(collate_sft(rows, pad_id=0))
+    nll_plain = module(pad_completions(rows, pad_id=0))
     nll_packed = module(collate_packed([rows], pad_id=0))
     # same tokens scored, same values: position ids restart and the mask is block-diagonal
     assert nll_plain.numel() == nll_packed.numel() == 9
@@ -52,7 +53,7 @@ def test_packing_does_not_attend_across_examples(tiny_model_dir):
 def test_completion_only_head_equals_full_forward(tiny_model_dir):
     module = SFTModule(ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0)))
     module.configure_model()
-    batch = collate_sft([([5, 6, 7], [8, 9, 2]), ([10], [11, 2])], pad_id=0)
+    batch = pad_completions([([5, 6, 7], [8, 9, 2]), ([10], [11, 2])], pad_id=0)
     logits = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logps, mask = shifted_logprobs(logits, batch["labels"])
     torch.testing.assert_close(module(batch), -logps[mask], rtol=1e-5, atol=1e-5)
@@ -65,7 +66,7 @@ def test_lora_trains_adapters_only_and_adapter_off_is_base(synthetic_dir, tiny_m
     assert trainable and all("lora_" in n for n in trainable)
     base = SFTModule(ModelSpec(path=str(tiny_model_dir)))
     base.configure_model()
-    batch = collate_sft([([5, 6, 7], [8, 9, 2])], pad_id=0)
+    batch = pad_completions([([5, 6, 7], [8, 9, 2])], pad_id=0)
     frozen_before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if not p.requires_grad}
     _fit(module, _dm(synthetic_dir, tiny_model_dir), steps=2)
     with torch.no_grad(), module.policy.disable_adapter():
@@ -79,7 +80,7 @@ def test_lora_trains_adapters_only_and_adapter_off_is_base(synthetic_dir, tiny_m
 def test_quantized_lora_forward_backward_on_cpu(tiny_model_dir, quantization):
     module = SFTModule(ModelSpec(path=str(tiny_model_dir), quantization=quantization, lora=LoraSpec(r=4)))
     module.configure_model()
-    loss = module(collate_sft([([5, 6, 7], [8, 9, 2]), ([10], [11, 2])], pad_id=0)).mean()
+    loss = module(pad_completions([([5, 6, 7], [8, 9, 2]), ([10], [11, 2])], pad_id=0)).mean()
     loss.backward()
     assert torch.isfinite(loss)
     grads = {n: p.grad for n, p in module.policy.named_parameters() if p.requires_grad}
