@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from core.models import unwrap_peft
 from core.ops import IGNORE_INDEX, prefix_tree_mask
 
 
 def lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder trunk, vocabulary head) of a causal LM, peft-wrapped or not; None when it has no separate
     trunk or post-processes its logits (soft-capping, scaling): such a model takes the padded path."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap_peft(model)
     config, decoder, head = inner.config, getattr(inner, inner.base_model_prefix, None), inner.get_output_embeddings()
     if decoder is None or head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None

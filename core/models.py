@@ -233,6 +233,12 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def unwrap_peft(model):
+    """The model inside a peft wrapper (its LoRA layers stay active in place), else the model itself. A model
+    with a transformers-loaded adapter has a peft_config but no wrapper: it is returned as it is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = True, overwrite: bool = False,
             info: dict | None = None) -> Path:
     """Save in Hugging Face format (safetensors) so `from_pretrained(out_dir)` loads it, with our marker file

@@ -18,7 +18,7 @@ import torch
 
 from core.forward import tree_attention_mask
 from core.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
-from core.models import ModelSpec, as_spec, is_peft, load_sequence_classifier, load_tokenizer
+from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer, unwrap_peft
 from core.ops import last_true_index, positions_from_mask
 
 
@@ -35,7 +35,7 @@ def sequence_scores(
     run the base model, take the hidden state at the last real token, apply the head. Anything else (an
     encoder that pools its first token) is called whole and its (b, 1) logits are the scores.
     """
-    inner = model.get_base_model() if is_peft(model) else model  # LoRA layers stay active in place
+    inner = unwrap_peft(model)  # LoRA layers stay active in place
     prefix = getattr(inner, "base_model_prefix", "")
     if hasattr(inner, "score") and prefix and hasattr(inner, prefix):
         if tree is not None:  # prompt-shared rows: a tree mask instead of a padding mask

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from core.forward import lm_parts
+from core.models import unwrap_peft
 from core.ops import first_fit, positions_from_mask
 
 
@@ -127,8 +128,7 @@ def response_hidden(trunk, sequences: Tensor, attention_mask: Tensor, p: int, pa
 
 def response_values(classifier, sequences: Tensor, attention_mask: Tensor, p: int, packed: Packed | None = None) -> Tensor:
     """A sequence classifier's scalar head (`score`) read at every position predicting a response token: (b, r)."""
-    # a peft wrapper's base; a model with a transformers-loaded adapter has no wrapper (but a peft_config)
-    inner = classifier.get_base_model() if hasattr(classifier, "get_base_model") else classifier
+    inner = unwrap_peft(classifier)
     hidden = response_hidden(getattr(inner, inner.base_model_prefix), sequences, attention_mask, p, packed)
     return inner.score(hidden).squeeze(-1).float()
 

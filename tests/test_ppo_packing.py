@@ -10,7 +10,7 @@ from transformers.masking_utils import find_packed_sequence_indices
 
 from core.forward import lm_parts
 from core.generation import SamplingSpec
-from core.models import LoraSpec, ModelSpec
+from core.models import LoraSpec, ModelSpec, load_causal_lm, unwrap_peft
 from core.ops import positions_from_mask
 from core.reward_spec import RewardSpec
 from modules.ppo import PPOModule
@@ -68,6 +68,19 @@ def test_lm_parts_falls_back_on_post_processed_logits(tiny_model_dir):
     assert trunk is module.policy.model and head is module.policy.lm_head
     module.policy.config.final_logit_softcapping = 30.0
     assert lm_parts(module.policy) is None
+
+
+def test_unwrap_peft_reaches_inside_a_peft_wrapper_only(tiny_model_dir):
+    lora = load_causal_lm(ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=2)))  # PeftModel(LoraModel(Llama))
+    assert unwrap_peft(lora) is lora.base_model.model and type(unwrap_peft(lora)).__name__ == "LlamaForCausalLM"
+    plain = unwrap_peft(lora)
+    assert unwrap_peft(plain) is plain
+
+    class LoadedAdapter:  # a transformers-loaded adapter: a peft_config, but no wrapper to unwrap
+        peft_config = {"default": None}
+
+    loaded = LoadedAdapter()
+    assert unwrap_peft(loaded) is loaded
 
 
 def _batch():
