@@ -22,7 +22,7 @@ from core.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokeni
 from core.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
 from core.optim import adamw
 from modules.predict import response_writer, sample_rows
-from modules.stage import StageHooks
+from modules.stage import StageHooks, root_device
 
 REFERENCES = ("copy", "adapter", "precomputed")
 VAL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -132,16 +132,14 @@ class DPOModule(StageHooks, LightningModule):
         z = torch.zeros(1)
         dpo_loss(z, z, z, z, beta, loss_type, label_smoothing, chosen_nll=z, nll_weight=nll_weight)
 
-    def _root_device(self) -> torch.device:
-        return self._trainer.strategy.root_device if self._trainer is not None else self.device
-
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        device = root_device(self, self.device)
         self.tokenizer = load_tokenizer(self.policy_spec)
-        self.policy = load_causal_lm(self.policy_spec, device=self._root_device())
+        self.policy = load_causal_lm(self.policy_spec, device=device)
         if self.reference_mode == "copy":
-            self.reference = load_causal_lm(self.reference_spec, device=self._root_device(), trainable=False)
+            self.reference = load_causal_lm(self.reference_spec, device=device, trainable=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -314,7 +312,7 @@ class DPOModule(StageHooks, LightningModule):
         if own:
             model = self.policy
         else:
-            model = load_causal_lm(self.reference_spec, self._root_device(), trainable=False)
+            model = load_causal_lm(self.reference_spec, root_device(self, self.device), trainable=False)
         adapter_off = self.policy.disable_adapter() if own and is_peft(model) else contextlib.nullcontext()
         trainer = self._trainer
         # the same autocast as the training step, so step 0 sees policy == reference exactly

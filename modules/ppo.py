@@ -45,7 +45,7 @@ from modules.rollout import (
     response_logits,
     response_values,
 )
-from modules.stage import StageHooks
+from modules.stage import StageHooks, root_device
 
 
 class PPOModule(StageHooks, LightningModule):
@@ -192,13 +192,10 @@ class PPOModule(StageHooks, LightningModule):
         self.best_weights = BestWeights(export_best, export_best_mode, logged) if export_best else None
         self.strict_loading = False  # checkpoints hold trainable weights only
 
-    def _root_device(self) -> torch.device:
-        return self.trainer.strategy.root_device if self._trainer is not None else self.device
-
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        device = self._root_device()
+        device = root_device(self, self.device)
         self.tokenizer = load_tokenizer(self.policy_spec, padding_side="left")
         self.policy = load_causal_lm(self.policy_spec, device=device)
         if self.layout == "shared":  # value head on the policy's last hidden state; zero init: V = 0 at first
@@ -354,7 +351,7 @@ class PPOModule(StageHooks, LightningModule):
     # ----- validation: one sampled response per prompt, same seed every time -----
 
     def on_validation_epoch_start(self) -> None:
-        self.val_generator = torch.Generator(self._root_device()).manual_seed(self.seed + 1)
+        self.val_generator = torch.Generator(root_device(self, self.device)).manual_seed(self.seed + 1)
 
     # `test` evaluates the DataModule's validation file, reported under test/
     def test_step(self, batch, batch_idx: int) -> None:

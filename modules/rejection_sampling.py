@@ -33,7 +33,7 @@ from core.reward_spec import RewardSpec, as_reward_spec
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.rollout import response_logits
-from modules.stage import StageHooks
+from modules.stage import StageHooks, root_device
 
 
 def select_best(scores: Tensor, min_score: float | None = None, by: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -164,7 +164,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        device = root_device(self)
         self.tokenizer = load_tokenizer(self.policy_spec, padding_side="left")
         self.policy = load_causal_lm(self.policy_spec, device=device)
         self.reward.load(device or "cpu")

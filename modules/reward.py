@@ -16,7 +16,7 @@ from core.ops import IGNORE_INDEX
 from core.optim import adamw
 from core.reward_spec import sequence_scores
 from modules.predict import JsonlPredictionWriter, batch_indexes
-from modules.stage import StageHooks
+from modules.stage import StageHooks, root_device
 
 
 class RewardModule(StageHooks, LightningModule):
@@ -86,7 +86,7 @@ class RewardModule(StageHooks, LightningModule):
         if self.backbone is not None:
             return
         self.tokenizer = load_tokenizer(self.backbone_spec)
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        device = root_device(self)
         self.backbone = load_sequence_classifier(self.backbone_spec, pad_token_id=self.tokenizer.pad_token_id, device=device)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

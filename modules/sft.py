@@ -16,7 +16,7 @@ from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from core.ops import token_logprobs
 from core.optim import adamw
 from modules.predict import response_writer, sample_rows
-from modules.stage import StageHooks
+from modules.stage import StageHooks, root_device
 
 
 class SFTModule(StageHooks, LightningModule):
@@ -75,7 +75,7 @@ class SFTModule(StageHooks, LightningModule):
         if self.policy is not None:
             return
         self.tokenizer = load_tokenizer(self.policy_spec)
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        device = root_device(self)
         self.policy = load_causal_lm(self.policy_spec, device=device)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

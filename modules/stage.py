@@ -1,5 +1,5 @@
 """Hooks every stage's LightningModule shares: the optimizer and LR schedule, trainable-only checkpoints, the
-non-finite guard, and the Hugging Face save at the end of fit."""
+non-finite guard, and the Hugging Face save at the end of fit; and `root_device`, where a stage loads its models."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ from core.guard import NonFiniteError, grad_norm, nonfinite_names
 from core.models import save_hf
 from core.optim import configure_optim, keep_trainable
 from core.outputs import check_writable, config_hash
+
+
+def root_device(module, default: torch.device | None = None) -> torch.device | None:
+    """The device the trainer's strategy gives this process (where configure_model loads the models); `default`
+    for a module used without a trainer (a test calling configure_model itself). PPO and DPO pass module.device
+    (they seed a torch.Generator on it), the others None (the loaders' own default, the CPU)."""
+    return module.trainer.strategy.root_device if module._trainer is not None else default
 
 
 class StageHooks:

@@ -1,10 +1,10 @@
-"""StageHooks.global_mean: a loss whose DDP-averaged gradient is the mean over every rank's items."""
+"""StageHooks.global_mean: a loss whose DDP-averaged gradient is the mean over every rank's items; root_device."""
 
 import types
 
 import torch
 
-from modules.stage import StageHooks
+from modules.stage import StageHooks, root_device
 
 
 class Hooks(StageHooks):
@@ -39,3 +39,11 @@ def test_two_ranks_weight_items_not_ranks():
     assert loss0.item() == 4 * 2 / 4 and loss1.item() == 6 * 2 / 4  # sum * world_size / all items
     assert (loss0.item() + loss1.item()) / 2 == 2.5  # DDP's average of the two equals the global mean
     assert mean0.item() == mean1.item() == 2.5  # a per-rank mean would have averaged 4 and 2 to 3
+
+
+def test_root_device_is_the_strategys_else_the_default():
+    trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cuda", 1)))
+    assert root_device(Hooks(trainer)) == torch.device("cuda", 1)  # the default is not read under a trainer
+    assert root_device(Hooks(trainer), torch.device("cpu")) == torch.device("cuda", 1)
+    assert root_device(Hooks()) is None  # SFT, reward, rejection sampling: the loaders' default
+    assert root_device(Hooks(), torch.device("cpu")) == torch.device("cpu")  # PPO, DPO pass module.device
