@@ -28,7 +28,7 @@ from core.packing import (
 from core.tokenize import check_lengths, encode_completions, encode_prompts, render_prompt
 from datamodules.preference_formats import Ranking, read_preferences
 from datamodules.prompts import collate_prompts
-from datamodules.resumable import EvalSampler, ResumableLoader
+from datamodules.resumable import EvalSampler, ResumableLoader, held_out
 
 log = logging.getLogger(__name__)
 Encoded = list[tuple[list[int], list[int]]]  # (prompt_ids, completion_ids ending in EOS) per response
@@ -130,9 +130,7 @@ class PreferenceDataModule(LightningDataModule):
         if self.val_file:
             val = self._encode(self._read(self.val_file, self.val_split))
         else:  # hold out whole prompts, so no pair of a held-out prompt is trained on
-            random.Random(self.seed).shuffle(train)
-            n_val = max(1, int(len(train) * self.val_fraction))
-            train, val = train[n_val:], train[:n_val]
+            train, val = held_out(train, self.val_fraction, self.seed)
         if self.bootstrap and train:
             train = self._resample(train)
         self.train_rows, self.val_rows = self._examples(train), self._examples(val)
@@ -232,9 +230,7 @@ class PreferenceDataModule(LightningDataModule):
         if not self.val_file:
             kept = {id(r) for r, _ in self._encode(records)}
             numbers = [n for n in numbers if id(records[n]) in kept]
-            positions = list(range(len(numbers)))
-            random.Random(self.seed).shuffle(positions)  # the permutation setup applied to the encoded records
-            numbers = sorted(numbers[i] for i in positions[: max(1, int(len(numbers) * self.val_fraction))])
+            numbers = sorted(held_out(numbers, self.val_fraction, self.seed)[1])  # setup's split of the encoded records
         rows = encode_prompts([records[n] for n in numbers], self.tokenizer, self.max_prompt_length, self.truncation)
         return [{**row, "index": numbers[row["index"]]} for row in rows]
 

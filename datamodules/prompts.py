@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from typing import Literal
 
 import torch
@@ -12,7 +11,7 @@ from torch.utils.data import DataLoader
 from core.models import load_tokenizer
 from core.tokenize import Cuts, render_prompt
 from datamodules.formats import DataError, read_prompts
-from datamodules.resumable import EvalSampler, ResumableLoader
+from datamodules.resumable import EvalSampler, ResumableLoader, held_out
 
 
 class PromptDataModule(LightningDataModule):
@@ -73,9 +72,7 @@ class PromptDataModule(LightningDataModule):
         if self.val_file:
             val = self._encode(read_prompts(self.val_file, self.val_split, skip_bad_rows=self.skip_bad_rows))
         else:
-            random.Random(self.seed).shuffle(train)
-            n_val = max(1, int(len(train) * self.val_fraction))
-            train, val = train[n_val:], train[:n_val]
+            train, val = held_out(train, self.val_fraction, self.seed)
         self.train_rows, self.val_rows = train, val
 
     def _encode(self, records) -> list[dict]:

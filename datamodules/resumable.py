@@ -1,4 +1,5 @@
-"""A DataLoader that resumes mid-epoch: seeded per-epoch shuffling plus a count of batches handed out.
+"""Seeded data order: the held-out validation split (`held_out`), and a DataLoader that resumes mid-epoch: seeded
+per-epoch shuffling plus a count of batches handed out.
 
 Lightning saves `state_dict()` of every train loader that has one into the checkpoint and calls
 `load_state_dict()` on resume (a plain DataLoader restarts its epoch from a fresh, unseeded shuffle, so a
@@ -10,10 +11,21 @@ already seen.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sized
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
+
+
+def held_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, val) when there is no val_file: the rows shuffled by random.Random(seed), the first
+    max(1, int(n * fraction)) held out. The permutation depends only on (n, seed), so the split of the rows can be
+    recomputed on any n items that stand for them (their row numbers in the file, as predict's prompts do)."""
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(len(order) * fraction))
+    return order[n_val:], order[:n_val]
 
 
 class EpochSampler(DistributedSampler):

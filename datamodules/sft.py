@@ -22,7 +22,7 @@ from core.tokenize import (
 )
 from datamodules.formats import read_demonstrations
 from datamodules.prompts import collate_prompts
-from datamodules.resumable import EvalSampler, ResumableLoader
+from datamodules.resumable import EvalSampler, ResumableLoader, held_out
 
 
 class SFTDataModule(LightningDataModule):
@@ -88,9 +88,7 @@ class SFTDataModule(LightningDataModule):
         if self.val_file:
             val = self._encode(read_demonstrations(self.val_file, self.val_split, skip_bad_rows=self.skip_bad_rows))
         else:
-            random.Random(self.seed).shuffle(train)
-            n_val = max(1, int(len(train) * self.val_fraction))
-            train, val = train[n_val:], train[:n_val]
+            train, val = held_out(train, self.val_fraction, self.seed)
         if self.packing:
             train, val = pack(train, self.max_length, self.seed), pack(val, self.max_length, self.seed)
         self.train_rows, self.val_rows = train, val
@@ -145,9 +143,7 @@ class SFTDataModule(LightningDataModule):
         numbers = list(range(len(records)))  # each record's row in its file
         if not self.val_file:
             numbers = [n for n, enc in zip(numbers, self._encode(records, aligned=True)) if enc is not None]
-            positions = list(range(len(numbers)))
-            random.Random(self.seed).shuffle(positions)  # the permutation setup applied to the encoded rows
-            numbers = sorted(numbers[i] for i in positions[: max(1, int(len(numbers) * self.val_fraction))])
+            numbers = sorted(held_out(numbers, self.val_fraction, self.seed)[1])  # setup's split of the encoded rows
         rows = encode_prompts([records[n] for n in numbers], self.tokenizer, self.max_prompt_length, self.truncation)
         return [{**row, "index": numbers[row["index"]]} for row in rows]
 

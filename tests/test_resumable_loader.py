@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.resumable import ResumableLoader
+from datamodules.resumable import ResumableLoader, held_out
 from recipes.common import RestoreLoaderState
 
 
@@ -86,3 +86,16 @@ def test_max_epochs_resume_continues_mid_epoch_only_with_restore_loader_state(tm
     last = str(tmp_path / "killed" / "last.ckpt")
     assert _fit(tmp_path / "lightning", [], ckpt_path=last) == full[:2]  # Lightning alone: the state is dropped
     assert _fit(tmp_path / "resumed", [RestoreLoaderState()], ckpt_path=last) == full[2:]
+
+
+def test_held_out_split_size_order_and_row_numbers():
+    # 10 rows, fraction 0.25: int(2.5) = 2 held out; the order is random.Random(0)'s shuffle, pinned here because
+    # every run's validation set (SFT, prompts, preferences) is this split
+    train, val = held_out(list(range(10)), 0.25, seed=0)
+    assert (train, val) == ([1, 5, 3, 4, 2, 0, 9, 6], [7, 8])
+    assert held_out(list("abc"), 0.05, seed=0)[1] == ["a"]  # int(0.15) = 0, but at least one row
+    # the permutation depends on (n, seed) only: row numbers 0..9 name the same rows as the rows themselves
+    rows = [f"row {i}" for i in range(10)]
+    assert held_out(rows, 0.25, seed=0)[1] == [rows[i] for i in held_out(list(range(10)), 0.25, seed=0)[1]]
+    assert held_out(rows, 0.25, seed=0) != held_out(rows, 0.25, seed=1)
+    assert held_out([], 0.25, seed=0) == ([], [])
