@@ -20,6 +20,7 @@ from core.forward import tree_attention_mask
 from core.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
 from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer, unwrap_peft
 from core.ops import last_true_index, positions_from_mask
+from core.tokenize import pad_right
 
 
 def sequence_scores(
@@ -247,10 +248,9 @@ class RewardSpec:
         device = next(model.parameters()).device
         out = []
         for start in range(0, len(ids), self.batch_size):
-            chunk = ids[start : start + self.batch_size]
-            width = max(len(x) for x in chunk)
-            input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in chunk], device=device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
+            chunk = ids[start : start + self.batch_size]  # right-padded below: the score is read at the last real token
+            input_ids = torch.tensor(pad_right(chunk, tok.pad_token_id), device=device)
+            mask = torch.tensor(pad_right([[1] * len(x) for x in chunk], 0), device=device)
             out.append(sequence_scores(model, input_ids, mask).cpu())  # (chunk,)
         return torch.cat(out)
 
