@@ -73,9 +73,12 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         rounds: passes over the prompt set; the recipe links trainer.max_epochs to it.
         min_score: keep a prompt's best sample only if its score reaches this (None keeps every best).
         kl_coef: select the best of K by score - kl_coef * log(pi(y|x) / pi_ref(y|x)), the sample's summed
-            log-ratio to a frozen copy of the initial policy (core/losses/rejection_sampling.py), instead of the score
-            alone; 0 (default) loads no reference. Against a learned reward model it keeps the policy on text the
+            log-ratio to a frozen reference (core/losses/rejection_sampling.py), instead of the score alone; 0
+            (default) loads no reference. Against a learned reward model it keeps the policy on text the
             reward model was trained on, where its scores can be trusted.
+        reference: the frozen reference of kl_coef; None (default) is a copy of the initial policy. A round of the
+            RLHF loop that continues from an earlier round's policy names the SFT policy here, so the KL budget
+            does not restart each round (configs/pipeline/quickstart.yaml). Must share the policy's tokenizer.
         reward_norm: select on each prompt's K scores standardised (minus their mean, over their std), so kl_coef
             counts standard deviations per nat whatever the reward model's scale (min_score still reads raw scores).
         optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
@@ -116,6 +119,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         rounds: int = 1,
         min_score: float | None = None,
         kl_coef: float = 0.0,
+        reference: ModelSpec | None = None,
         reward_norm: bool = False,
         optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
@@ -143,6 +147,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         if not kl_coef >= 0:
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         self.kl_coef, self.reward_norm = kl_coef, reward_norm
+        self.reference_spec = as_spec(reference) if reference is not None else None
         self.reference = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_steps, self.decay = warmup_steps, decay
@@ -170,8 +175,8 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.reward.load(device or "cpu")
         if self.judge is not None:
             self.judge.load(device or "cpu")
-        if self.kl_coef > 0:  # frozen initial policy (a LoRA policy's base: the adapter starts at zero)
-            ref_spec = dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
+        if self.kl_coef > 0:  # frozen initial policy (a LoRA policy's base: the adapter starts at zero) or the given one
+            ref_spec = self.reference_spec or dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
             self.reference = load_causal_lm(ref_spec, device=device, trainable=False)
 
     def _generator(self, *keys, device=None) -> torch.Generator:

@@ -127,3 +127,33 @@ def test_ppo_reward_norm_uses_running_moments_and_keeps_raw_scores_for_logging(t
     off = PPOModule(ModelSpec(path=str(tiny_model_dir)), RewardSpec(oracle="synthetic"))
     scores = torch.tensor([1.0, 2.0])
     assert off.normalise_scores(scores, update=True) is scores
+
+
+def test_rs_kl_reference_can_be_another_model_than_the_initial_policy(synthetic_dir, tiny_model_dir, tmp_path):
+    """A round that continues from a later policy keeps its KL to SFT: `reference` names the model to compare with."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+    other.save_pretrained(tmp_path / "sft")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "sft")
+    module = RejectionSamplingModule(ModelSpec(path=str(tiny_model_dir)), RewardSpec(oracle="synthetic"),
+                                     SamplingSpec(max_new_tokens=6, num_samples=3), kl_coef=0.5,
+                                     reference=ModelSpec(path=str(tmp_path / "sft")))
+    module.configure_model()
+    ref = dict(module.reference.named_parameters())
+    for name, p in other.named_parameters():  # the named model, frozen; not a copy of the policy
+        torch.testing.assert_close(ref[name], p)
+        assert not ref[name].requires_grad
+    batch = next(iter(_prompts(synthetic_dir, tiny_model_dir).train_dataloader()))
+    rollout, _, _ = module.sample(batch, module.sampling, module._generator("train", 0, 0))
+    p, mask = rollout.prompt_length, rollout.response_mask.bool()
+    expected = []
+    for model in (module.policy, other):
+        with torch.no_grad():
+            logits = response_logits(model, rollout.sequences, rollout.attention_mask, p)[0]
+        expected.append(masked_sum(token_logprobs(logits, rollout.sequences[:, p:]), mask, dim=-1))
+    torch.testing.assert_close(module.log_ratio(rollout), expected[0] - expected[1])  # nonzero from the start
+    assert module.log_ratio(rollout).abs().sum() > 0
