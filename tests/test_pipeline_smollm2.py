@@ -1,0 +1,55 @@
+"""configs/pipeline/smollm2-hh.yaml and its CPU slice: both load, and every training stage's command parses against
+its recipe (--print_config exits before any model loads, so neither the converted model nor the data is needed)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from recipes import pipeline
+from tests.conftest import ROOT
+
+FILES = ["smollm2-hh", "smollm2-hh-cpu"]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_the_smollm2_pipeline_stages_parse_against_their_recipes(name, monkeypatch, capsys):
+    from recipes.cli import STAGES
+
+    monkeypatch.chdir(ROOT)
+    loaded = pipeline.load(f"configs/pipeline/{name}.yaml")
+    trained = [s for s in loaded.stages if not s.tool]
+    assert [s.stage for s in trained] == ["sft", "reward", "dpo", "ppo"]
+    for stage in trained:
+        monkeypatch.setattr(sys, "argv", [f"rlhf {stage.stage}"])
+        module = __import__(STAGES[stage.stage], fromlist=["main"])
+        with pytest.raises(SystemExit) as exit_:
+            module.main([*pipeline.stage_args(loaded, stage, "/tmp/out")[1:], "--print_config"])
+        assert exit_.value.code in (0, None), stage.name
+        printed = capsys.readouterr().out
+        assert "/tmp/out/" + stage.name in printed
+        if name.endswith("-cpu"):
+            assert "accelerator: cpu" in printed, stage.name
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_the_smollm2_evals_pair_samples_of_the_same_held_out_prompts(name, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    loaded = pipeline.load(f"configs/pipeline/{name}.yaml")
+    base = "/tmp/out"
+    samples = {s.name: dict(s.args) for s in loaded.stages if s.stage == "generate"}
+    evals = {s.name: dict(s.args) for s in loaded.stages if s.stage == "eval"}
+    assert set(samples) == {"sft_samples", "dpo_samples", "ppo_samples"}
+    assert set(evals) == {"dpo_eval", "ppo_eval"}
+    sampling = {k: v for k, v in samples["sft_samples"].items() if k != "model"}
+    assert sampling["prompts"].endswith("hh-rlhf-harmless/validation.jsonl")  # held out: never trained on
+    for args in samples.values():  # same prompts, slice, seed and temperature: rows pair up
+        assert {k: v for k, v in args.items() if k != "model"} == sampling
+    for stage in ("dpo", "ppo"):
+        args = evals[f"{stage}_eval"]
+        assert args["judge"] == "${reward}" and args["baseline"] == "${sft_samples}"
+        assert args["policy_model"] == "${" + stage + "}" and args["reference_model"] == "${sft}"
+        assert args["temperature"] == sampling["temperature"]  # the KL's temperature is the samples'
+    tool = next(s for s in loaded.stages if s.name == "ppo_eval")
+    assert f"--judge={base}/reward" in pipeline.stage_args(loaded, tool, base)
