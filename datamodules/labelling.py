@@ -216,10 +216,8 @@ def read_add_to(path: str) -> list[dict]:
     return [row for _, row in iter_rows(path)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    from core.outputs import write_jsonl
-    from datamodules.formats import iter_rows
-
+def build_parser() -> argparse.ArgumentParser:
+    """The flags alone (rlhf pipeline checks a label stage's args with it before anything runs)."""
     parser = argparse.ArgumentParser(prog="python -m datamodules.labelling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=Path, required=True, help="`rlhf generate` jsonl, K samples per prompt")
@@ -242,6 +240,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="human: labelled items needed, a share of the queue (<= 1) or a count (> 1); default 1.0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from core.outputs import write_jsonl
+    from datamodules.formats import iter_rows
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("out", "add_to"):
         path = getattr(args, name)

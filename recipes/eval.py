@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{PROG}: wrote {args.out / 'eval.json'} and {args.out / 'eval.md'}", file=sys.stderr)
 
 
-def parse_args(argv: list[str] | None = None):
-    """(args, RewardSpec or None); usage errors exit 2 before any model loads."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags alone (rlhf pipeline checks an eval stage's args with it before anything runs)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="the policy's generation file (.jsonl), or a model to sample")
@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None):
     sampling.add_argument("--num_samples", type=int, default=1, help="responses per prompt")
     sampling.add_argument("--max_new_tokens", type=int, default=128)
     sampling.add_argument("--seed", type=int, default=0, help="both models sample from the same seeds")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    """(args, RewardSpec or None); usage errors exit 2 before any model loads."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_samples < 1 or args.max_new_tokens < 1:
         parser.error("--batch_size, --num_samples and --max_new_tokens must be at least 1")

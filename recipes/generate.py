@@ -33,7 +33,8 @@ from pathlib import Path
 PROG = "rlhf generate"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags alone (rlhf pipeline checks a generate stage's args with it before anything runs)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved model folder (merged or LoRA adapter) or a stage's .ckpt")
     parser.add_argument("--prompts", required=True, help="prompt file (jsonl/json/csv/parquet), saved dataset or hub id")
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--part", type=int, default=None, help="sample only this part (1..--parts) of the prompts")
     parser.add_argument("--parts", type=int, default=None, help="cut the prompts into this many contiguous parts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--num_samples, --batch_size and --max_new_tokens must be at least 1")

@@ -61,7 +61,7 @@ config and inputs unchanged, resumes: `--ckpt_path last` in the same run_dir (th
 attempt); a reward ensemble re-runs `--members`, which skips the members already saved; a tool runs again
 (generate continues its file; a fresh run of generate starts a new one). `--from NAME` runs
 NAME and every stage after it afresh. Config errors are found before any stage runs, one line each naming the
-pipeline file and line (exit 2); a failed stage stops the pipeline with one line naming it, its exit code and
+pipeline file and line (exit 2), a tool stage's flags included (each tool's own parser reads them); a failed stage stops the pipeline with one line naming it, its exit code and
 its log (exit 6); a human labeller short of labels stops it with exit 7. One pipeline at a time per run folder
 (a lock file, OUT/.pipeline.lock; exit 2 if held).
 """
@@ -125,6 +125,32 @@ def _arg(value) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value)  # true / false / null / numbers / flow lists and mappings: YAML reads JSON
+
+
+def check_tools(pipeline: Pipeline) -> None:
+    """Each tool stage's flags through the tool's own parser (a typo or a wrong type), before any stage runs:
+    PipelineConfigError with one `file:line: reason` per stage (a round's stage once, not once per round)."""
+    import contextlib
+    import importlib
+    import io
+
+    errors, seen = {}, set()
+    for stage in pipeline.stages:
+        template = stage.name.split(".", 1)[-1]
+        if not stage.tool or template in seen:
+            continue
+        seen.add(template)
+        _, first, module = TOOLS[stage.stage]
+        parser = importlib.import_module(module).build_parser()
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                parser.parse_args(stage_args(pipeline, stage, "OUT")[len(first):])
+        except SystemExit:
+            reason = said.getvalue().strip().splitlines()[-1] if said.getvalue().strip() else "bad arguments"
+            errors[stage.line] = f"stage {template}: {stage.stage} refuses its args: {reason}"
+    if errors:
+        raise PipelineConfigError("\n".join(f"{pipeline.path}:{line}: {why}" for line, why in sorted(errors.items())))
 
 
 def program(stage: Stage) -> list[str]:
@@ -379,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         pipeline = load(args.config, args.rounds)
+        check_tools(pipeline)
         for item in args.set:
             key, eq, value = item.partition("=")
             if not eq or not key.lstrip("-"):

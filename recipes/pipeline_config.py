@@ -16,11 +16,12 @@ KEYS = ("out", "args", "stages", "rounds")
 ROUND_KEYS = ("count", "stages")
 STAGE_KEYS = ("name", "stage", "config", "args", "members")
 SET_BY_PIPELINE = ("model.save_dir", "trainer.default_root_dir", "ckpt_path", "members", "config")
-# tools a stage can run besides the five training stages: (module run with python -m, its first argument)
+# tools a stage can run besides the five training stages: (module run with python -m, its first arguments,
+# the module whose build_parser() reads its flags)
 TOOLS = {
-    "generate": ("recipes.cli", ["generate"]),  # K samples per prompt -> OUT/<name>.jsonl
-    "label": ("datamodules.labelling", []),  # samples -> rankings (the data so far + the new) -> OUT/<name>.jsonl
-    "eval": ("recipes.cli", ["eval"]),  # win rate / judge score / KL -> OUT/<name>/eval.json
+    "generate": ("recipes.cli", ["generate"], "recipes.generate"),  # K samples per prompt -> OUT/<name>.jsonl
+    "label": ("datamodules.labelling", [], "datamodules.labelling"),  # samples -> rankings, data so far + new
+    "eval": ("recipes.cli", ["eval"], "recipes.eval"),  # win rate / judge score / KL -> OUT/<name>/eval.json
 }
 REF = re.compile(r"\$\{((?:[^{}]|\$\{[^{}]*\})*)\}")  # ${name}, ${round}, ${out}, ${name|fallback} (fallback may hold ${out})
 NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -82,6 +83,7 @@ class Stage:
     members: int | None = None
     refs: list[str] = field(default_factory=list)  # stages it references, in order
     round: int | None = None  # 1.. for a round's stage
+    line: int = 0  # of the stage in the pipeline file
 
     @property
     def tool(self) -> bool:
@@ -153,7 +155,7 @@ def in_round(stage: Stage, k: int, before: list[str]) -> Stage:
 
     args = [(key, _substitute(value, sub)) for key, value in stage.args]
     refs = _stage_refs(args)
-    return Stage(f"r{k}.{stage.name}", stage.stage, stage.configs, args, stage.members, refs, k)
+    return Stage(f"r{k}.{stage.name}", stage.stage, stage.configs, args, stage.members, refs, k, stage.line)
 
 
 def load(path: str, rounds: int | None = None) -> Pipeline:
@@ -276,7 +278,7 @@ def load(path: str, rounds: int | None = None) -> Pipeline:
             if name:
                 names.append(name)
             stages.append(Stage(name or "", stage, [str(c) for c in configs], args, members,
-                                _stage_refs(args)))
+                                _stage_refs(args), line=item_line))
         return stages
 
     if not isinstance(data, dict):

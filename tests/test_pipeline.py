@@ -155,6 +155,13 @@ stages:
   stages:
     - {name: samples, stage: generate, args: {model: "${sft}", out: x.jsonl}}
 """, 7, "args: out is set by the pipeline"),
+    (ROUNDS_HEAD + """rounds:
+  count: 3
+  stages:
+    - {name: samples, stage: generate, args: {model: "${sft}", prompts: p.jsonl, num_sampels: 4}}
+""", 8, "stage samples: generate refuses its args: rlhf generate: error: unrecognized arguments: --num_sampels=4"),
+    (ROUNDS_HEAD + """  - {name: judged, stage: eval, args: {policy: p.jsonl, batch_size: many}}
+""", 5, "stage judged: eval refuses its args: rlhf eval: error: argument --batch_size: invalid int value: 'many'"),
 ]
 
 
@@ -452,7 +459,7 @@ rounds:
       args: {model.policy.path: "${policy|sft}", model.reward.models: [{path: "${rm}"}]}
     - name: eval
       stage: eval
-      args: {policy: "${policy}", baseline: "${base_samples}", reference_model: "${sft}", earlier: "${samples|sft}"}
+      args: {policy: "${policy}", baseline: "${samples|base_samples}", reference_model: "${sft}"}
 """
 
 
@@ -505,11 +512,10 @@ def test_rounds_expand_with_the_previous_rounds_artifacts(tmp_path, fake_loop):
     assert _flag(by_name["r2.rm"], "data.train_file") == str(out / "r2.labels.jsonl")
     assert _flag(by_name["r2.policy"], "model.policy.path") == str(out / "r1.policy")
     assert json.loads(_flag(by_name["r2.policy"], "model.reward.models")) == [{"path": str(out / "r2.rm")}]
-    assert _flag(by_name["r1.eval"], "baseline") == str(out / "base_samples.jsonl")
     assert _flag(by_name["r1.eval"], "out") == str(out / "r1.eval")
     # ${x|fallback} of a stage earlier in the round is still the previous round's
-    assert (_flag(by_name["r1.eval"], "earlier"), _flag(by_name["r2.eval"], "earlier")) == (
-        str(out / "sft"), str(out / "r1.samples.jsonl"))
+    assert (_flag(by_name["r1.eval"], "baseline"), _flag(by_name["r2.eval"], "baseline")) == (
+        str(out / "base_samples.jsonl"), str(out / "r1.samples.jsonl"))
     stages = {e["name"]: e for e in manifest(out)}
     assert stages["r2.policy"]["inputs"] == {"r1.policy": stages["r1.policy"]["run_id"],
                                              "r2.rm": stages["r2.rm"]["run_id"]}
@@ -634,3 +640,9 @@ def test_the_rounds_table_takes_an_ensembles_member_mean_and_sums_wall_times():
     columns, table = round_table({"stages": stages})
     assert columns == ["rm/val/acc", "eval/win_rate"]  # not the stages before the rounds, nor unfinished ones
     assert table == {1: {"wall_s": 12.0, "rm/val/acc": pytest.approx((0.5 + 0.7) / 2), "eval/win_rate": 0.6}}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "pipeline").glob("*.yaml")))
+def test_every_shipped_pipelines_tool_stages_parse_with_the_tools_own_flags(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    pipeline.check_tools(pipeline.load(path))  # raises PipelineConfigError naming file:line otherwise
