@@ -61,8 +61,8 @@ config and inputs unchanged, resumes: `--ckpt_path last` in the same run_dir (th
 attempt); a reward ensemble re-runs `--members`, which skips the members already saved; a tool runs again
 (generate continues its file; a fresh run of generate starts a new one). `--from NAME` runs
 NAME and every stage after it afresh. Config errors are found before any stage runs, one line each naming the
-pipeline file and line (exit 2), a tool stage's flags included (each tool's own parser reads them); a failed stage stops the pipeline with one line naming it, its exit code and
-its log (exit 6); a human labeller short of labels stops it with exit 7. One pipeline at a time per run folder
+pipeline file and line (exit 2), a tool stage's flags included (each tool's own parser reads them); a failed
+stage stops the pipeline with one line naming it, its exit code and its log (exit 6); a human labeller short of labels stops it with exit 7. One pipeline at a time per run folder
 (a lock file, OUT/.pipeline.lock; exit 2 if held).
 """
 
