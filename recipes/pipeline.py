@@ -83,6 +83,7 @@ from pathlib import Path
 import yaml
 
 from core.outputs import MARKER, is_ours
+from datamodules.labelling import LABELS_PENDING_EXIT  # the human labeller's exit code while short of labels
 from recipes.pipeline_config import (  # noqa: F401 (re-exported)
     PROG,
     REF,
@@ -105,7 +106,6 @@ class LabelsPendingError(RuntimeError):
     """A `label` stage with the human labeller waits for labels (its exit code 7): str() says where."""
 
 
-LABELS_PENDING = 7  # the exit code of `python -m datamodules.labelling --labeller human` short of labels
 
 
 # ---- commands, hashes, manifest ----
@@ -370,7 +370,7 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
             code = entry["exit_code"] = 1
             with log.open("a") as f:
                 f.write(f"{PROG}: exited 0 but {out / stage.name} lacks {MARKER}\n")
-        if code == LABELS_PENDING and stage.stage == "label":
+        if code == LABELS_PENDING_EXIT and stage.stage == "label":
             entry["status"] = "waiting"
             write_manifest(out, manifest)
             raise LabelsPendingError(f"{PROG}: stage {stage.name} waits for human labels: {_last_line(log)}; "

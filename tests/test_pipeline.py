@@ -562,7 +562,7 @@ def test_a_human_labeller_short_of_labels_stops_the_pipeline_until_they_are_in(t
     monkeypatch.setattr(pipeline, "launch", launch)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["pipeline", "--config", str(path), "--out", str(out), "--rounds", "1"])
-    assert exit_.value.code == cli.EXIT_CODES["LabelsPendingError"] == 7
+    assert exit_.value.code == cli.EXIT_CODES["LabelsPendingError"] == pipeline.LABELS_PENDING_EXIT == 7
     assert capsys.readouterr().err.strip() == (
         "rlhf pipeline: stage r1.labels waits for human labels: waiting for labels: 0 of 2 items labelled (need 2); "
         "queue: q; labels: l; label them and run the same command again")
