@@ -6,6 +6,11 @@ its own folder (<logger name>/member_i/version_K). A member whose folder holds a
 the same command resumes an interrupted ensemble. DIR then stands for its members in a RewardSpec
 (`models: [{path: DIR}]`, `ensemble: mean`). With `--data.bootstrap true` each member draws its own resample
 (bootstrap_seed defaults to the run's seed).
+
+With `--members N`, a `--model.backbone.path` that is itself an ensemble (a folder of member_0 .. member_N-1, as
+`--members` writes) continues it: member i starts from member_i, its scalar head included, so a round of fresh
+comparisons fine-tunes the previous ensemble instead of drawing a new one (a member's errors then change less
+from round to round).
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ def fit_members(members: int, args: list[str]) -> list[tuple[str, Path]]:
             continue
         if rank_zero_only.rank == 0:
             print(f"{PROG}: member {i + 1} of {members} (seed {base + i}) -> {out}")
-        cli = main([*args, *member_args(config, i, out, base + i, root)])
+        cli = main([*args, *member_args(config, i, out, base + i, root), *member_start(config, i, members)])
         del cli  # the member's trainer and model: freed before the next one loads
         gc.collect()
         if torch.cuda.is_available():
@@ -124,6 +129,24 @@ def fit_members(members: int, args: list[str]) -> list[tuple[str, Path]]:
         for i, (status, out) in enumerate(done):
             print(f"{PROG}: member_{i} {status}{' (a finished export is there)' if status == 'skipped' else ''}: {out}")
     return done
+
+
+def member_start(config: dict, i: int, members: int) -> list[str]:
+    """`--model.backbone.path=PATH/member_i` when the backbone PATH is an ensemble (a folder of member folders,
+    no config.json of its own): member i continues member i. It must have at least `members` members, else
+    SystemExit naming the missing one. A single model: no override (every member starts from it)."""
+    backbone = config["model"].get("backbone")
+    path = backbone.get("path") if isinstance(backbone, dict) else backbone
+    if not isinstance(path, str) or not path:
+        return []
+    folder = Path(path).expanduser()
+    if not folder.is_dir() or (folder / "config.json").exists() or not (folder / "member_0").is_dir():
+        return []
+    missing = [f"member_{k}" for k in range(members) if not (folder / f"member_{k}" / "config.json").exists()]
+    if missing:
+        raise SystemExit(f"{PROG}: --model.backbone.path {path} is an ensemble without {', '.join(missing)}: "
+                         f"--members {members} continues member i from member_i, so it needs {members} of them")
+    return [f"--model.backbone.path={folder / f'member_{i}'}"]
 
 
 def clear_members(parent: Path) -> None:

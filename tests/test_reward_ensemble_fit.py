@@ -72,6 +72,24 @@ def test_members_fit_resume_and_load_as_one_ensemble(run_recipe, tmp_path, capsy
     assert [m.path for m in cli.model.reward.models] == [str(m) for m in members] and len(cli.model.reward._loaded) == 3
 
 
+def test_members_continue_an_ensemble_member_by_member(run_recipe, tmp_path):
+    """A backbone that is an ensemble folder: member i starts from member_i (its score head too), so with lr 0
+    each continued member keeps exactly its own parent's head; too few parent members: one line, nothing trained."""
+    first, second = tmp_path / "round0", tmp_path / "round1"
+    common = ["fit", "--config", TINY, "--members", "2", "--seed_everything", "3", "--trainer.max_steps=1",
+              "--trainer.num_sanity_val_steps=0", "--trainer.val_check_interval=null"]
+    run_recipe("reward", *common, f"--model.save_dir={first}")
+    parents = [_head(first / f"member_{i}") for i in range(2)]
+    assert not torch.equal(parents[0], parents[1])
+    run_recipe("reward", *common, f"--model.save_dir={second}", f"--model.backbone.path={first}",
+               "--model.optimizer.init_args.lr=0.0")
+    assert [torch.equal(_head(second / f"member_{i}"), parents[i]) for i in range(2)] == [True, True]
+    with pytest.raises(SystemExit, match=re.escape(f"{first} is an ensemble without member_2")):
+        run_recipe("reward", *common[:4], "3", *common[5:], f"--model.save_dir={tmp_path / 'round2'}",
+                   f"--model.backbone.path={first}")
+    assert not (tmp_path / "round2").exists()
+
+
 def _resample(seed: int) -> list[str]:
     from datamodules.preference import PreferenceDataModule
 
