@@ -239,11 +239,8 @@ class DPOModule(StageHooks, LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         split = "test" if self.trainer.testing else "val"
-        for name in VAL_METRICS:
-            metric = self.val_metrics[name.replace("/", "_")]
-            # compute() already syncs across processes
-            self.log(f"{split}/{name}", metric.compute(), prog_bar=name == "loss", sync_dist=False)
-            metric.reset()
+        for name in VAL_METRICS:  # metric objects: Lightning computes them (synced across processes), then resets them
+            self.log(f"{split}/{name}", self.val_metrics[name.replace("/", "_")], prog_bar=name == "loss")
 
     # ---- predict: sample from the policy for the prompts of the validation pairs (left-padded prompt batches) ----
 

@@ -370,12 +370,7 @@ class PPOModule(StageHooks, LightningModule):
             self.val_metrics["judge_reward"].update(judged.float())
 
     def on_validation_epoch_end(self) -> None:
-        split = "test" if self.trainer.testing else "val"
-        values = {key: metric.compute() for key, metric in self.val_metrics.items()}
-        for key, value in self.judged_metrics(values).items():  # + reward_gap, overoptimising; export_best copy
-            self.log(f"{split}/{key}", value, prog_bar=key == "reward", sync_dist=False)
-        for metric in self.val_metrics.values():
-            metric.reset()
+        self.log_judged("test" if self.trainer.testing else "val", dict(self.val_metrics))
 
     # ----- predict: the policy's responses to the DataModule's prompts, as `rlhf generate` writes them -----
 

@@ -282,14 +282,10 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             self.val_judge_reward.update(judged.float())
 
     def on_validation_epoch_end(self) -> None:
-        split = "test" if self.trainer.testing else "val"
-        values = {"reward": self.val_reward.compute()}
+        metrics = {"reward": self.val_reward}
         if self.judge is not None:
-            values["judge_reward"] = self.val_judge_reward.compute()
-            self.val_judge_reward.reset()
-        for key, value in self.judged_metrics(values).items():  # + reward_gap, overoptimising; export_best copy
-            self.log(f"{split}/{key}", value, prog_bar=key == "reward", sync_dist=False)
-        self.val_reward.reset()
+            metrics["judge_reward"] = self.val_judge_reward
+        self.log_judged("test" if self.trainer.testing else "val", metrics)
 
     def configure_optimizers(self):
         return self.optim.configure(self.parameters(), self.trainer.estimated_stepping_batches)

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import Metric
 
 from core.guard import NonFiniteError, grad_norm
 from core.optim import keep_trainable
@@ -140,6 +141,17 @@ class StageHooks:
             params = self.policy.named_parameters() if self.trainer.is_global_zero else ()  # rank 0 exports
             self.best_weights.update(score, step, params)
         return values
+
+    def log_judged(self, split: str, metrics: dict[str, Metric]) -> None:
+        """Log one validation's metric objects under split/ (Lightning computes them, synced across processes, and
+        resets them) and what judged_metrics adds to their values (reward_gap, overoptimising). The judge needs the
+        values in this validation, so they are computed here too: torchmetrics caches them, Lightning logs the same."""
+        for key, metric in metrics.items():
+            self.log(f"{split}/{key}", metric, prog_bar=key == "reward")
+        values = {key: metric.compute() for key, metric in metrics.items()}
+        judged = self.judged_metrics(values)  # + reward_gap, overoptimising; the export_best copy
+        for key in [k for k in judged if k not in values]:
+            self.log(f"{split}/{key}", judged[key], sync_dist=False)  # from synced values
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep_trainable(self, checkpoint)  # frozen weights (references, quantised bases) stay out
