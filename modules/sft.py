@@ -88,10 +88,8 @@ class SFTModule(StageHooks, LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         split = "test" if self.trainer.testing else "val"
-        nll = self.val_nll.compute()
-        self.log(f"{split}/loss", nll, prog_bar=True, sync_dist=False)
-        self.log(f"{split}/perplexity", nll.exp(), sync_dist=False)
-        self.val_nll.reset()
+        self.log(f"{split}/loss", self.val_nll, prog_bar=True)  # the object: Lightning computes (synced) and resets it
+        self.log(f"{split}/perplexity", self.val_nll.compute().exp(), sync_dist=False)  # the same synced value, cached
 
     # `test` evaluates the DataModule's validation file, reported under test/
     def test_step(self, batch, batch_idx: int) -> None:
