@@ -4,6 +4,11 @@ Prompts come left-padded; every row decodes one token per step against the model
 (`cache`), with position ids taken from the attention mask so left padding does not shift
 positions. Rows finish on EOS (or a stop string); their later tokens are padding and the loop ends as
 soon as every row has finished. Works with any Hugging Face causal LM and with peft-wrapped models.
+
+Hand-written rather than transformers' `generate`, which samples from the global RNG: here every call draws
+from the torch.Generator it is given, seeded per call (PPO's rollout stream, rejection sampling's per-batch
+streams, predict's per-batch seeds), so reruns, resumed runs and each DDP rank sample reproducibly without
+touching the RNG that orders the data.
 """
 
 from __future__ import annotations

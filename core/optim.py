@@ -1,16 +1,33 @@
-"""Optimizer/scheduler wiring and trainable-only checkpoints, shared by the five LightningModules."""
+"""OptimSpec, what every stage optimises with (its optimizer, scheduler, warmup_steps and decay arguments), and
+trainable-only checkpoints."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from transformers.optimization import get_scheduler
 
 from core.guard import NonFiniteError, nonfinite_names
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+Decay = Literal["constant", "linear", "cosine"]
+
+# `decay` -> the transformers schedule of that name (each starts with the linear warm-up)
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+# the Args: lines of the four arguments, shared by every stage's docstring (modules/stage.py: shared_args)
+OPTIM_ARGS = """
+optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
+scheduler: LR scheduler factory; None uses `warmup_steps` of linear warm-up, then `decay`, stepped per
+    optimizer step (rejection sampling: per prompt batch) over the steps the trainer will take.
+warmup_steps: warm-up steps of the built-in schedule: step s runs at s / warmup_steps of the LR (0 at the
+    first step, the full LR from step warmup_steps on), as transformers' schedules.
+decay: built-in schedule after warm-up: constant, linear or cosine (to 0 at the last step).
+"""
 
 
 def adamw(params: Iterable) -> torch.optim.Optimizer:
@@ -18,26 +35,32 @@ def adamw(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5)
 
 
-def warmup_decay(warmup_steps: int, total_steps: int, decay: str) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over warmup_steps, then constant, linear or cosine decay to 0."""
+@dataclass
+class OptimSpec:
+    """A stage's optimizer and LR schedule, from its `optimizer`, `scheduler`, `warmup_steps` and `decay`
+    arguments (OPTIM_ARGS). The built-in schedule is transformers' `get_scheduler` (a LambdaLR, whose step
+    count Lightning saves in checkpoints, so a resume continues the schedule exactly)."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if decay == "constant" or total_steps <= warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-        return 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    optimizer: OptimizerFactory = adamw
+    scheduler: SchedulerFactory | None = None
+    warmup_steps: int = 0
+    decay: Decay = "constant"
 
-    return factor
+    def schedule(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        """The injected scheduler, else warm-up then `decay` over total_steps scheduler steps."""
+        if self.scheduler is not None:
+            return self.scheduler(optimizer)
+        if self.decay not in SCHEDULES:
+            raise ValueError(f"decay must be one of {', '.join(SCHEDULES)}, got {self.decay!r}")
+        return get_scheduler(SCHEDULES[self.decay], optimizer, num_warmup_steps=self.warmup_steps,
+                             num_training_steps=total_steps)
 
-
-def configure_optim(module, optimizer: OptimizerFactory, scheduler, warmup_steps: int, decay: str, total_steps: int):
-    """Optimizer over the trainable parameters, and the injected scheduler or warm-up + decay per step."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = optimizer(params)
-    sched = scheduler(opt) if scheduler is not None else LambdaLR(opt, warmup_decay(warmup_steps, total_steps, decay))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def configure(self, parameters: Iterable[torch.nn.Parameter], total_steps: int) -> dict:
+        """configure_optimizers' answer: the optimizer over the trainable parameters and its schedule, stepped
+        every optimizer step."""
+        optimizer = self.optimizer([p for p in parameters if p.requires_grad])
+        scheduler = self.schedule(optimizer, total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def keep_trainable(module, checkpoint: dict) -> None:

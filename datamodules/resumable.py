@@ -7,6 +7,10 @@ resumed run sees other prompts than the uninterrupted one). Lightning drops that
 before the restore, as under max_epochs: the recipes' RestoreLoaderState callback hands it over then. The order
 is a pure function of (seed, epoch); the state is (epoch, batches seen), and a restored loader skips the batches
 already seen.
+
+Hand-written on purpose: torch's DataLoader and Lightning cannot resume a shuffled epoch mid-way, and the
+exact resume (tests/test_resumable_loader.py, test_resume_contract.py) needs only this sampler and counter, not
+a new dependency (torchdata's StatefulDataLoader).
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ from core.generation import SamplingSpec
 from core.losses.dpo import dpo_loss, uses_average_logprobs
 from core.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer
 from core.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
-from core.optim import adamw
+from core.optim import OPTIM_ARGS, OptimSpec, adamw
+from modules.export import EXPORT_ARGS, HFExport
 from modules.predict import response_writer, sample_rows
-from modules.stage import StageHooks, root_device
+from modules.stage import StageHooks, root_device, shared_args
 
 REFERENCES = ("copy", "adapter", "precomputed")
 VAL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -30,6 +31,7 @@ VAL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies
 SPLITS = ("train", "val")
 
 
+@shared_args(OPTIM_ARGS, EXPORT_ARGS)
 class DPOModule(StageHooks, LightningModule):
     """DPO and its variants (IPO, SLiC hinge, robust DPO, RPO's NLL term) on a `PreferenceDataModule`
     with layout "pairs": one forward pass over the (2b, t) batch scores chosen rows [0, b) and rejected
@@ -48,14 +50,6 @@ class DPOModule(StageHooks, LightningModule):
         loss_type: sigmoid (DPO), ipo, hinge (SLiC) or robust (robust DPO).
         label_smoothing: assumed preference-flip rate, sigmoid (conservative DPO) and robust only.
         nll_weight: weight of an NLL (SFT) term on the chosen completions (RPO); 0 turns it off.
-        optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
-        scheduler: LR scheduler factory; None uses warm-up then `decay`, stepped per optimizer step.
-        warmup_steps: linear warm-up steps of the built-in schedule.
-        decay: built-in schedule after warm-up: constant, linear or cosine.
-        save_dir: where the Hugging Face policy goes at the end of fit (default: <log dir>/hf_model).
-        merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
-        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
-            lightning_rlhf.json, is always replaced; anything else stops fit before training).
         sampling: how `predict` samples responses to the prompts of the DataModule's validation pairs.
         sampling_seed: seed of predict's sampling streams (batch i samples from one seeded by (seed, i), as
             `rlhf generate --seed`; other processes add their rank).
@@ -101,10 +95,8 @@ class DPOModule(StageHooks, LightningModule):
         self.beta, self.loss_type = beta, loss_type
         self.label_smoothing, self.nll_weight = label_smoothing, nll_weight
         self.average = uses_average_logprobs(loss_type)
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.warmup_steps, self.decay = warmup_steps, decay
-        self.overwrite = overwrite
-        self.save_dir, self.merge_lora = save_dir, merge_lora
+        self.optim = OptimSpec(optimizer, scheduler, warmup_steps, decay)
+        self.export = HFExport(self.stage, save_dir, merge_lora, overwrite)
         self.sampling = sampling if isinstance(sampling, SamplingSpec) else SamplingSpec(**dict(sampling))
         self.hparams["sampling"] = dataclasses.asdict(self.sampling)
         self.sampling_seed, self.predict_file = sampling_seed, predict_file
@@ -247,16 +239,13 @@ class DPOModule(StageHooks, LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         split = "test" if self.trainer.testing else "val"
-        for name in VAL_METRICS:
-            metric = self.val_metrics[name.replace("/", "_")]
-            # compute() already syncs across processes
-            self.log(f"{split}/{name}", metric.compute(), prog_bar=name == "loss", sync_dist=False)
-            metric.reset()
+        for name in VAL_METRICS:  # metric objects: Lightning computes them (synced across processes), then resets them
+            self.log(f"{split}/{name}", self.val_metrics[name.replace("/", "_")], prog_bar=name == "loss")
 
     # ---- predict: sample from the policy for the prompts of the validation pairs (left-padded prompt batches) ----
 
     def configure_callbacks(self):
-        return response_writer(self)
+        return [self.export, *response_writer(self)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         return sample_rows(self, batch, self.sampling, self.sampling_seed, batch_idx)
@@ -345,6 +334,9 @@ class DPOModule(StageHooks, LightningModule):
 
     # ---- optimisation and checkpoints ----
 
+    def configure_optimizers(self):
+        return self.optim.configure(self.parameters(), self.trainer.estimated_stepping_batches)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
         tables = {f"ref_{s}": state[f"ref_{s}"] for s in SPLITS if f"ref_{s}" in state}
@@ -352,6 +344,7 @@ class DPOModule(StageHooks, LightningModule):
         checkpoint["state_dict"].update(tables)  # a resume must not recompute the reference pass
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._policy_is_initial = False
         for name in (f"ref_{s}" for s in SPLITS):
             if name in checkpoint["state_dict"]:  # size the buffer so load_state_dict can copy into it

@@ -32,8 +32,9 @@ from core.models import (
     load_tokenizer,
 )
 from core.ops import entropy_from_logits, masked_sum, token_logprobs
-from core.optim import adamw
+from core.optim import OPTIM_ARGS, OptimSpec, adamw
 from core.reward_spec import RewardSpec, as_reward_spec
+from modules.export import EXPORT_ARGS, HFExport
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import response_writer, sample_rows
 from modules.rollout import (
@@ -45,14 +46,16 @@ from modules.rollout import (
     response_logits,
     response_values,
 )
-from modules.stage import StageHooks, root_device
+from modules.stage import StageHooks, root_device, shared_args
 
 
+@shared_args(OPTIM_ARGS, EXPORT_ARGS)
 class PPOModule(StageHooks, LightningModule):
     """PPO from prompts: the policy samples, a RewardSpec scores, a KL penalty keeps it near the reference.
 
     Under manual optimisation `trainer.max_steps` and `global_step` count OPTIMIZER steps: one batch of
     prompts makes ppo_epochs * num_minibatches of them (use multiples for checkpoint.every_n_train_steps).
+    The optimizer takes all trainable parameters, the policy's and the value model's; fit exports the policy.
 
     Args:
         policy: the model to train (full weights, or LoRA; layout "shared" needs LoRA).
@@ -83,15 +86,7 @@ class PPOModule(StageHooks, LightningModule):
             and the clip then mean the same for any reward model's scale. train/reward and val/reward stay raw.
         score_clip: clip scores to [-score_clip, score_clip] (after normalisation and the missing-EOS penalty).
         missing_eos_penalty: subtracted from the score of responses that hit max_new_tokens without EOS.
-        optimizer: optimizer factory over all trainable parameters (policy and value).
-        scheduler: LR scheduler factory, stepped per optimizer step; None: warm-up then `decay`.
-        warmup_steps: linear warm-up optimizer steps of the built-in schedule.
-        decay: built-in schedule after warm-up: constant, linear or cosine.
         seed: seed of the rollout/minibatch generator (+ rank); validation re-seeds with seed + 1 every time.
-        save_dir: where the Hugging Face policy goes at the end of fit (default: <log dir>/hf_model).
-        merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
-        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
-            lightning_rlhf.json, is always replaced; anything else stops fit before training).
         packing: score and train on padding-free packed rows (rollout.pack_sequences) instead of left-padded ones.
         predict_file: where `predict` writes one json line per response of the policy to the DataModule's prompts
             {prompt, response, sample, finish_reason, tokens, index, meta}, as `rlhf generate` with `sampling` and
@@ -171,11 +166,8 @@ class PPOModule(StageHooks, LightningModule):
         self.max_grad_norm, self.whiten, self.score_clip = max_grad_norm, whiten_advantages, score_clip
         self.missing_eos_penalty = missing_eos_penalty
         self.reward_moments = RunningMoments() if reward_norm else None
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.warmup_steps, self.decay, self.seed = warmup_steps, decay, seed
-        self.overwrite = overwrite
-        self.save_dir, self.merge_lora, self.packing = save_dir, merge_lora, packing
-        self.predict_file = predict_file
+        self.optim = OptimSpec(optimizer, scheduler, warmup_steps, decay)
+        self.seed, self.packing, self.predict_file = seed, packing, predict_file
         self.policy = self.reference = self.value_model = self.value_head = self.tokenizer = None
         self.generator: torch.Generator | None = None  # rollouts and minibatch order; saved in checkpoints
         self.val_generator: torch.Generator | None = None
@@ -190,6 +182,7 @@ class PPOModule(StageHooks, LightningModule):
         self.judge_monitor = OveroptimisationMonitor(overopt_patience)
         logged = [f"val/{k}" for k in self.val_metrics] + (["val/reward_gap"] if self.judge is not None else [])
         self.best_weights = BestWeights(export_best, export_best_mode, logged) if export_best else None
+        self.export = HFExport(self.stage, save_dir, merge_lora, overwrite, best=self.best_weights)
         self.strict_loading = False  # checkpoints hold trainable weights only
 
     def configure_model(self) -> None:
@@ -377,24 +370,23 @@ class PPOModule(StageHooks, LightningModule):
             self.val_metrics["judge_reward"].update(judged.float())
 
     def on_validation_epoch_end(self) -> None:
-        split = "test" if self.trainer.testing else "val"
-        values = {key: metric.compute() for key, metric in self.val_metrics.items()}
-        for key, value in self.judged_metrics(values).items():  # + reward_gap, overoptimising; export_best copy
-            self.log(f"{split}/{key}", value, prog_bar=key == "reward", sync_dist=False)
-        for metric in self.val_metrics.values():
-            metric.reset()
+        self.log_judged("test" if self.trainer.testing else "val", dict(self.val_metrics))
 
     # ----- predict: the policy's responses to the DataModule's prompts, as `rlhf generate` writes them -----
 
     def configure_callbacks(self):
-        return response_writer(self)
+        return [self.export, *response_writer(self)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         return sample_rows(self, batch, self.sampling, self.seed, batch_idx)
 
-    # ----- optimizer, checkpoints, export -----
+    # ----- optimizer, checkpoints -----
+
+    def configure_optimizers(self):
+        return self.optim.configure(self.parameters(), self.optimizer_steps())
 
     def optimizer_steps(self) -> int:
+        """Optimizer steps the LR schedule spans."""
         steps = self.trainer.estimated_stepping_batches
         if self.trainer.max_steps == -1:  # counted in batches of prompts, each several optimizer steps
             steps *= self.ppo_epochs * self.num_minibatches

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from core.generation import Rollout, SamplingSpec, decode_responses, generate
 from core.outputs import write_jsonl
+from modules.stage import output_path
 
 
 def batch_generator(seed: int, batch_index: int, device, rank: int = 0) -> torch.Generator:
@@ -85,7 +86,7 @@ def response_writer(module) -> list:
     module.predict_file (default <log dir>/predictions.jsonl); nothing otherwise."""
     if module._trainer is None or not module.trainer.predicting:
         return []
-    path = lambda: module.output_path(module.predict_file, "predictions.jsonl")  # noqa: E731
+    path = lambda: output_path(module.trainer, module.predict_file, "predictions.jsonl")  # noqa: E731
     return [JsonlPredictionWriter(path, key=response_key, unique=True, noun="responses")]
 
 

@@ -27,13 +27,14 @@ from core.generation import Rollout, SamplingSpec, decode_responses, generate
 from core.losses.rejection_sampling import kl_penalised_scores
 from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from core.ops import masked_sum, shifted_logprobs, token_logprobs
-from core.optim import adamw
+from core.optim import OPTIM_ARGS, OptimSpec, adamw
 from core.packing import pad_completions
 from core.reward_spec import RewardSpec, as_reward_spec
+from modules.export import EXPORT_ARGS, HFExport
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.rollout import response_logits
-from modules.stage import StageHooks, root_device
+from modules.stage import StageHooks, output_path, root_device, shared_args
 
 
 def select_best(scores: Tensor, min_score: float | None = None, by: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -63,8 +64,12 @@ def rollout_examples(rollout: Rollout, rows: Tensor) -> list[tuple[list[int], li
     return out
 
 
+@shared_args(OPTIM_ARGS, EXPORT_ARGS)
 class RejectionSamplingModule(StageHooks, LightningModule):
     """Rejection-sampling fine-tuning of a causal LM (full weights or LoRA) against a reward.
+
+    The LR schedule steps once per prompt batch, over trainer.estimated_stepping_batches: warmup_steps counts
+    prompt batches.
 
     Args:
         policy: the model to sample from and fine-tune (usually the SFT policy).
@@ -81,19 +86,10 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             does not restart each round (configs/pipeline/quickstart.yaml). Must share the policy's tokenizer.
         reward_norm: select on each prompt's K scores standardised (minus their mean, over their std), so kl_coef
             counts standard deviations per nat whatever the reward model's scale (min_score still reads raw scores).
-        optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
-        scheduler: LR scheduler factory; None uses warm-up then `decay`. Stepped once per prompt batch, over
-            trainer.estimated_stepping_batches.
-        warmup_steps: linear warm-up (prompt batches) of the built-in schedule.
-        decay: built-in schedule after warm-up: constant, linear or cosine.
         sft_epochs: passes over each batch's kept samples (gradient steps reuse one sampling pass).
         sft_batch_size: kept samples per gradient step (None: the whole prompt batch in one step).
         max_grad_norm: clip the gradient norm to this before each step (None: no clipping).
         sampling_seed: seed of the sampling streams (each batch's depends on it, split, epoch, batch, rank).
-        save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model).
-        merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
-        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
-            lightning_rlhf.json, is always replaced; anything else stops fit before training).
         predict_file: where `predict` writes best-of-K jsonl rows {prompt, completion, score, mean_score, index
             (the prompt's row)}, one file from all processes (default: <log dir>/best_of_k.jsonl); `rlhf sft fit`
             reads it as prompt/completion data. Rows below min_score or with a blank best completion are left out.
@@ -149,12 +145,9 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.kl_coef, self.reward_norm = kl_coef, reward_norm
         self.reference_spec = as_spec(reference) if reference is not None else None
         self.reference = None
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.warmup_steps, self.decay = warmup_steps, decay
+        self.optim = OptimSpec(optimizer, scheduler, warmup_steps, decay)
         self.sft_epochs, self.sft_batch_size, self.max_grad_norm = sft_epochs, sft_batch_size, max_grad_norm
         self.sampling_seed, self.predict_file = sampling_seed, predict_file
-        self.overwrite = overwrite
-        self.save_dir, self.merge_lora = save_dir, merge_lora
         self.policy = None
         self.tokenizer = None
         self.val_reward = MeanMetric()
@@ -164,6 +157,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.judge_monitor = OveroptimisationMonitor(overopt_patience)
         logged = ["val/reward"] + (["val/judge_reward", "val/reward_gap"] if self.judge is not None else [])
         self.best_weights = BestWeights(export_best, export_best_mode, logged) if export_best else None
+        self.export = HFExport(self.stage, save_dir, merge_lora, overwrite, best=self.best_weights)
         self.strict_loading = False  # checkpoints hold trainable weights only
 
     def configure_model(self) -> None:
@@ -288,21 +282,20 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             self.val_judge_reward.update(judged.float())
 
     def on_validation_epoch_end(self) -> None:
-        split = "test" if self.trainer.testing else "val"
-        values = {"reward": self.val_reward.compute()}
+        metrics = {"reward": self.val_reward}
         if self.judge is not None:
-            values["judge_reward"] = self.val_judge_reward.compute()
-            self.val_judge_reward.reset()
-        for key, value in self.judged_metrics(values).items():  # + reward_gap, overoptimising; export_best copy
-            self.log(f"{split}/{key}", value, prog_bar=key == "reward", sync_dist=False)
-        self.val_reward.reset()
+            metrics["judge_reward"] = self.val_judge_reward
+        self.log_judged("test" if self.trainer.testing else "val", metrics)
+
+    def configure_optimizers(self):
+        return self.optim.configure(self.parameters(), self.trainer.estimated_stepping_batches)
 
     def configure_callbacks(self):
         if self._trainer is None or not self.trainer.predicting:
-            return []
-        path = lambda: self.output_path(self.predict_file, "best_of_k.jsonl")  # noqa: E731
+            return [self.export]
+        path = lambda: output_path(self.trainer, self.predict_file, "best_of_k.jsonl")  # noqa: E731
         noun = f"best-of-{self.sampling.num_samples} samples"
-        return [JsonlPredictionWriter(path, key=lambda row: (row["index"],), unique=True, noun=noun)]
+        return [self.export, JsonlPredictionWriter(path, key=lambda row: (row["index"],), unique=True, noun=noun)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         _, responses, scores, best, keep, _ = self.best_of_k(batch, self._generator("predict", batch_idx))

@@ -13,12 +13,14 @@ from torchmetrics.aggregation import MeanMetric
 from core.losses.reward import RewardLossOutput, pairwise_loss, ranking_loss
 from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
 from core.ops import IGNORE_INDEX
-from core.optim import adamw
+from core.optim import OPTIM_ARGS, OptimSpec, adamw
 from core.reward_spec import sequence_scores
+from modules.export import EXPORT_ARGS, HFExport
 from modules.predict import JsonlPredictionWriter, batch_indexes
-from modules.stage import StageHooks, root_device
+from modules.stage import StageHooks, output_path, root_device, shared_args
 
 
+@shared_args(OPTIM_ARGS, EXPORT_ARGS)
 class RewardModule(StageHooks, LightningModule):
     """Reward model: r(prompt, response) read at the response's last real token (its EOS).
 
@@ -30,29 +32,18 @@ class RewardModule(StageHooks, LightningModule):
     prompt for rankings (like the loss); val/rewards/margins, mean r_w - r_l over pairs; rankings add
     val/ranking_accuracy, the same fraction counted over all pairs of all prompts together.
 
+    The Hugging Face export at the end of fit (save_dir) loads with AutoModelForSequenceClassification.
+
     Args:
         backbone: the model to train: a causal LM (its vocabulary head is replaced by a new scalar head, e.g.
             the SFT policy) or a sequence-classification checkpoint (an earlier reward model, an encoder).
-        optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
-        scheduler: LR scheduler factory; None uses warm-up then `decay`, stepped per optimizer step.
-        warmup_steps: linear warm-up steps of the built-in schedule.
-        decay: built-in schedule after warm-up: constant, linear or cosine.
         center_coef: weight of the reward-centering term c * mean((r_w + r_l)^2) (arXiv 2312.09244); 0 = off.
-        save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model);
-            it loads with AutoModelForSequenceClassification.
-        merge_lora: save a LoRA model merged into its base (True) or as an adapter (False).
-        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
-            lightning_rlhf.json, is always replaced; anything else stops fit before training).
         predict_file: where `predict` writes one json line per (prompt, response) row of the validation data with
             its score: {prompt, response, score} plus pair, chosen (pairs) or group, rank (rankings); one file from
             all processes (default: <log dir>/scores.jsonl).
     """
 
     stage = "reward"
-    saved_name = "reward model"
-
-    def saved_model(self):
-        return self.backbone
 
     def __init__(
         self,
@@ -71,10 +62,9 @@ class RewardModule(StageHooks, LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.backbone_spec = as_spec(backbone)
         self.hparams["backbone"] = asdict(self.backbone_spec)  # plain data: checkpoints load with weights_only=True
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.warmup_steps, self.decay, self.center_coef = warmup_steps, decay, center_coef
-        self.overwrite = overwrite
-        self.save_dir, self.merge_lora, self.predict_file = save_dir, merge_lora, predict_file
+        self.optim = OptimSpec(optimizer, scheduler, warmup_steps, decay)
+        self.export = HFExport(self.stage, save_dir, merge_lora, overwrite, model="backbone", name="reward model")
+        self.center_coef, self.predict_file = center_coef, predict_file
         self.backbone = None
         self.tokenizer = None
         # val and test never run at once: one set of metrics serves both
@@ -134,11 +124,14 @@ class RewardModule(StageHooks, LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def configure_optimizers(self):
+        return self.optim.configure(self.parameters(), self.trainer.estimated_stepping_batches)
+
     def configure_callbacks(self):
         if self._trainer is None or not self.trainer.predicting:
-            return []
-        path = lambda: self.output_path(self.predict_file, "scores.jsonl")  # noqa: E731
-        return [JsonlPredictionWriter(path, key=score_key, noun="scores")]
+            return [self.export]
+        path = lambda: output_path(self.trainer, self.predict_file, "scores.jsonl")  # noqa: E731
+        return [self.export, JsonlPredictionWriter(path, key=score_key, noun="scores")]
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
         scores = self(batch).tolist()

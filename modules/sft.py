@@ -14,24 +14,18 @@ from core.forward import completion_logits
 from core.generation import SamplingSpec
 from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from core.ops import token_logprobs
-from core.optim import adamw
+from core.optim import OPTIM_ARGS, OptimSpec, adamw
+from modules.export import EXPORT_ARGS, HFExport
 from modules.predict import response_writer, sample_rows
-from modules.stage import StageHooks, root_device
+from modules.stage import StageHooks, root_device, shared_args
 
 
+@shared_args(OPTIM_ARGS, EXPORT_ARGS)
 class SFTModule(StageHooks, LightningModule):
     """Supervised fine-tuning of a causal LM (full weights or LoRA) on prompt/completion demonstrations.
 
     Args:
         policy: the model to fine-tune.
-        optimizer: optimizer factory over the trainable parameters (default AdamW, lr 1e-5).
-        scheduler: LR scheduler factory; None uses warm-up then `decay`, stepped per optimizer step.
-        warmup_steps: linear warm-up steps of the built-in schedule.
-        decay: built-in schedule after warm-up: constant, linear or cosine.
-        save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model).
-        merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
-        overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
-            lightning_rlhf.json, is always replaced; anything else stops fit before training).
         sampling: how `predict` samples responses to the DataModule's validation prompts.
         sampling_seed: seed of predict's sampling streams (batch i samples from one seeded by (seed, i), as
             `rlhf generate --seed`; other processes add their rank).
@@ -59,10 +53,8 @@ class SFTModule(StageHooks, LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.policy_spec = as_spec(policy)
         self.hparams["policy"] = asdict(self.policy_spec)  # plain data: checkpoints load with weights_only=True
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.warmup_steps, self.decay = warmup_steps, decay
-        self.overwrite = overwrite
-        self.save_dir, self.merge_lora = save_dir, merge_lora
+        self.optim = OptimSpec(optimizer, scheduler, warmup_steps, decay)
+        self.export = HFExport(self.stage, save_dir, merge_lora, overwrite)
         self.sampling = sampling if isinstance(sampling, SamplingSpec) else SamplingSpec(**dict(sampling))
         self.hparams["sampling"] = asdict(self.sampling)
         self.sampling_seed, self.predict_file = sampling_seed, predict_file
@@ -96,10 +88,8 @@ class SFTModule(StageHooks, LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         split = "test" if self.trainer.testing else "val"
-        nll = self.val_nll.compute()
-        self.log(f"{split}/loss", nll, prog_bar=True, sync_dist=False)
-        self.log(f"{split}/perplexity", nll.exp(), sync_dist=False)
-        self.val_nll.reset()
+        self.log(f"{split}/loss", self.val_nll, prog_bar=True)  # the object: Lightning computes (synced) and resets it
+        self.log(f"{split}/perplexity", self.val_nll.compute().exp(), sync_dist=False)  # the same synced value, cached
 
     # `test` evaluates the DataModule's validation file, reported under test/
     def test_step(self, batch, batch_idx: int) -> None:
@@ -108,9 +98,12 @@ class SFTModule(StageHooks, LightningModule):
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
 
+    def configure_optimizers(self):
+        return self.optim.configure(self.parameters(), self.trainer.estimated_stepping_batches)
+
     # `predict`: sample from the policy for the DataModule's prompts (left-padded prompt batches)
     def configure_callbacks(self):
-        return response_writer(self)
+        return [self.export, *response_writer(self)]
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         return sample_rows(self, batch, self.sampling, self.sampling_seed, batch_idx)

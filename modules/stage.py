@@ -1,19 +1,21 @@
-"""Hooks every stage's LightningModule shares: the optimizer and LR schedule, trainable-only checkpoints, the
-non-finite guard, and the Hugging Face save at the end of fit; and `root_device`, where a stage loads its models."""
+"""What the five stages share besides their explicit pieces (core/optim.py OptimSpec, modules/export.py
+HFExport): `root_device`, `output_path`, the `shared_args` docstring helper, and `StageHooks`, the non-finite
+guard, the DDP-correct mean, trainable-only checkpoints and the held-out judge."""
 
 from __future__ import annotations
 
 import math
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import Metric
 
-from core.guard import NonFiniteError, grad_norm, nonfinite_names
-from core.models import save_hf
-from core.optim import configure_optim, keep_trainable
-from core.outputs import check_writable, config_hash
+from core.guard import NonFiniteError, grad_norm
+from core.optim import keep_trainable
 
 
 def root_device(module, default: torch.device | None = None) -> torch.device | None:
@@ -23,46 +25,54 @@ def root_device(module, default: torch.device | None = None) -> torch.device | N
     return module.trainer.strategy.root_device if module._trainer is not None else default
 
 
+def output_path(trainer, path: str | None, default_name: str) -> Path:
+    """An output the user named (a relative one under trainer.default_root_dir, the run's root), else
+    <log dir>/default_name."""
+    if not path:
+        return Path(trainer.log_dir or trainer.default_root_dir) / default_name
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else Path(trainer.default_root_dir) / path
+
+
+def shared_args(*blocks: str):
+    """Class decorator: append `Args:` lines that several stages share (core/optim.py OPTIM_ARGS, modules/export.py
+    EXPORT_ARGS) to the class docstring, whose last section is its `Args:` block; LightningCLI's --help and
+    jsonargparse read the argument docs from there, so each shared argument is documented once."""
+
+    def add(cls):
+        lines = "".join(textwrap.indent(textwrap.dedent(block).strip("\n"), " " * 8) + "\n" for block in blocks)
+        cls.__doc__ = cls.__doc__.rstrip() + "\n" + lines
+        return cls
+
+    return add
+
+
+def stop_nonfinite(trainer, stage: str, quantity: str, where: str) -> NoReturn:
+    """Raise NonFiniteError naming the stage, the quantity, the step and the last (finite) checkpoint."""
+    callback = trainer.checkpoint_callback
+    last = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
+    raise NonFiniteError(
+        f"{stage}: non-finite {quantity} {where}: no weights, checkpoint or Hugging Face export was "
+        f"written from it; last checkpoint (finite weights): {last or 'none yet'} (lower the learning rate "
+        "or check the data)"
+    )
+
+
 class StageHooks:
-    """Mix in before LightningModule. The module provides optimizer_factory, scheduler_factory, warmup_steps,
-    decay, save_dir, overwrite, merge_lora and tokenizer; `saved_model()` (default: self.policy) is what fit
-    saves, `stage` names the stage in messages and in the export's marker. PPO and rejection sampling also set
-    judge (the held-out val_reward RewardSpec or None), judge_monitor and best_weights (modules/overoptimisation.py)."""
+    """Mix in before LightningModule: the non-finite guard (a bad loss or gradient stops fit before the optimizer
+    step), `global_mean`, `sampling_guard`, trainable-only checkpoints marked with `stage`, and the held-out judge
+    of PPO and rejection sampling (`judged_metrics` and its checkpoint state). The module sets the class attribute
+    `stage`; a judging module also sets judge (the val_reward RewardSpec or None), judge_monitor and best_weights
+    (modules/overoptimisation.py) and has a `policy`. A module that extends a checkpoint hook calls super().
+
+    Kept as one small class, not split into callbacks: its hooks run on every run of every stage, a module that
+    was used without a trainer (tests) still guards and checkpoints, and a callback's on_save_checkpoint runs
+    before the module's while DPO reads the full state_dict first. The optimizer and the Hugging Face export are
+    the explicit pieces each module holds (OptimSpec, HFExport)."""
 
     stage = "stage"
-    saved_name = "policy"
     _nonfinite_loss: float | None = None  # a non-finite loss seen since the last optimizer step
     judge = judge_monitor = best_weights = None  # held-out judging (PPO, rejection sampling)
-
-    def saved_model(self):
-        return self.policy
-
-    def optimizer_steps(self) -> int:
-        """Optimizer steps the LR schedule spans."""
-        return self.trainer.estimated_stepping_batches
-
-    def configure_optimizers(self):
-        return configure_optim(self, self.optimizer_factory, self.scheduler_factory, self.warmup_steps, self.decay,
-                               self.optimizer_steps())
-
-    def output_path(self, path: str | None, default_name: str) -> Path:
-        """An output the user named (a relative one under trainer.default_root_dir, the run's root), else
-        <log dir>/default_name."""
-        if not path:
-            return Path(self.trainer.log_dir or self.trainer.default_root_dir) / default_name
-        path = Path(path).expanduser()
-        return path if path.is_absolute() else Path(self.trainer.default_root_dir) / path
-
-    def export_dir(self) -> Path:
-        """Where fit saves the Hugging Face model."""
-        return self.output_path(self.save_dir, "hf_model")
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.save_dir:  # before any weights load: an output we must not replace stops here
-            check_writable(self.export_dir(), self.overwrite)
-        if stage == "fit" and self.best_weights is not None and self.trainer.limit_val_batches == 0:
-            raise ValueError(f"{self.stage}: export_best={self.best_weights.metric!r} needs validation during fit, "
-                             "but trainer.limit_val_batches is 0 (drop export_best or let validation run)")
 
     def global_mean(self, total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's sum over items and their count -> (loss, mean): DDP averages gradients over ranks, so the
@@ -100,14 +110,8 @@ class StageHooks:
     def _at_next_step(self) -> str:
         return f"at optimizer step {self.trainer.global_step + 1} (epoch {self.trainer.current_epoch}); stopped before it"
 
-    def _stop_nonfinite(self, quantity: str, where: str) -> None:
-        callback = self.trainer.checkpoint_callback
-        last = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
-        raise NonFiniteError(
-            f"{self.stage}: non-finite {quantity} {where}: no weights, checkpoint or Hugging Face export was "
-            f"written from it; last checkpoint (finite weights): {last or 'none yet'} (lower the learning rate "
-            "or check the data)"
-        )
+    def _stop_nonfinite(self, quantity: str, where: str) -> NoReturn:
+        stop_nonfinite(self.trainer, self.stage, quantity, where)
 
     # ----- held-out judge: reward_gap, the over-optimisation warning, the export_best weights -----
 
@@ -134,9 +138,20 @@ class StageHooks:
                 )
         if self.best_weights is not None:
             score = values[self.best_weights.metric.removeprefix("val/")].item()
-            params = self.saved_model().named_parameters() if self.trainer.is_global_zero else ()  # rank 0 exports
+            params = self.policy.named_parameters() if self.trainer.is_global_zero else ()  # rank 0 exports
             self.best_weights.update(score, step, params)
         return values
+
+    def log_judged(self, split: str, metrics: dict[str, Metric]) -> None:
+        """Log one validation's metric objects under split/ (Lightning computes them, synced across processes, and
+        resets them) and what judged_metrics adds to their values (reward_gap, overoptimising). The judge needs the
+        values in this validation, so they are computed here too: torchmetrics caches them, Lightning logs the same."""
+        for key, metric in metrics.items():
+            self.log(f"{split}/{key}", metric, prog_bar=key == "reward")
+        values = {key: metric.compute() for key, metric in metrics.items()}
+        judged = self.judged_metrics(values)  # + reward_gap, overoptimising; the export_best copy
+        for key in [k for k in judged if k not in values]:
+            self.log(f"{split}/{key}", judged[key], sync_dist=False)  # from synced values
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep_trainable(self, checkpoint)  # frozen weights (references, quantised bases) stay out
@@ -167,32 +182,3 @@ class StageHooks:
             best.score, best.step, best.weights = None, None, {}
         elif self._trainer is not None and not self.trainer.is_global_zero:
             best.weights = {}  # only rank 0 exports
-
-    def export_best_weights(self, model) -> None:
-        """export_best: load the best validation's copy of the trainable weights into `model` (the saved model),
-        which keeps them after fit, and say which step it was."""
-        best = self.best_weights
-        if best is None:
-            return
-        if best.step is None:
-            print(f"{self.stage}: export_best {best.metric}: no validation ran during fit, exporting the last weights "
-                  f"(step {self.trainer.global_step})")
-            return
-        unexpected = model.load_state_dict(best.weights, strict=False).unexpected_keys
-        if unexpected:
-            raise RuntimeError(f"{self.stage}: export_best weights do not fit the {self.saved_name}: {unexpected[:5]}")
-        last = self.trainer.global_step
-        print(f"{self.stage}: export_best: exporting the {self.saved_name} of step {best.step}, where {best.metric} was "
-              f"{best.mode}imal ({best.score:.6g}), " + ("the last weights" if best.step == last else
-                                                        f"instead of the last weights (step {last})"))
-
-    def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and not self.trainer.interrupted:
-            model = self.saved_model()
-            self.export_best_weights(model)
-            bad = nonfinite_names(model.named_parameters())
-            if bad:
-                self._stop_nonfinite(f"weights ({', '.join(bad)})", f"after optimizer step {self.trainer.global_step}")
-            info = {"stage": self.stage, "config_hash": config_hash(dict(self.hparams))}
-            path = save_hf(model, self.tokenizer, self.export_dir(), self.merge_lora, self.overwrite, info)
-            print(f"saved {self.saved_name} (Hugging Face format) to {path}")

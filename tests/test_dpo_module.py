@@ -263,6 +263,20 @@ def test_precomputed_fit_checkpoints_tables_and_resume_skips_the_pass(monkeypatc
     torch.testing.assert_close(resumed.ref_train, state["ref_train"])
 
 
+
+def test_each_validation_reports_its_own_pairs_only(pairs, tmp_path):
+    # the metric objects are logged, so Lightning resets them after each validation: nothing carries over
+    module, data = _module(TINY), _PairsData(pairs)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    logps = []
+    for rows in (pairs[:4], pairs[2:4], pairs[:2]):  # both batches, the second alone, the first alone
+        data.val = list(enumerate(rows))
+        logps.append(trainer.validate(module, data, verbose=False)[0]["val/logps/chosen"])
+    both, second, first = logps
+    assert both == pytest.approx((first + second) / 2, rel=1e-5)  # two pairs per batch: the plain mean
+    assert first != pytest.approx(second)  # so the check above can tell a carried-over sum
+
 def test_packed_pairs_give_the_same_sequence_logps_as_padded(tiny_model_dir):
     from core.models import ModelSpec
     from datamodules.preference import collate_pairs, collate_pairs_packed

@@ -172,7 +172,7 @@ def _ppo(tiny_model_dir, tmp_path, **kw) -> PPOModule:
         SamplingSpec(max_new_tokens=4), ppo_epochs=1, val_reward=RewardSpec(functions=["heldout_script:judge"]),
         save_dir=str(tmp_path / "hf"), **kw,
     )
-    module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-3)  # every step moves the policy
+    module.optim.optimizer = lambda params: torch.optim.AdamW(params, lr=1e-3)  # every step moves the policy
     return module
 
 
@@ -182,7 +182,7 @@ def _rs(tiny_model_dir, tmp_path, **kw) -> RejectionSamplingModule:
         SamplingSpec(max_new_tokens=4, num_samples=2), val_reward=RewardSpec(functions=["heldout_script:judge"]),
         save_dir=str(tmp_path / "hf"), **kw,
     )
-    module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-3)
+    module.optim.optimizer = lambda params: torch.optim.AdamW(params, lr=1e-3)
     return module
 
 
@@ -261,7 +261,7 @@ def test_rs_lora_policy_exports_the_best_adapter(script, synthetic_dir, tiny_mod
         val_reward=RewardSpec(functions=["heldout_script:judge"]), export_best="val/judge_reward",
         save_dir=str(tmp_path / "hf"), merge_lora=False,
     )
-    module.optimizer_factory = lambda params: torch.optim.AdamW(params, lr=1e-2)
+    module.optim.optimizer = lambda params: torch.optim.AdamW(params, lr=1e-2)
     _trainer(tmp_path, 3, recorder).fit(module, _dm(synthetic_dir, tiny_model_dir))
     assert set(module.best_weights.weights) == {n for n, p in module.policy.named_parameters() if p.requires_grad}
     assert all("lora_" in n for n in module.best_weights.weights)  # the adapters only

@@ -66,7 +66,7 @@ def test_separate_step_trains_policy_and_value_not_reference(synthetic_dir, tiny
 def test_kl_grows_after_updates_and_zero_coef_leaves_score_as_reward(synthetic_dir, tiny_model_dir, tmp_path):
     module = _module(tiny_model_dir, kl_coef=0.0, ppo_epochs=2)
     optimizer = lambda params: torch.optim.AdamW(params, lr=1e-2)  # noqa: E731  big steps: the policy moves
-    module.optimizer_factory = optimizer
+    module.optim.optimizer = optimizer
     trainer = _fit(module, synthetic_dir, tiny_model_dir, tmp_path, steps=4)  # 2 rollouts x 2 epochs
     metrics = trainer.callback_metrics
     assert metrics["train/kl"] != 0.0  # the second rollout comes from an updated policy

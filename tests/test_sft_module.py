@@ -39,6 +39,18 @@ def test_one_step_updates_all_weights(synthetic_dir, tiny_model_dir, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").exists()
 
 
+
+def test_each_validation_is_its_own_token_mean_and_perplexity_its_exp(synthetic_dir, tiny_model_dir):
+    module, dm = SFTModule(ModelSpec(path=str(tiny_model_dir))), _dm(synthetic_dir, tiny_model_dir)
+    results = []
+    for batches in (1, 2, 1):  # the logged metric object is reset after each validation: nothing carries over
+        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          limit_val_batches=batches)
+        results.append(trainer.validate(module, dm, verbose=False)[0])
+    one, two, again = results
+    assert again["val/loss"] == one["val/loss"] and two["val/loss"] != one["val/loss"]
+    assert one["val/perplexity"] == pytest.approx(torch.tensor(one["val/loss"]).exp().item(), rel=1e-6)
+
 def test_packing_does_not_attend_across_examples(tiny_model_dir):
     module = SFTModule(ModelSpec(path=str(tiny_model_dir)))
     module.configure_model()

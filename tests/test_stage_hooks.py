@@ -1,9 +1,19 @@
-"""StageHooks.global_mean: a loss whose DDP-averaged gradient is the mean over every rank's items; root_device."""
+"""StageHooks.global_mean: a loss whose DDP-averaged gradient is the mean over every rank's items; root_device;
+every stage runs the base checkpoint hooks and holds its explicit pieces (OptimSpec, HFExport)."""
 
 import types
 
+import pytest
 import torch
 
+from core.models import ModelSpec
+from core.optim import OptimSpec
+from core.reward_spec import RewardSpec
+from modules.dpo import DPOModule
+from modules.ppo import PPOModule
+from modules.rejection_sampling import RejectionSamplingModule
+from modules.reward import RewardModule
+from modules.sft import SFTModule
 from modules.stage import StageHooks, root_device
 
 
@@ -47,3 +57,42 @@ def test_root_device_is_the_strategys_else_the_default():
     assert root_device(Hooks(trainer), torch.device("cpu")) == torch.device("cuda", 1)
     assert root_device(Hooks()) is None  # SFT, reward, rejection sampling: the loaders' default
     assert root_device(Hooks(), torch.device("cpu")) == torch.device("cpu")  # PPO, DPO pass module.device
+
+
+def _stages(tiny_model_dir, **kw) -> list:
+    """The five stage modules, built without loading weights; kw goes to every constructor."""
+    spec, oracle = ModelSpec(path=str(tiny_model_dir)), RewardSpec(oracle="synthetic")
+    return [SFTModule(spec, **kw), RewardModule(spec, **kw), DPOModule(spec, **kw), PPOModule(spec, oracle, **kw),
+            RejectionSamplingModule(spec, oracle, **kw)]
+
+
+def test_every_stage_runs_the_base_checkpoint_hooks(tiny_model_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(StageHooks, "on_save_checkpoint", lambda self, ckpt: calls.append(("save", self.stage)))
+    monkeypatch.setattr(StageHooks, "on_load_checkpoint", lambda self, ckpt: calls.append(("load", self.stage)))
+    for module in _stages(tiny_model_dir):
+        module.generator = torch.Generator()  # PPO saves its rollout generator's state
+        module.on_save_checkpoint({"state_dict": {}})
+        module.on_load_checkpoint({"state_dict": {}})
+    stages = ["sft", "reward", "dpo", "ppo", "rs"]
+    assert calls == [(hook, stage) for stage in stages for hook in ("save", "load")]
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine"])
+def test_every_stage_holds_its_optimisation_and_export_from_the_same_arguments(tiny_model_dir, decay):
+    adam = lambda params: torch.optim.Adam(params)  # noqa: E731
+    kw = dict(optimizer=adam, warmup_steps=3, decay=decay, save_dir="out", merge_lora=False, overwrite=True)
+    for module in _stages(tiny_model_dir, **kw):
+        assert module.optim == OptimSpec(adam, None, 3, decay), module.stage
+        export = module.export
+        assert (export.stage, export.save_dir, export.merge_lora, export.overwrite) == (module.stage, "out", False, True)
+        assert module.configure_callbacks() == [export]  # no trainer: the export alone
+        assert {"warmup_steps", "decay", "save_dir", "merge_lora", "overwrite"} <= set(module.hparams)
+    assert [m.export.model for m in _stages(tiny_model_dir)] == ["policy", "backbone", "policy", "policy", "policy"]
+
+
+def test_shared_arguments_are_documented_in_every_stage():
+    for cls in (SFTModule, RewardModule, DPOModule, PPOModule, RejectionSamplingModule):
+        args = cls.__doc__.split("Args:")[1]
+        for name in ("optimizer", "scheduler", "warmup_steps", "decay", "save_dir", "merge_lora", "overwrite"):
+            assert f"\n        {name}: " in args, (cls.__name__, name)

@@ -1,0 +1,92 @@
+"""HFExport: the Hugging Face save at the end of fit, from a stage's `save_dir`, `merge_lora` and `overwrite`
+arguments (EXPORT_ARGS)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+from core.guard import nonfinite_names
+from core.models import save_hf
+from core.outputs import check_writable, config_hash
+from modules.overoptimisation import BestWeights
+from modules.stage import output_path, stop_nonfinite
+
+# the Args: lines of the three arguments, shared by every stage's docstring (modules/stage.py: shared_args)
+EXPORT_ARGS = """
+save_dir: where the Hugging Face model goes at the end of fit (default: <log dir>/hf_model).
+merge_lora: save a LoRA model merged into its base (True) or as an adapter (False).
+overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
+    lightning_rlhf.json, is always replaced; anything else stops fit before training).
+"""
+
+
+class HFExport(Callback):
+    """A stage's Hugging Face export; the module builds it in __init__ and returns it from configure_callbacks().
+
+    Setup of fit: a save_dir we must not replace stops fit before any weights load, and so does export_best
+    without validation. End of fit (rank 0, not interrupted): the export_best weights are loaded into the saved
+    model, non-finite weights stop the export, and the model with the module's `tokenizer` goes to save_dir,
+    marked with the stage and the hash of the module's hparams.
+
+    Args:
+        stage: the stage's name, in messages and the export's marker.
+        save_dir, merge_lora, overwrite: the module's arguments of those names (EXPORT_ARGS).
+        model: the module attribute holding what fit saves.
+        name: what that model is called in messages.
+        best: the module's export_best weights (modules/overoptimisation.py), or None.
+    """
+
+    def __init__(self, stage: str, save_dir: str | None = None, merge_lora: bool = True, overwrite: bool = False,
+                 model: str = "policy", name: str = "policy", best: BestWeights | None = None):
+        self.stage = stage
+        self.save_dir = save_dir
+        self.merge_lora = merge_lora
+        self.overwrite = overwrite
+        self.model = model
+        self.name = name
+        self.best = best
+
+    def path(self, trainer) -> Path:
+        """Where fit saves the Hugging Face model."""
+        return output_path(trainer, self.save_dir, "hf_model")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.save_dir:  # before any weights load: an output we must not replace stops here
+            check_writable(self.path(trainer), self.overwrite)
+        if self.best is not None and trainer.limit_val_batches == 0:
+            raise ValueError(f"{self.stage}: export_best={self.best.metric!r} needs validation during fit, "
+                             "but trainer.limit_val_batches is 0 (drop export_best or let validation run)")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        model = getattr(pl_module, self.model)
+        self.load_best(trainer, model)
+        bad = nonfinite_names(model.named_parameters())
+        if bad:
+            stop_nonfinite(trainer, self.stage, f"weights ({', '.join(bad)})", f"after optimizer step {trainer.global_step}")
+        info = {"stage": self.stage, "config_hash": config_hash(dict(pl_module.hparams))}
+        path = save_hf(model, pl_module.tokenizer, self.path(trainer), self.merge_lora, self.overwrite, info)
+        print(f"saved {self.name} (Hugging Face format) to {path}")
+
+    def load_best(self, trainer, model) -> None:
+        """export_best: load the best validation's copy of the trainable weights into `model` (the saved model),
+        which keeps them after fit, and say which step it was."""
+        best = self.best
+        if best is None:
+            return
+        if best.step is None:
+            print(f"{self.stage}: export_best {best.metric}: no validation ran during fit, exporting the last weights "
+                  f"(step {trainer.global_step})")
+            return
+        unexpected = model.load_state_dict(best.weights, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"{self.stage}: export_best weights do not fit the {self.name}: {unexpected[:5]}")
+        last = trainer.global_step
+        print(f"{self.stage}: export_best: exporting the {self.name} of step {best.step}, where {best.metric} was "
+              f"{best.mode}imal ({best.score:.6g}), " + ("the last weights" if best.step == last else
+                                                        f"instead of the last weights (step {last})"))
