@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from core.batches import PackedRows, PaddedRows, PairBatch, SharedPromptRows
 from core.ops import IGNORE_INDEX, first_fit
 from core.tokenize import pad_right
 
@@ -27,28 +28,26 @@ def ids_and_labels(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[lis
     return [p + c for p, c in encoded], [[IGNORE_INDEX] * len(p) + c for p, c in encoded]
 
 
-def pad_completions(
-    rows: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None
-) -> dict[str, torch.Tensor]:
+def pad_completions(rows: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None) -> PaddedRows:
     """[(prompt_ids, completion_ids)] -> right-padded input_ids, attention_mask, labels (rows, t), labels -100 on
     the prompt and on padding; t is the longest row, or `length`. Right padding: real tokens keep positions
     0..n-1, so no position_ids are needed."""
     ids, labels = ids_and_labels(rows)
-    return {
-        "input_ids": torch.tensor(pad_right(ids, pad_id, length)),  # (rows, t)
-        "attention_mask": torch.tensor(pad_right([[1] * len(x) for x in ids], 0, length)),  # (rows, t)
-        "labels": torch.tensor(pad_right(labels, IGNORE_INDEX, length)),  # (rows, t)
-    }
+    return PaddedRows(
+        input_ids=torch.tensor(pad_right(ids, pad_id, length)),  # (rows, t)
+        attention_mask=torch.tensor(pad_right([[1] * len(x) for x in ids], 0, length)),  # (rows, t)
+        labels=torch.tensor(pad_right(labels, IGNORE_INDEX, length)),  # (rows, t)
+    )
 
 
-def pair_extras(rows: list) -> dict[str, torch.Tensor]:
-    return {
-        "margin": torch.tensor([r[2] for r in rows], dtype=torch.float32),  # (b,)
-        "index": torch.tensor([r[3] for r in rows], dtype=torch.long),  # (b,)
-    }
+def pair_batch(tokens, rows: list) -> PairBatch:
+    """The 2b sequences of `rows` [(chosen, rejected, margin, index)] in any layout -> a PairBatch."""
+    margin = torch.tensor([r[2] for r in rows], dtype=torch.float32)  # (b,)
+    index = torch.tensor([r[3] for r in rows], dtype=torch.long)  # (b,)
+    return PairBatch(tokens, margin, index)
 
 
-def collate_pairs_packed(rows: list, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+def collate_pairs_packed(rows: list, pad_id: int, max_length: int) -> PairBatch:
     """[(chosen (p, c), rejected (p, c), margin, index)] x b -> the 2b sequences (chosen first) packed first-fit
     into rows of max_length: input_ids, labels, position_ids (restarting per sequence) and sequence_ids (-1 on
     the padding tail), plus margin (b,) and index (b,)."""
@@ -62,7 +61,7 @@ def collate_pairs_packed(rows: list, pad_id: int, max_length: int) -> dict[str, 
         out["labels"].append([t for i in b for t in labels[i]] + [IGNORE_INDEX] * (width - n))
         out["position_ids"].append([k for i in b for k in range(len(ids[i]))] + list(range(width - n)))
         out["sequence_ids"].append([i for i in b for _ in ids[i]] + [-1] * (width - n))
-    return {**{k: torch.tensor(v) for k, v in out.items()}, **pair_extras(rows)}
+    return pair_batch(PackedRows(**{k: torch.tensor(v) for k, v in out.items()}), rows)
 
 
 def common_prefix_length(seqs: list[list[int]]) -> int:
@@ -77,7 +76,7 @@ def common_prefix_length(seqs: list[list[int]]) -> int:
 
 def collate_shared_prefix(
     units: list[list[list[int]]], pad_id: int, max_length: int, prompt_lengths: list[list[int]] | None = None
-) -> dict[str, torch.Tensor]:
+) -> SharedPromptRows:
     """Units of token sequences (the K responses of one prompt, prompt included) -> prompt-shared packed rows.
 
     Returns input_ids, position_ids, tree_ids (-1 on the padding tail), branch_ids (0 = shared prefix, k = the
@@ -125,20 +124,21 @@ def collate_shared_prefix(
         out["position_ids"].append(pos + list(range(pad)))
         out["tree_ids"].append(tree + [-1] * pad)
         out["branch_ids"].append(branch + [0] * pad)
-    batch = {k: torch.tensor(v) for k, v in out.items()}
-    batch["score_index"] = torch.tensor(last)
+    rows = SharedPromptRows(**{k: torch.tensor(v) for k, v in out.items()}, score_index=torch.tensor(last))
     if prompt_lengths is not None:
-        batch.update({k: torch.tensor(v, dtype=torch.long) for k, v in targets.items()})
-    return batch
+        rows.target_ids, rows.source_index, rows.target_seq = (
+            torch.tensor(targets[k], dtype=torch.long) for k in ("target_ids", "source_index", "target_seq")
+        )
+    return rows
 
 
-def collate_pairs_shared(rows: list, pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+def collate_pairs_shared(rows: list, pad_id: int, max_length: int) -> PairBatch:
     """Pairs -> prompt-shared rows (with DPO's completion targets); sequences renumbered to the pairs layout
     (chosen 0..b-1, rejected b..2b-1) in score_index and target_seq."""
     ids = [ids_and_labels([r[0], r[1]])[0] for r in rows]
-    batch = collate_shared_prefix(ids, pad_id, max_length, [[len(r[0][0]), len(r[1][0])] for r in rows])
+    tokens = collate_shared_prefix(ids, pad_id, max_length, [[len(r[0][0]), len(r[1][0])] for r in rows])
     b = len(rows)
     order = torch.tensor([2 * i for i in range(b)] + [2 * i + 1 for i in range(b)])
-    batch["score_index"] = batch["score_index"][order]
-    batch["target_seq"] = (batch["target_seq"] % 2) * b + batch["target_seq"] // 2  # unit-order (u, k) -> k*b + u
-    return {**batch, **pair_extras(rows)}
+    tokens.score_index = tokens.score_index[order]
+    tokens.target_seq = (tokens.target_seq % 2) * b + tokens.target_seq // 2  # unit-order (u, k) -> k*b + u
+    return pair_batch(tokens, rows)
