@@ -9,6 +9,10 @@ which is the one place that tells them apart):
 - `SharedPromptRows`: the K sequences of one prompt as a tree [common prefix, rest of 1, ..., rest of K] under a
   tree attention mask, so the prompt is encoded once.
 
+On-policy stages (PPO) build their rows on the device from a rollout: b left-padded prompt + response rows
+(sequences, attention_mask, prompt length p), or those packed padding-free (`PackedResponses`, built by
+core/packing.pack_sequences); core/forward.py reads both (response_logits, response_values).
+
 What the sequences mean: SFT batches are a layout alone (every sequence is a demonstration); `PairBatch`
 holds 2b sequences (chosen 0..b-1, rejected b..2b-1) with a margin and an index per pair; `RankingBatch` holds
 N sequences in groups (one per prompt) with their ranks and a margin per group.
@@ -20,6 +24,7 @@ rebuilds a dataclass with setattr, which a frozen one refuses); None fields stay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -94,6 +99,18 @@ class RankingBatch:
 
 
 PreferenceBatch = PairBatch | RankingBatch
+
+
+class PackedResponses(NamedTuple):
+    """b left-padded prompt + response rows packed padding-free (pack_sequences).
+
+    input_ids, position_ids (R, T): sequences back to back, positions restarting at 0 per sequence;
+    index (b, r): flat positions into R * T predicting response token i of row j (the token before it).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    index: Tensor
 
 
 def token_rows(batch) -> TokenRows:

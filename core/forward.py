@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-from core.batches import PackedRows, PaddedRows, SharedPromptRows, token_rows
+from core.batches import PackedResponses, PackedRows, PaddedRows, SharedPromptRows, token_rows
 from core.models import unwrap_peft
 from core.ops import IGNORE_INDEX, last_true_index, positions_from_mask, prefix_tree_mask, token_logprobs
 
@@ -41,7 +42,7 @@ def completion_logps(model, batch, temperature: float = 1.0) -> CompletionLogps:
     rows = token_rows(batch)
     if isinstance(rows, SharedPromptRows):
         if rows.target_ids is None:
-            raise ValueError("prompt-shared rows without completion targets (collate_shared_prefix prompt_lengths)")
+            raise ValueError("prompt-shared rows without completion targets (see collate_shared_prefix)")
         logits, targets = tree_completion_logits(model, rows)  # (n, v), (n,)
         sequence = rows.target_seq  # (n,)
         num_sequences = rows.score_index.numel()
@@ -103,7 +104,7 @@ def sequence_scores(model, batch) -> torch.Tensor:
 
 
 def last_flat_positions(sequence_ids: torch.Tensor) -> torch.Tensor:
-    """Packed rows' sequence ids (rows, t), -1 on padding -> the flat position of each sequence's last token (s,)."""
+    """Packed rows' sequence ids (rows, t), -1 on padding -> the flat position of each sequence's last token."""
     flat = sequence_ids.flatten()
     where = torch.arange(flat.numel(), device=flat.device)
     real = flat >= 0
@@ -163,3 +164,51 @@ def tree_completion_logits(model, rows: SharedPromptRows) -> tuple[torch.Tensor,
     hidden = decoder(input_ids=rows.input_ids, position_ids=rows.position_ids,
                      attention_mask=tree_attention_mask(decoder, rows), use_cache=False).last_hidden_state
     return head(hidden.flatten(0, 1)[rows.source_index]), rows.target_ids  # (n, v), (n,)
+
+
+# ----- rollouts (PPO, rejection sampling): b left-padded prompt + response rows, p prompt columns -----
+
+
+def response_slice(x: Tensor, prompt_length: int) -> Tensor:
+    """Per-position outputs (b, p + r, ...) -> the r positions whose next token is a response token:
+    position p - 1 + i predicts response token i, so take p - 1 .. p + r - 2."""
+    return x[:, prompt_length - 1 : -1]
+
+
+def response_hidden(
+    trunk, sequences: Tensor, attention_mask: Tensor, p: int, packed: PackedResponses | None = None
+) -> Tensor:
+    """A decoder trunk's last hidden state at the r positions that predict response tokens: (b, r, h), from the
+    packed rows if given (attention_mask None: the restarts of position_ids bound the sequences), else padded."""
+    if packed is None:
+        positions = positions_from_mask(attention_mask)
+        hidden = trunk(input_ids=sequences, attention_mask=attention_mask, position_ids=positions,
+                       use_cache=False).last_hidden_state  # (b, p + r, h)
+        return response_slice(hidden, p)
+    hidden = trunk(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).last_hidden_state
+    return hidden.flatten(0, 1)[packed.index]  # (R, T, h) -> (b, r, h)
+
+
+def response_values(
+    classifier, sequences: Tensor, attention_mask: Tensor, p: int, packed: PackedResponses | None = None
+) -> Tensor:
+    """A sequence classifier's scalar head (`score`) read at every position predicting a response token: (b, r)."""
+    inner = unwrap_peft(classifier)
+    hidden = response_hidden(getattr(inner, inner.base_model_prefix), sequences, attention_mask, p, packed)
+    return inner.score(hidden).squeeze(-1).float()
+
+
+def response_logits(
+    model, sequences: Tensor, attention_mask: Tensor, p: int, packed: PackedResponses | None = None,
+    hidden: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """A causal LM's logits (b, r, v) at the positions predicting the r response tokens, and its last hidden
+    state there (b, r, h) if `hidden`. Packed: the head runs on the gathered hidden states; padded (packed None,
+    or logits lm_parts cannot reproduce): the head runs on the last r + 1 positions only."""
+    parts = lm_parts(model) if packed is not None else None
+    if parts is not None:
+        h = response_hidden(parts[0], sequences, attention_mask, p, packed)
+        return parts[1](h), (h if hidden else None)
+    out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask),
+                use_cache=False, logits_to_keep=sequences.shape[1] - p + 1, output_hidden_states=hidden)
+    return out.logits[:, :-1], (response_slice(out.hidden_states[-1], p) if hidden else None)

@@ -5,6 +5,8 @@ rows, and prompt-shared trees for reward models.
 `collate_pairs_packed` (DPO, reward): a batch's 2b sequences packed first-fit into rows, position ids restarting
 per sequence, a `sequence_ids` map back to the sequences.
 
+`pack_sequences` (PPO): a rollout's left-padded prompt + response rows packed padding-free on the device.
+
 `collate_shared_prefix` (reward models, DPO): the responses to one prompt share the prompt's computation. A unit
 = the K token sequences of one pair/ranking group is laid out as [common prefix, rest of seq 1, ..., rest of
 seq K]; positions restart at the prefix length for every branch, and a tree attention mask (built on the
@@ -17,8 +19,9 @@ flat position into (rows * t).
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from core.batches import PackedRows, PaddedRows, PairBatch, SharedPromptRows
+from core.batches import PackedResponses, PackedRows, PaddedRows, PairBatch, SharedPromptRows
 from core.ops import IGNORE_INDEX, first_fit
 from core.tokenize import pad_right
 
@@ -28,7 +31,9 @@ def ids_and_labels(encoded: list[tuple[list[int], list[int]]]) -> tuple[list[lis
     return [p + c for p, c in encoded], [[IGNORE_INDEX] * len(p) + c for p, c in encoded]
 
 
-def pad_completions(rows: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None) -> PaddedRows:
+def pad_completions(
+    rows: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None
+) -> PaddedRows:
     """[(prompt_ids, completion_ids)] -> right-padded input_ids, attention_mask, labels (rows, t), labels -100 on
     the prompt and on padding; t is the longest row, or `length`. Right padding: real tokens keep positions
     0..n-1, so no position_ids are needed."""
@@ -142,3 +147,51 @@ def collate_pairs_shared(rows: list, pad_id: int, max_length: int) -> PairBatch:
     tokens.score_index = tokens.score_index[order]
     tokens.target_seq = (tokens.target_seq % 2) * b + tokens.target_seq // 2  # unit-order (u, k) -> k*b + u
     return pair_batch(tokens, rows)
+
+
+def pack_sequences(sequences: Tensor, attention_mask: Tensor, prompt_length: int, row_length: int | None = None,
+                   pad_id: int = 0) -> PackedResponses:
+    """Strip each row's left padding and pack the b sequences first-fit (longest first) into rows of row_length.
+
+    A sequence keeps its real prompt tokens and all r response columns: tokens after EOS stay (masked in every
+    loss, and causal attention keeps them from earlier positions). Called with attention_mask=None and these
+    position_ids, transformers (5.x masking_utils.find_packed_sequence_indices) starts a new sequence wherever a
+    position is not the previous one + 1, so attention stays inside each sequence; the tail of a short row is
+    a pseudo-sequence of its own (positions 0, 1, ...).
+
+    Args:
+        sequences: (b, p + r) token ids, prompts left-padded to p, responses in the last r columns.
+        attention_mask: (b, p + r), 1 on real prompt tokens (each row needs at least one).
+        prompt_length: p.
+        row_length: packed row capacity; default p + r (never more tokens than the padded rows). Raised to the
+            longest sequence if shorter.
+        pad_id: token id of the row tails (never read).
+    """
+    b, width = sequences.shape
+    p, device = prompt_length, sequences.device
+    prompt_lens = attention_mask[:, :p].sum(-1)  # (b,) real prompt tokens
+    lengths = (prompt_lens + width - p).tolist()
+    if p < 1 or min(lengths) <= width - p:
+        raise ValueError("pack_sequences: every row needs at least one real prompt token")
+    capacity = max(row_length or width, max(lengths))
+    order = sorted(range(b), key=lambda j: -lengths[j])  # first fit, longest first
+    used: list[int] = []
+    row, start = [0] * b, [0] * b
+    for k, bin_ in enumerate(first_fit([lengths[j] for j in order], capacity)):
+        used.append(0)
+        for j in (order[i] for i in bin_):
+            row[j], start[j] = k, used[k]
+            used[k] += lengths[j]
+    rows, t = len(used), max(used)
+    cols = torch.arange(width, device=device)
+    local = cols[None] - (p - prompt_lens)[:, None]  # (b, p + r) position in its sequence, < 0 on left padding
+    keep = local >= 0
+    base = torch.tensor(row, device=device) * t + torch.tensor(start, device=device)  # (b,) flat start
+    dest = base[:, None] + local  # (b, p + r) flat position in the packed rows
+    input_ids = sequences.new_full((rows * t,), pad_id)
+    input_ids[dest[keep]] = sequences[keep]
+    pos = torch.arange(t, device=device)[None] - torch.tensor(used, device=device)[:, None]  # (R, T) tails: 0, 1, ..
+    pos = pos.flatten()
+    pos[dest[keep]] = local[keep]
+    index = dest[:, p - 1 : -1]  # column p - 1 + i predicts response token i
+    return PackedResponses(input_ids.view(rows, t), pos.view(rows, t), index)

@@ -25,7 +25,7 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from core.batches import PaddedRows
-from core.forward import completion_logps
+from core.forward import completion_logps, response_logits
 from core.generation import Rollout, SamplingSpec, decode_responses, generate
 from core.losses.rejection_sampling import kl_penalised_scores
 from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
@@ -35,7 +35,6 @@ from core.packing import pad_completions
 from core.reward_spec import RewardSpec, as_reward_spec
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
-from modules.rollout import response_logits
 from modules.stage import StageHooks, root_device
 
 

@@ -139,7 +139,7 @@ class RewardModule(StageHooks, LightningModule):
         return [JsonlPredictionWriter(path, key=score_key, noun="scores")]
 
     def predict_step(self, batch: PreferenceBatch, batch_idx: int) -> list[dict]:
-        """One row per scored response; the predict loader gives padded rows (PreferenceDataModule: padded=True)."""
+        """One row per scored response; predict batches are padded rows (PreferenceDataModule padded=True)."""
         scores = self(batch).tolist()
         tokens = batch.tokens
         ids, mask, labels = tokens.input_ids, tokens.attention_mask.bool(), tokens.labels

@@ -40,7 +40,8 @@ def _collate(pairs, indexes, pad_id=0, extra_pad=0):
     """The contract's "pairs" batch: chosen rows [0, b), rejected rows [b, 2b), right-padded."""
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     width = max(len(p) + len(c) for p, c in seqs) + extra_pad
-    return PairBatch(pad_completions(seqs, pad_id, width), margin=torch.zeros(len(pairs)), index=torch.tensor(indexes))
+    rows = pad_completions(seqs, pad_id, width)
+    return PairBatch(rows, margin=torch.zeros(len(pairs)), index=torch.tensor(indexes))
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,11 @@ def _pairs(tok, n=4):
     return collate_pairs([(enc(good[i]), enc(bad[i]), 0.0, i) for i in range(n)], tok.pad_token_id)
 
 
+def _score_alone(module, ids, mask):
+    """The score of one unpadded row."""
+    return sequence_scores(module.backbone, PaddedRows(ids, mask))[0]
+
+
 def _sgd_step(module, batch, lr=0.5):
     params = [p for p in module.parameters() if p.requires_grad]
     out = module._loss(batch, module(batch))
@@ -81,7 +86,7 @@ def test_score_read_at_last_real_token(tiny_model_dir):
     ids, mask = batch.tokens.input_ids, batch.tokens.attention_mask
     with torch.no_grad():
         padded = module(batch)  # (8,), right padding
-        alone = torch.stack([sequence_scores(module.backbone, PaddedRows(ids[i : i + 1, : n], mask[i : i + 1, : n]))[0]
+        alone = torch.stack([_score_alone(module, ids[i : i + 1, : n], mask[i : i + 1, : n])
                              for i, n in enumerate(mask.sum(1).tolist())])
         # Hugging Face's own pooling agrees here, where pad (0) != EOS (2)
         hf = module.backbone(input_ids=ids, attention_mask=mask).logits[:, 0]
@@ -105,7 +110,7 @@ def test_pad_equal_to_eos_still_scores_the_eos(tiny_model_dir):
     ids[mask == 0] = eos  # padded with EOS: only the mask tells padding from the real EOS
     with torch.no_grad():
         ours = module(PaddedRows(ids, mask))
-        alone = torch.stack([sequence_scores(module.backbone, PaddedRows(ids[i : i + 1, : n], mask[i : i + 1, : n]))[0]
+        alone = torch.stack([_score_alone(module, ids[i : i + 1, : n], mask[i : i + 1, : n])
                              for i, n in enumerate(mask.sum(1).tolist())])
         hf = module.backbone(input_ids=ids, attention_mask=mask).logits[:, 0]  # pools the token before EOS
     torch.testing.assert_close(ours, alone, rtol=1e-4, atol=1e-5)
@@ -152,7 +157,8 @@ def test_pairwise_loss_and_validation_metrics(tiny_model_dir):
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
     # two batches (4 pairs, then its first 2): metrics are pair-weighted over the whole split
     rows = batch.tokens
-    half_rows = PaddedRows(rows.input_ids[[0, 1, 4, 5]], rows.attention_mask[[0, 1, 4, 5]], rows.labels[[0, 1, 4, 5]])
+    keep = [0, 1, 4, 5]  # chosen and rejected rows of the first 2 pairs
+    half_rows = PaddedRows(rows.input_ids[keep], rows.attention_mask[keep], rows.labels[keep])
     half = PairBatch(half_rows, batch.margin[:2], batch.index[:2])
     metrics = _validate(module, [batch, half])
     right = (chosen > rejected).float()
