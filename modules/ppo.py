@@ -87,7 +87,7 @@ class PPOModule(StageHooks, LightningModule):
         merge_lora: save a LoRA policy merged into its base (True) or as an adapter (False).
         overwrite: replace save_dir even if lightning-rlhf did not write it (a folder it wrote, marked by
             lightning_rlhf.json, is always replaced; anything else stops fit before training).
-        packing: score and train on padding-free packed rows (core/packing.py) instead of left-padded ones.
+        packing: score and train on padding-free packed rows (rollout.pack_sequences) instead of left-padded ones.
         predict_file: where `predict` writes one json line per response of the policy to the DataModule's prompts
             {prompt, response, sample, finish_reason, tokens, index, meta}, as `rlhf generate` with `sampling` and
             --seed `seed` (default: <log dir>/predictions.jsonl).
