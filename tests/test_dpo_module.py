@@ -280,3 +280,21 @@ def test_packed_pairs_give_the_same_sequence_logps_as_padded(tiny_model_dir):
         total_k, mean_k = module.sequence_logps(module.policy, packed)
     torch.testing.assert_close(total_k, total_p, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mean_k, mean_p, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+def test_rpo_loss_on_packed_and_shared_rows_equals_padded(tiny_model_dir, layout):
+    # the NLL term reads the chosen half of the (2b,) sequence log-probs: b is the pairs, not the rows // 2
+    from core.packing import collate_pairs_packed, collate_pairs_shared
+    from datamodules.preference import collate_pairs
+
+    module = DPOModule(ModelSpec(path=str(tiny_model_dir)), nll_weight=0.5)
+    module.configure_model()
+    rows = [(([5, 6, 7], [8, 9, 2]), ([5, 6, 7], [10, 2]), 0.0, 0), (([11], [12, 13, 14, 2]), ([11], [15, 2]), 0.0, 1)]
+    collate = collate_pairs_packed if layout == "packed" else collate_pairs_shared
+    batch = collate(rows, pad_id=0, max_length=9)
+    assert batch.tokens.input_ids.shape[0] != 2 * batch.num_pairs  # rows are not sequences here
+    with torch.no_grad():
+        padded, _ = module(collate_pairs(rows, pad_id=0))
+        other, _ = module(batch)
+    torch.testing.assert_close(other.loss, padded.loss, rtol=1e-4, atol=1e-4)
