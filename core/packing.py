@@ -1,6 +1,7 @@
-"""Batches of (prompt_ids, completion_ids) rows: right-padded (`pad_completions`: SFT, preference pairs and
-rankings, rejection sampling's kept samples, `rlhf eval`), and padding-free ones for preference data: packed
-rows, and prompt-shared trees for reward models.
+"""The typed layouts of core/batches.py built from (prompt_ids, completion_ids) rows: right-padded
+(`pad_completions` -> PaddedRows: SFT, preference pairs and rankings, rejection sampling's kept samples,
+`rlhf eval`), and padding-free ones for preference data: packed rows (PackedRows), and prompt-shared trees
+(SharedPromptRows); pairs come wrapped in a PairBatch.
 
 `collate_pairs_packed` (DPO, reward): a batch's 2b sequences packed first-fit into rows, position ids restarting
 per sequence, a `sequence_ids` map back to the sequences.
