@@ -115,7 +115,7 @@ def run_preference(name: str, args: argparse.Namespace, make_module: Callable[[s
             if batch_idx == args.warmup:
                 clock["start"] = time.perf_counter()
             if batch_idx >= args.warmup:
-                clock["pairs"] += batch["margin"].shape[0]
+                clock["pairs"] += batch.margin.shape[0]
 
         def on_train_end(self, trainer, module):
             clock["end"] = time.perf_counter()

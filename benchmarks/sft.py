@@ -34,7 +34,7 @@ class StepTimer:
                 if batch_idx == warmup:
                     timer.start = time.perf_counter()
                 if batch_idx >= warmup:  # <pad> is a special token that never occurs in text
-                    timer.tokens += int((batch["input_ids"] != trainer.datamodule.tokenizer.pad_token_id).sum())
+                    timer.tokens += int((batch.input_ids != trainer.datamodule.tokenizer.pad_token_id).sum())
 
             def on_train_end(self, trainer, module):
                 timer.seconds = time.perf_counter() - timer.start

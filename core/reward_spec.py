@@ -1,8 +1,7 @@
-"""Reading a reward model's score, and RewardSpec: frozen reward models and reward functions that score text.
+"""RewardSpec: frozen reward models and reward functions that score text.
 
-`sequence_scores` is the one place a score is read, so training (RewardModule) and use (PPO, rejection
-sampling through RewardSpec) agree: the score head applied at the LAST REAL token, found from the
-attention mask, never from pad_token_id (pad == EOS is common and would make the EOS look like padding).
+A model's score is read by `core.forward.sequence_scores`, the same function reward training (RewardModule)
+uses, so training and use (PPO, rejection sampling) agree on where the score head is applied.
 """
 
 from __future__ import annotations
@@ -16,50 +15,11 @@ from typing import Literal
 
 import torch
 
-from core.forward import tree_attention_mask
+from core.batches import PaddedRows
+from core.forward import sequence_scores
 from core.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
-from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer, unwrap_peft
-from core.ops import last_true_index, positions_from_mask
+from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
 from core.tokenize import pad_right
-
-
-def sequence_scores(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None, tree: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Scalar score per sequence: (b, t), (b, t) -> (b,) float32, for left or right padding; or, for packed
-    rows (no attention mask; `sequence_ids` (rows, t) says which sequence each token is, -1 on padding, and
-    position ids restart per sequence), one score per sequence id; or, for prompt-shared rows
-    (core/packing.py), `tree` = {tree_ids, branch_ids, score_index} -> (n_seq,) in score_index order.
-
-    Decoder classifiers (`score` head on a base model: Llama, Qwen, GPT-2, ..., also inside a peft wrapper):
-    run the base model, take the hidden state at the last real token, apply the head. Anything else (an
-    encoder that pools its first token) is called whole and its (b, 1) logits are the scores.
-    """
-    inner = unwrap_peft(model)  # LoRA layers stay active in place
-    prefix = getattr(inner, "base_model_prefix", "")
-    if hasattr(inner, "score") and prefix and hasattr(inner, prefix):
-        if tree is not None:  # prompt-shared rows: a tree mask instead of a padding mask
-            attention_mask = tree_attention_mask(inner, tree)
-        elif position_ids is None:  # right padding keeps positions 0..n-1; left padding needs them restarted
-            position_ids = positions_from_mask(attention_mask)  # (b, t)
-        hidden = getattr(inner, prefix)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (b, t, h)
-        if tree is not None:
-            return inner.score(hidden.flatten(0, 1)[tree["score_index"]]).squeeze(-1).float()  # (n_seq,)
-        if sequence_ids is not None:  # packed: the last flat position of each sequence id
-            flat, where = sequence_ids.flatten(), torch.arange(sequence_ids.numel(), device=hidden.device)
-            real = flat >= 0  # -1 marks the padding tail
-            last = torch.full((int(flat.max()) + 1,), -1, device=hidden.device)
-            last = last.scatter_reduce(0, flat[real], where[real], "amax")
-            return inner.score(hidden.flatten(0, 1)[last]).squeeze(-1).float()  # (n_seq,)
-        last = last_true_index(attention_mask)  # (b,): the score goes on the last real token
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (b, h)
-        return inner.score(picked).squeeze(-1).float()  # (b,)
-    if sequence_ids is not None or tree is not None:
-        raise ValueError("packed batches need a decoder reward model (a `score` head on a base model)")
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
 
 
 def _flag(value) -> bool:
@@ -249,9 +209,11 @@ class RewardSpec:
         out = []
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start : start + self.batch_size]  # right-padded below: the score is read at the last real token
-            input_ids = torch.tensor(pad_right(chunk, tok.pad_token_id), device=device)
-            mask = torch.tensor(pad_right([[1] * len(x) for x in chunk], 0), device=device)
-            out.append(sequence_scores(model, input_ids, mask).cpu())  # (chunk,)
+            rows = PaddedRows(
+                input_ids=torch.tensor(pad_right(chunk, tok.pad_token_id), device=device),
+                attention_mask=torch.tensor(pad_right([[1] * len(x) for x in chunk], 0), device=device),
+            )
+            out.append(sequence_scores(model, rows).cpu())  # (chunk,)
         return torch.cat(out)
 
 

@@ -17,13 +17,14 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from core.batches import PairBatch, PreferenceBatch, RankingBatch
 from core.models import load_tokenizer
 from core.packing import (
     collate_pairs_packed,
     collate_pairs_shared,
     collate_shared_prefix,
     pad_completions,
-    pair_extras,
+    pair_batch,
 )
 from core.tokenize import check_lengths, encode_completions, encode_prompts, render_prompt
 from datamodules.preference_formats import Ranking, read_preferences
@@ -180,13 +181,13 @@ class PreferenceDataModule(LightningDataModule):
                 pairs.append((enc[i], enc[j], float(r.margin), len(pairs)))
         return pairs
 
-    def collate(self, rows: list, padded: bool = False) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list, padded: bool = False) -> PreferenceBatch:
         """The configured batch layout; `padded` forces one padded row per response (predict)."""
         pad = self.tokenizer.pad_token_id
         if self.layout == "rankings":
             if self.share_prompt and not padded:
                 units = [[p + c for p, c in enc] for enc, _, _ in rows]
-                return {**collate_shared_prefix(units, pad, self.max_length), **_ranking_extras(rows)}
+                return ranking_batch(collate_shared_prefix(units, pad, self.max_length), rows)
             return collate_rankings(rows, pad)
         if self.share_prompt and not padded:
             return collate_pairs_shared(rows, pad, self.max_length)
@@ -247,19 +248,22 @@ def _ties_after_truncation(record: Ranking, enc: Encoded) -> bool:
     return any(enc[i] == enc[j] for i, j in ranked_pairs(record.ranks))
 
 
-def collate_pairs(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
-    """[(chosen (p, c), rejected (p, c), margin, index)] x b -> 2b rows (chosen first), margin (b,), index (b,)."""
-    return {**pad_completions([r[0] for r in rows] + [r[1] for r in rows], pad_id), **pair_extras(rows)}
+def collate_pairs(rows: list, pad_id: int) -> PairBatch:
+    """[(chosen (p, c), rejected (p, c), margin, index)] x b -> 2b padded rows (chosen first), margin (b,),
+    index (b,)."""
+    return pair_batch(pad_completions([r[0] for r in rows] + [r[1] for r in rows], pad_id), rows)
 
 
-def collate_rankings(rows: list, pad_id: int) -> dict[str, torch.Tensor]:
-    """[(K x (p, c), ranks [K], margin)] x g -> N = sum K rows, group (N,), ranks (N,), margin (g,)."""
-    return {**pad_completions([e for enc, _, _ in rows for e in enc], pad_id), **_ranking_extras(rows)}
+def collate_rankings(rows: list, pad_id: int) -> RankingBatch:
+    """[(K x (p, c), ranks [K], margin)] x g -> N = sum K padded rows, group (N,), ranks (N,), margin (g,)."""
+    return ranking_batch(pad_completions([e for enc, _, _ in rows for e in enc], pad_id), rows)
 
 
-def _ranking_extras(rows: list) -> dict[str, torch.Tensor]:
-    return {
-        "group": torch.tensor([g for g, (enc, _, _) in enumerate(rows) for _ in enc], dtype=torch.long),  # (N,)
-        "ranks": torch.tensor([x for _, ranks, _ in rows for x in ranks], dtype=torch.float32),  # (N,)
-        "margin": torch.tensor([m for _, _, m in rows], dtype=torch.float32),  # (g,)
-    }
+def ranking_batch(tokens, rows: list) -> RankingBatch:
+    """The N sequences of `rows` [(K x (p, c), ranks [K], margin)] in any layout -> a RankingBatch."""
+    return RankingBatch(
+        tokens,
+        group=torch.tensor([g for g, (enc, _, _) in enumerate(rows) for _ in enc], dtype=torch.long),  # (N,)
+        ranks=torch.tensor([x for _, ranks, _ in rows for x in ranks], dtype=torch.float32),  # (N,)
+        margin=torch.tensor([m for _, _, m in rows], dtype=torch.float32),  # (g,)
+    )

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from core.batches import PackedRows, PaddedRows
 from core.models import load_tokenizer
 from core.ops import IGNORE_INDEX, first_fit
 from core.packing import pad_completions
@@ -107,7 +108,7 @@ class SFTDataModule(LightningDataModule):
             aligned=aligned,
         )
 
-    def collate(self, rows: list) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list) -> PaddedRows | PackedRows:
         if self.packing:
             return collate_packed(rows, self.tokenizer.pad_token_id)
         return pad_completions(rows, self.tokenizer.pad_token_id)  # labels -100 on prompt and padding
@@ -158,18 +159,23 @@ def pack(rows: list, max_length: int, seed: int) -> list[list[tuple[list[int], l
     return [[order[i] for i in b] for b in first_fit([len(p) + len(c) for p, c in order], max_length)]
 
 
-def collate_packed(bins: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(bins: list[list[tuple[list[int], list[int]]]], pad_id: int) -> PackedRows:
     """Packed rows -> input_ids, labels, position_ids (restarting at 0 per example, and for the padding
-    tail). No attention_mask: transformers reads the position restarts as example boundaries."""
-    ids, labels, pos = [], [], []
+    tail), sequence_ids (examples numbered across the batch, -1 on the tail). No attention_mask: transformers
+    reads the position restarts as example boundaries."""
+    ids, labels, pos, seq = [], [], [], []
+    first = 0  # number of the row's first example
     for b in bins:
         ids.append([t for p, c in b for t in p + c])
         labels.append([t for p, c in b for t in [IGNORE_INDEX] * len(p) + c])
         pos.append([i for p, c in b for i in range(len(p) + len(c))])
+        seq.append([first + k for k, (p, c) in enumerate(b) for _ in range(len(p) + len(c))])
+        first += len(b)
     width = max(len(x) for x in ids)
     pos = [x + list(range(width - len(x))) for x in pos]
-    return {
-        "input_ids": torch.tensor(pad_right(ids, pad_id, width)),
-        "labels": torch.tensor(pad_right(labels, IGNORE_INDEX, width)),
-        "position_ids": torch.tensor(pos),
-    }
+    return PackedRows(
+        input_ids=torch.tensor(pad_right(ids, pad_id, width)),
+        labels=torch.tensor(pad_right(labels, IGNORE_INDEX, width)),
+        position_ids=torch.tensor(pos),
+        sequence_ids=torch.tensor(pad_right(seq, -1, width)),
+    )

@@ -10,16 +10,17 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.aggregation import MeanMetric
 
-from core.forward import completion_logits, tree_completion_logits
+from core.batches import PairBatch
+from core.forward import completion_logps
 from core.generation import SamplingSpec
 from core.losses.dpo import dpo_loss, uses_average_logprobs
 from core.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer
-from core.ops import IGNORE_INDEX, rowwise_sum, token_logprobs
 from core.optim import OPTIM_ARGS, OptimSpec, adamw
 from modules.export import EXPORT_ARGS, HFExport
 from modules.predict import response_writer, sample_rows
@@ -145,29 +146,16 @@ class DPOModule(StageHooks, LightningModule):
         if layout != "pairs":  # runs before configure_model: no weights loaded yet
             raise ValueError(f"DPO trains on chosen/rejected pairs: set data.layout: pairs, not {layout!r}")
 
-    def sequence_logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence_logps(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence log-probs for the loss (sums; per-token means for ipo) and mean token log-probs: (2b,) each."""
         # the vocabulary head runs on completion positions only: (n, v) logits, not (2b, t, v)
-        if "source_index" in batch:  # prompt-shared rows: targets gathered with their sequence ids
-            (logits, targets), seq = tree_completion_logits(model, batch), batch["target_seq"]
-        else:
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-            logits, targets = completion_logits(model, batch["labels"], **inputs)
-            keep = batch["labels"][:, 1:] != IGNORE_INDEX  # (rows, t-1)
-            seq = batch["sequence_ids"][:, 1:][keep] if "sequence_ids" in batch else None  # packed: (n,)
-        logps = token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]  # (n,)
-        if seq is not None:  # packed rows: sum by the sequence each target token belongs to
-            zeros = logps.new_zeros(2 * batch["margin"].shape[0])
-            total, count = zeros.index_add(0, seq, logps), zeros.index_add(0, seq, torch.ones_like(logps))
-        else:
-            total, count = rowwise_sum(logps, keep), keep.sum(-1)  # (2b,)
-        mean = total / count.clamp(min=1)  # (2b,)
-        return (mean if self.average else total), mean
+        logps = completion_logps(model, batch)
+        return (logps.means if self.average else logps.sums), logps.means
 
-    def reference_logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> torch.Tensor:
+    def reference_logps(self, batch: PairBatch, split: str = "train") -> torch.Tensor:
         """Reference sequence log-probs (2b,), chosen rows first, without grad."""
         if self.reference_mode == "precomputed":
-            table, index = getattr(self, f"ref_{split}"), batch["index"]  # (n, 2), (b,)
+            table, index = getattr(self, f"ref_{split}"), batch.index  # (n, 2), (b,)
             if table.shape[0] == 0:
                 raise RuntimeError(f"no precomputed reference log-probs for the {split} split")
             ref = table[index.clamp(max=table.shape[0] - 1)]  # (b, 2)
@@ -180,9 +168,9 @@ class DPOModule(StageHooks, LightningModule):
                     return self.sequence_logps(self.policy, batch)[0]
             return self.sequence_logps(self.reference, batch)[0]
 
-    def forward(self, batch: dict[str, torch.Tensor], split: str = "train"):
+    def forward(self, batch: PairBatch, split: str = "train"):
         """(DPOLossOutput, policy sequence log-probs (2b,) detached) for a pairs batch."""
-        b = batch["input_ids"].shape[0] // 2
+        b = batch.num_pairs
         policy_logps, mean_logps = self.sequence_logps(self.policy, batch)  # (2b,), (2b,)
         ref_logps = self.reference_logps(batch, split)  # (2b,)
         out = dpo_loss(
@@ -196,7 +184,7 @@ class DPOModule(StageHooks, LightningModule):
         )
         return out, policy_logps.detach()
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         out, logps = self(batch, "train")
         chosen, rejected = logps.chunk(2)
         b = chosen.shape[0]
@@ -222,7 +210,7 @@ class DPOModule(StageHooks, LightningModule):
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
         out, logps = self(batch, "val")
         chosen, rejected = logps.chunk(2)  # (b,), (b,)
         rows = {
@@ -293,9 +281,9 @@ class DPOModule(StageHooks, LightningModule):
         )
 
     @torch.no_grad()
-    def precompute_reference(self, loaders: dict[str, Iterable[dict]]) -> None:
+    def precompute_reference(self, loaders: dict[str, Iterable[PairBatch]]) -> None:
         """One no-grad pass per split ("train"/"val") over pairs batches: each pair's reference log-probs
-        go to `ref_<split>` (n_pairs, 2) at row batch["index"]. Then only the policy stays in memory."""
+        go to `ref_<split>` (n_pairs, 2) at row batch.index. Then only the policy stays in memory."""
         # before any update the policy is the default reference: use it instead of loading a second copy
         own = not self.reference_given and self._policy_is_initial
         if own:
@@ -313,10 +301,10 @@ class DPOModule(StageHooks, LightningModule):
                 for split, loader in loaders.items():
                     indexes, values = [], []
                     for batch in loader:
-                        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                        batch = move_data_to_device(batch, self.device)
                         with autocast():
                             logps = self.sequence_logps(model, batch)[0].float()  # (2b,)
-                        indexes.append(batch["index"])
+                        indexes.append(batch.index)
                         values.append(torch.stack(logps.chunk(2), dim=-1))  # (b, 2)
                     index, value = torch.cat(indexes), torch.cat(values)
                     if trainer is not None and trainer.world_size > 1:

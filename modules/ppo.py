@@ -20,6 +20,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
+from core.batches import PackedResponses
+from core.forward import response_logits, response_values
 from core.generation import SamplingSpec, decode_responses, generate
 from core.losses import ppo as losses
 from core.losses.kl_control import AdaptiveKLController, FixedKLController
@@ -33,19 +35,12 @@ from core.models import (
 )
 from core.ops import entropy_from_logits, masked_sum, token_logprobs
 from core.optim import OPTIM_ARGS, OptimSpec, adamw
+from core.packing import pack_sequences
 from core.reward_spec import RewardSpec, as_reward_spec
 from modules.export import EXPORT_ARGS, HFExport
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import response_writer, sample_rows
-from modules.rollout import (
-    Experience,
-    Packed,
-    minibatches,
-    pack_sequences,
-    repeat_each,
-    response_logits,
-    response_values,
-)
+from modules.rollout import Experience, minibatches, repeat_each
 from modules.stage import StageHooks, root_device, shared_args
 
 
@@ -208,10 +203,12 @@ class PPOModule(StageHooks, LightningModule):
 
     # ----- forward passes over prompt + response rows (b, p + r); packed: their pack_sequences layout -----
 
-    def pack(self, sequences, attention_mask, p: int) -> Packed | None:
+    def pack(self, sequences, attention_mask, p: int) -> PackedResponses | None:
         return pack_sequences(sequences, attention_mask, p) if self.packing else None
 
-    def policy_forward(self, sequences, attention_mask, p: int, values: bool = True, packed: Packed | None = None):
+    def policy_forward(
+        self, sequences, attention_mask, p: int, values: bool = True, packed: PackedResponses | None = None
+    ):
         """Response-token log-probs (b, r), values (b, r) or None, and temperature-scaled logits (b, r, v)."""
         packed = self.pack(sequences, attention_mask, p) if packed is None else packed
         shared_values = values and self.layout == "shared"
@@ -226,7 +223,9 @@ class PPOModule(StageHooks, LightningModule):
             v = response_values(self.value_model, sequences, attention_mask, p, packed)  # layout separate
         return logp, v.float(), logits
 
-    def reference_logp(self, sequences, attention_mask, p: int, packed: Packed | None = None) -> torch.Tensor:
+    def reference_logp(
+        self, sequences, attention_mask, p: int, packed: PackedResponses | None = None
+    ) -> torch.Tensor:
         packed = self.pack(sequences, attention_mask, p) if packed is None else packed
         if self.layout == "shared":
             with self.policy.disable_adapter():  # the base without the adapter is the initial policy

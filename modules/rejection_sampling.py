@@ -18,22 +18,24 @@ import zlib
 from typing import Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from core.batches import PaddedRows
+from core.forward import completion_logps, response_logits
 from core.generation import Rollout, SamplingSpec, decode_responses, generate
 from core.losses.rejection_sampling import kl_penalised_scores
 from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
-from core.ops import masked_sum, shifted_logprobs, token_logprobs
+from core.ops import masked_sum, token_logprobs
 from core.optim import OPTIM_ARGS, OptimSpec, adamw
 from core.packing import pad_completions
 from core.reward_spec import RewardSpec, as_reward_spec
 from modules.export import EXPORT_ARGS, HFExport
 from modules.overoptimisation import BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
-from modules.rollout import response_logits
 from modules.stage import StageHooks, output_path, root_device, shared_args
 
 
@@ -220,16 +222,13 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         best, keep = select_best(scores, self.min_score, kl_penalised_scores(scores, kl, self.kl_coef, self.reward_norm))
         return rollout, responses, scores, best, keep, kl
 
-    def sft_loss(self, batch: dict[str, Tensor], keep: Tensor) -> Tensor:
+    def sft_loss(self, batch: PaddedRows, keep: Tensor) -> Tensor:
         """Mean NLL on the response tokens of kept rows: batch (b, t), keep (b,) -> scalar (0 if none kept);
         under DDP scaled so the gradient averaged over ranks is that of the mean over all ranks' kept tokens."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-        logits = self.policy(**inputs, use_cache=False).logits  # (b, t, v)
-        logps, mask = shifted_logprobs(logits, batch["labels"])  # (b, t-1)
+        logps = completion_logps(self.policy, batch)  # per row: sums (b,), counts (b,)
         # dropped rows stay in the batch with no weight: every rank runs the same steps (DDP); the mean is over
         # the kept tokens of all ranks, so a rank that kept nothing does not halve the others' gradient
-        mask = mask & keep[:, None]
-        return self.global_mean(masked_sum(-logps, mask), mask.sum())[0]
+        return self.global_mean(masked_sum(-logps.sums, keep), masked_sum(logps.counts, keep))[0]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         epoch = self.current_epoch
@@ -254,7 +253,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             order = torch.randperm(b, generator=shuffle) if self.sft_epochs > 1 else torch.arange(b)
             for chunk in order.split(self.sft_batch_size or b):
                 mb = pad_completions([examples[i] for i in chunk.tolist()], self.tokenizer.pad_token_id)
-                mb = {key: t.to(self.device) for key, t in mb.items()}
+                mb = move_data_to_device(mb, self.device)
                 loss = self.sft_loss(mb, keep[chunk.to(keep.device)])
                 opt.zero_grad()
                 self.manual_backward(loss)

@@ -10,11 +10,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
+from core.batches import PreferenceBatch, RankingBatch
+from core.forward import sequence_scores
 from core.losses.reward import RewardLossOutput, pairwise_loss, ranking_loss
 from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
 from core.ops import IGNORE_INDEX
 from core.optim import OPTIM_ARGS, OptimSpec, adamw
-from core.reward_spec import sequence_scores
 from modules.export import EXPORT_ARGS, HFExport
 from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.stage import StageHooks, output_path, root_device, shared_args
@@ -79,35 +80,32 @@ class RewardModule(StageHooks, LightningModule):
         device = root_device(self)
         self.backbone = load_sequence_classifier(self.backbone_spec, pad_token_id=self.tokenizer.pad_token_id, device=device)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scores (rows,) of a preference batch: (2b,) chosen then rejected, or (N,) ranking rows."""
-        return sequence_scores(
-            self.backbone, batch["input_ids"], batch.get("attention_mask"), batch.get("sequence_ids"),
-            batch.get("position_ids"), batch if "score_index" in batch else None,
-        )
+    def forward(self, batch: PreferenceBatch) -> torch.Tensor:
+        """Scores of a preference batch's sequences: (2b,) chosen then rejected, or (N,) ranking rows."""
+        return sequence_scores(self.backbone, batch)
 
-    def _loss(self, batch: dict[str, torch.Tensor], scores: torch.Tensor) -> RewardLossOutput:
-        if "group" in batch:  # rankings: (N,) rows, group (N,), ranks (N,)
-            return ranking_loss(scores, batch["group"], batch["ranks"], self.center_coef)
+    def _loss(self, batch: PreferenceBatch, scores: torch.Tensor) -> RewardLossOutput:
+        if isinstance(batch, RankingBatch):  # (N,) scores, group (N,), ranks (N,)
+            return ranking_loss(scores, batch.group, batch.ranks, self.center_coef)
         chosen, rejected = scores.chunk(2)  # (b,), (b,)
-        return pairwise_loss(chosen, rejected, batch["margin"].to(scores.dtype), self.center_coef)
+        return pairwise_loss(chosen, rejected, batch.margin.to(scores.dtype), self.center_coef)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         out = self._loss(batch, self(batch))
-        n = int(batch["margin"].shape[0])  # pairs, or prompts for rankings
+        n = int(batch.margin.shape[0])  # pairs, or prompts for rankings
         self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
         self.log("train/rewards/accuracies", out.accuracy, batch_size=out.num_pairs)
         self.log("train/rewards/margins", out.margin, batch_size=out.num_pairs)
         return out.loss
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> None:
+    def _eval_step(self, batch: PreferenceBatch, split: str) -> None:
         scores = self(batch)
         out = self._loss(batch, scores)
-        n = int(batch["margin"].shape[0])
+        n = int(batch.margin.shape[0])
         self.eval_loss.update(out.loss.detach(), n)
         self.eval_margin.update(out.margin, out.num_pairs)
-        if "group" in batch:
-            per_prompt = group_accuracies(scores.detach(), batch["group"], batch["ranks"])  # (prompts with pairs,)
+        if isinstance(batch, RankingBatch):
+            per_prompt = group_accuracies(scores.detach(), batch.group, batch.ranks)  # (prompts with pairs,)
             self.eval_accuracy.update(per_prompt.mean(), per_prompt.numel())
             self.eval_ranking_accuracy.update(out.accuracy, out.num_pairs)
             self.log(f"{split}/ranking_accuracy", self.eval_ranking_accuracy, on_step=False, on_epoch=True)
@@ -118,10 +116,10 @@ class RewardModule(StageHooks, LightningModule):
         self.log(f"{split}/rewards/accuracies", self.eval_accuracy, on_step=False, on_epoch=True, prog_bar=True)
         self.log(f"{split}/rewards/margins", self.eval_margin, on_step=False, on_epoch=True)
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
     def configure_optimizers(self):
@@ -133,13 +131,15 @@ class RewardModule(StageHooks, LightningModule):
         path = lambda: output_path(self.trainer, self.predict_file, "scores.jsonl")  # noqa: E731
         return [self.export, JsonlPredictionWriter(path, key=score_key, noun="scores")]
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: PreferenceBatch, batch_idx: int) -> list[dict]:
+        """One row per scored response; predict batches are padded rows (PreferenceDataModule padded=True)."""
         scores = self(batch).tolist()
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"].bool(), batch["labels"]
+        tokens = batch.tokens
+        ids, mask, labels = tokens.input_ids, tokens.attention_mask.bool(), tokens.labels
         response = labels != IGNORE_INDEX  # (rows, t)
         decode = self.tokenizer.decode
-        if "group" in batch:  # rankings: each group is one record of the loader's dataset
-            groups = batch_indexes(self, {}, batch_idx, size=int(batch["group"].max()) + 1)
+        if isinstance(batch, RankingBatch):  # each group is one record of the loader's dataset
+            groups = batch_indexes(self, {}, batch_idx, size=int(batch.group.max()) + 1)
         rows = []
         for i, score in enumerate(scores):
             row = {
@@ -147,11 +147,11 @@ class RewardModule(StageHooks, LightningModule):
                 "response": decode(ids[i][response[i]], skip_special_tokens=True),
                 "score": score,
             }
-            if "group" in batch:  # rankings: the prompt's record among the validation records, and the rank
-                row["group"], row["rank"] = groups[int(batch["group"][i])], float(batch["ranks"][i])
+            if isinstance(batch, RankingBatch):  # the prompt's record among the validation records, and the rank
+                row["group"], row["rank"] = groups[int(batch.group[i])], float(batch.ranks[i])
             else:  # pairs: rows [0, b) chosen, [b, 2b) rejected
                 b = len(scores) // 2
-                row["pair"], row["chosen"] = int(batch["index"][i % b]), i < b
+                row["pair"], row["chosen"] = int(batch.index[i % b]), i < b
             rows.append(row)
         return rows  # trainer.predict(...) returns these rows too
 

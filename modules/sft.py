@@ -10,10 +10,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 
-from core.forward import completion_logits
+from core.batches import PackedRows, PaddedRows
+from core.forward import completion_logps
 from core.generation import SamplingSpec
 from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
-from core.ops import token_logprobs
 from core.optim import OPTIM_ARGS, OptimSpec, adamw
 from modules.export import EXPORT_ARGS, HFExport
 from modules.predict import response_writer, sample_rows
@@ -70,20 +70,18 @@ class SFTModule(StageHooks, LightningModule):
         device = root_device(self)
         self.policy = load_causal_lm(self.policy_spec, device=device)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: PaddedRows | PackedRows) -> torch.Tensor:
         """NLL of every completion token of the batch: (n,), in batch order."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits, targets = completion_logits(self.policy, batch["labels"], **inputs)  # (n, v), (n,)
-        return -token_logprobs(logits.unsqueeze(0), targets.unsqueeze(0))[0]
+        return -completion_logps(self.policy, batch).tokens
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: PaddedRows | PackedRows, batch_idx: int) -> torch.Tensor:
         nll = self(batch)
         loss, mean = self.global_mean(nll.sum(), nll.new_tensor(nll.numel()))  # over all ranks' completion tokens
-        self.log("train/loss", mean, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", mean, prog_bar=True, batch_size=batch.input_ids.shape[0])
         self.log("train/tokens", float(nll.numel()), reduce_fx="sum", batch_size=1)
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: PaddedRows | PackedRows, batch_idx: int) -> None:
         self.val_nll.update(self(batch), 1.0)  # token-weighted mean over the whole split
 
     def on_validation_epoch_end(self) -> None:

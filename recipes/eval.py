@@ -296,18 +296,17 @@ def response_logps(model, encoded: list[tuple[list[int], list[int]]], pad_id: in
     """One model's log-prob of each response token, batched on right-padded rows: a (len(response),) tensor per row."""
     import torch
 
-    from core.forward import completion_logits
-    from core.ops import token_logprobs
+    from core.batches import PaddedRows
+    from core.forward import completion_logps
     from core.packing import pad_completions
 
     out = []
     with torch.no_grad():
         for start in range(0, len(encoded), args.batch_size):
             chunk = encoded[start : start + args.batch_size]
-            batch = {k: v.to(device) for k, v in pad_completions(chunk, pad_id).items()}  # labels: response tokens only
-            logits, targets = completion_logits(model, batch["labels"], input_ids=batch["input_ids"],
-                                                attention_mask=batch["attention_mask"])  # (n, v), (n,)
-            flat = token_logprobs(logits[None], targets[None], args.temperature)[0].double().cpu()  # (n,)
+            rows = pad_completions(chunk, pad_id)  # labels: response tokens only
+            batch = PaddedRows(rows.input_ids.to(device), rows.attention_mask.to(device), rows.labels.to(device))
+            flat = completion_logps(model, batch, args.temperature).tokens.double().cpu()  # (n,)
             out.extend(flat.split([len(r) for _, r in chunk]))
     return out
 

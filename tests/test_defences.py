@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from core.forward import response_logits
 from core.generation import SamplingSpec
 from core.losses.normalise import RunningMoments
 from core.losses.rejection_sampling import kl_penalised_scores
@@ -17,7 +18,6 @@ from core.reward_spec import RewardSpec
 from datamodules.prompts import PromptDataModule
 from modules.ppo import PPOModule
 from modules.rejection_sampling import RejectionSamplingModule, select_best
-from modules.rollout import response_logits
 
 
 def test_running_moments_merge_batches_exactly():

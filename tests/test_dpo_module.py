@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 import modules.dpo as dpo
+from core.batches import PairBatch
 from core.models import LoraSpec, ModelSpec, load_causal_lm, load_tokenizer
 from core.ops import IGNORE_INDEX
 from core.packing import pad_completions
@@ -39,11 +40,8 @@ def _collate(pairs, indexes, pad_id=0, extra_pad=0):
     """The contract's "pairs" batch: chosen rows [0, b), rejected rows [b, 2b), right-padded."""
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     width = max(len(p) + len(c) for p, c in seqs) + extra_pad
-    return {
-        **pad_completions(seqs, pad_id, width),
-        "margin": torch.zeros(len(pairs)),
-        "index": torch.tensor(indexes),
-    }
+    rows = pad_completions(seqs, pad_id, width)
+    return PairBatch(rows, margin=torch.zeros(len(pairs)), index=torch.tensor(indexes))
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +142,11 @@ def test_ipo_averages_and_nll_term(pairs):
     rpo = _module(nll_weight=0.5)
     out, logps = rpo(batch)
     with torch.no_grad():  # chosen NLL by hand: -mean over completion tokens of log softmax at the label
-        logits = rpo.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = rpo.policy(input_ids=batch.tokens.input_ids, attention_mask=batch.tokens.attention_mask).logits
         nll = []
         for row in range(2):  # chosen rows are 0 and 1
             lp = torch.log_softmax(logits[row, :-1], -1)
-            targets = batch["labels"][row, 1:]
+            targets = batch.tokens.labels[row, 1:]
             keep = targets != IGNORE_INDEX
             nll.append(-lp[keep].gather(-1, targets[keep, None]).mean())
             assert logps[row].item() == pytest.approx(lp[keep].gather(-1, targets[keep, None]).sum().item(), rel=1e-5)
@@ -180,7 +178,7 @@ def test_precomputed_matches_copy_and_holds_one_model(monkeypatch, pairs, explic
     monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: loads.append(k) or real_load(*a, **k))
     ref_spec = ModelSpec(path=str(TINY)) if explicit else None
     module = _module(reference="precomputed", reference_model=ref_spec)
-    # train pairs stored out of order: rows are keyed by batch["index"], not by position
+    # train pairs stored out of order: rows are keyed by batch.index, not by position
     train = [_collate(pairs[:4], [5, 0, 7, 2]), _collate(pairs[4:8], [1, 3, 4, 6])]
     val = [_collate(pairs[:2], [0, 1])]
     module.precompute_reference({"train": train, "val": val})
@@ -288,11 +286,29 @@ def test_packed_pairs_give_the_same_sequence_logps_as_padded(tiny_model_dir):
     padded = collate_pairs(rows, pad_id=0)
     packed = collate_pairs_packed(rows, pad_id=0, max_length=9)
     # literal packing: first-fit of lengths [6, 5, 5, 3] into rows of 9 -> [seq 0, seq 3], [seq 1], [seq 2]
-    assert packed["sequence_ids"].tolist() == [
+    assert packed.tokens.sequence_ids.tolist() == [
         [0, 0, 0, 0, 0, 0, 3, 3, 3], [1, 1, 1, 1, 1, -1, -1, -1, -1], [2, 2, 2, 2, 2, -1, -1, -1, -1]]
-    assert packed["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    assert packed.tokens.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
     with torch.no_grad():
         total_p, mean_p = module.sequence_logps(module.policy, padded)
         total_k, mean_k = module.sequence_logps(module.policy, packed)
     torch.testing.assert_close(total_k, total_p, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mean_k, mean_p, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+def test_rpo_loss_on_packed_and_shared_rows_equals_padded(tiny_model_dir, layout):
+    # the NLL term reads the chosen half of the (2b,) sequence log-probs: b is the pairs, not the rows // 2
+    from core.packing import collate_pairs_packed, collate_pairs_shared
+    from datamodules.preference import collate_pairs
+
+    module = DPOModule(ModelSpec(path=str(tiny_model_dir)), nll_weight=0.5)
+    module.configure_model()
+    rows = [(([5, 6, 7], [8, 9, 2]), ([5, 6, 7], [10, 2]), 0.0, 0), (([11], [12, 13, 14, 2]), ([11], [15, 2]), 0.0, 1)]
+    collate = collate_pairs_packed if layout == "packed" else collate_pairs_shared
+    batch = collate(rows, pad_id=0, max_length=9)
+    assert batch.tokens.input_ids.shape[0] != 2 * batch.num_pairs  # rows are not sequences here
+    with torch.no_grad():
+        padded, _ = module(collate_pairs(rows, pad_id=0))
+        other, _ = module(batch)
+    torch.testing.assert_close(other.loss, padded.loss, rtol=1e-4, atol=1e-4)

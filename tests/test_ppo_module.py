@@ -7,13 +7,14 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+from core.forward import response_slice
 from core.generation import Rollout, SamplingSpec
 from core.models import LoraSpec, ModelSpec, load_causal_lm
 from core.ops import positions_from_mask
 from core.reward_spec import RewardSpec
 from datamodules.prompts import PromptDataModule
 from modules.ppo import PPOModule
-from modules.rollout import minibatches, repeat_each, response_slice
+from modules.rollout import minibatches, repeat_each
 
 ORACLE = RewardSpec(oracle="synthetic")
 LORA = LoraSpec(r=4, alpha=8, dropout=0.0)

@@ -1,4 +1,4 @@
-"""Padding-free PPO forwards (rollout.pack_sequences): the packed layout by hand, transformers' reading of its
+"""Padding-free PPO forwards (core/packing.pack_sequences): the packed layout by hand, transformers' reading of its
 position ids, and packed log-probs / values / reference log-probs equal to the left-padded rows' on every
 response position, for both layouts, with a response that stopped at EOS early."""
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers.masking_utils import find_packed_sequence_indices
 
-from core.forward import lm_parts
+from core.forward import lm_parts, response_slice
 from core.generation import SamplingSpec
 from core.models import LoraSpec, ModelSpec, load_causal_lm, unwrap_peft
 from core.ops import positions_from_mask
+from core.packing import pack_sequences
 from core.reward_spec import RewardSpec
 from modules.ppo import PPOModule
-from modules.rollout import pack_sequences, response_slice
 
 # p = 4, r = 2. Row 0: prompt [11, 12] (2 left pads), response [21, EOS]; row 1: prompt [13, 14, 15] (1 pad),
 # response [23, 24]. Sequence lengths: 2 + 2 = 4 and 3 + 2 = 5.

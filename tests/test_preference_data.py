@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from core.batches import PaddedRows, PairBatch, RankingBatch
 from datamodules.formats import DataError
 from datamodules.preference import PreferenceDataModule, collate_pairs, collate_rankings, ranked_pairs
 
@@ -18,29 +19,29 @@ def test_collate_pairs_literal():
         (([4], [3, 2]), ([4], [9, 2]), 0.0, 7),
     ]
     batch = collate_pairs(rows, pad_id=0)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "margin", "index"}
+    assert type(batch) is PairBatch and type(batch.tokens) is PaddedRows  # input_ids, attention_mask, labels
     # rows [0, 2) chosen, rows [2, 4) rejected, right-padded to the longest of all four
-    assert batch["input_ids"].tolist() == [
+    assert batch.tokens.input_ids.tolist() == [
         [5, 6, 7, 2, 0],
         [4, 3, 2, 0, 0],
         [5, 6, 8, 9, 2],
         [4, 9, 2, 0, 0],
     ]
-    assert batch["attention_mask"].tolist() == [
+    assert batch.tokens.attention_mask.tolist() == [
         [1, 1, 1, 1, 0],
         [1, 1, 1, 0, 0],
         [1, 1, 1, 1, 1],
         [1, 1, 1, 0, 0],
     ]
-    assert batch["labels"].tolist() == [
+    assert batch.tokens.labels.tolist() == [
         [X, X, 7, 2, X],
         [X, 3, 2, X, X],
         [X, X, 8, 9, 2],
         [X, 9, 2, X, X],
     ]
-    assert batch["margin"].tolist() == [0.5, 0.0] and batch["margin"].dtype == torch.float32
-    assert batch["index"].tolist() == [3, 7] and batch["index"].dtype == torch.long
-    chosen, rejected = batch["input_ids"].chunk(2)
+    assert batch.margin.tolist() == [0.5, 0.0] and batch.margin.dtype == torch.float32
+    assert batch.index.tolist() == [3, 7] and batch.index.dtype == torch.long
+    chosen, rejected = batch.tokens.input_ids.chunk(2)
     assert chosen[0].tolist()[:4] == [5, 6, 7, 2] and rejected[1].tolist()[:3] == [4, 9, 2]
 
 
@@ -51,19 +52,19 @@ def test_collate_rankings_literal():
         ([([4, 4], [3, 2]), ([4, 4], [1, 2])], [0.0, 1.0], 0.0),
     ]
     batch = collate_rankings(rows, pad_id=0)
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "group", "ranks", "margin"}
-    assert batch["input_ids"].tolist() == [
+    assert type(batch) is RankingBatch and type(batch.tokens) is PaddedRows
+    assert batch.tokens.input_ids.tolist() == [
         [5, 6, 2, 0],
         [5, 7, 8, 2],
         [5, 9, 2, 0],
         [4, 4, 3, 2],
         [4, 4, 1, 2],
     ]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
-    assert batch["labels"].tolist() == [[X, 6, 2, X], [X, 7, 8, 2], [X, 9, 2, X], [X, X, 3, 2], [X, X, 1, 2]]
-    assert batch["group"].tolist() == [0, 0, 0, 1, 1] and batch["group"].dtype == torch.long
-    assert batch["ranks"].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
-    assert batch["margin"].tolist() == [0.0, 0.0]  # one per group
+    assert batch.tokens.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert batch.tokens.labels.tolist() == [[X, 6, 2, X], [X, 7, 8, 2], [X, 9, 2, X], [X, X, 3, 2], [X, X, 1, 2]]
+    assert batch.group.tolist() == [0, 0, 0, 1, 1] and batch.group.dtype == torch.long
+    assert batch.ranks.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert batch.margin.tolist() == [0.0, 0.0]  # one per group
 
 
 def test_ranked_pairs_skip_ties():
@@ -97,23 +98,23 @@ def test_kwise_ranking_as_pairs_and_as_group(tmp_path, tiny_model_dir):
     path = _write(tmp_path / "r.jsonl", [RANKING, PAIR])
     dm = _dm(tiny_model_dir, path, path)
     batch = next(iter(dm.val_dataloader()))
-    assert batch["input_ids"].shape[0] == 2 * 6  # 5 non-tied pairs of the ranking + the pair
-    assert batch["index"].tolist() == list(range(6))
-    chosen, rejected = batch["input_ids"].chunk(2)
-    labels_c, labels_r = batch["labels"].chunk(2)
+    assert batch.tokens.input_ids.shape[0] == 2 * 6  # 5 non-tied pairs of the ranking + the pair
+    assert batch.index.tolist() == list(range(6))
+    chosen, rejected = batch.tokens.input_ids.chunk(2)
+    labels_c, labels_r = batch.tokens.labels.chunk(2)
     got = [(_decode(dm, chosen[i], labels_c[i]), _decode(dm, rejected[i], labels_r[i])) for i in range(6)]
     r = RANKING["responses"]
     assert got == [(r[i], r[j]) for i, j in [(0, 2), (1, 0), (1, 2), (1, 3), (3, 2)]] + [(" c b a", " a b c")]
     eos = dm.tokenizer.eos_token_id
-    last = batch["attention_mask"].sum(1) - 1  # right padding: the last real token of every row is EOS
-    assert (batch["input_ids"][torch.arange(12), last] == eos).all()
+    last = batch.tokens.attention_mask.sum(1) - 1  # right padding: the last real token of every row is EOS
+    assert (batch.tokens.input_ids[torch.arange(12), last] == eos).all()
 
     dm = _dm(tiny_model_dir, path, path, layout="rankings")
     batch = next(iter(dm.val_dataloader()))
-    assert batch["group"].tolist() == [0, 0, 0, 0, 1, 1]  # each response once: 4 rows, then the pair's 2
-    assert batch["ranks"].tolist() == [1.0, 0.0, 2.0, 1.0, 0.0, 1.0]
-    assert batch["margin"].shape == (2,)
-    assert [_decode(dm, batch["input_ids"][i], batch["labels"][i]) for i in range(4)] == r
+    assert batch.group.tolist() == [0, 0, 0, 0, 1, 1]  # each response once: 4 rows, then the pair's 2
+    assert batch.ranks.tolist() == [1.0, 0.0, 2.0, 1.0, 0.0, 1.0]
+    assert batch.margin.shape == (2,)
+    assert [_decode(dm, batch.tokens.input_ids[i], batch.tokens.labels[i]) for i in range(4)] == r
 
 
 def test_prompt_and_completion_from_one_tokenization(tmp_path, tiny_model_dir):
@@ -122,20 +123,20 @@ def test_prompt_and_completion_from_one_tokenization(tmp_path, tiny_model_dir):
     tok = dm.tokenizer
     full = tok(PROMPT + PAIR["chosen"])["input_ids"] + [tok.eos_token_id]
     n = len(full)
-    assert batch["input_ids"][0, :n].tolist() == full
+    assert batch.tokens.input_ids[0, :n].tolist() == full
     n_prompt = len(tok(PROMPT)["input_ids"])
-    assert batch["labels"][0, :n].tolist() == [X] * n_prompt + full[n_prompt:]
+    assert batch.tokens.labels[0, :n].tolist() == [X] * n_prompt + full[n_prompt:]
 
 
 def test_margin_from_strength_and_custom_map(tmp_path, tiny_model_dir):
     rows = [PAIR | {"strength": "Significantly better"}, PAIR | {"margin": 0.25}, PAIR]
     path = _write(tmp_path / "m.jsonl", rows)
     batch = next(iter(_dm(tiny_model_dir, path, path).val_dataloader()))
-    assert batch["margin"].tolist() == [1.0, 0.25, 0.0]  # Llama 2: significantly better -> 1.0; absent -> 0
+    assert batch.margin.tolist() == [1.0, 0.25, 0.0]  # Llama 2: significantly better -> 1.0; absent -> 0
 
     path = _write(tmp_path / "m2.jsonl", [PAIR | {"strength": "much better"}])
     batch = next(iter(_dm(tiny_model_dir, path, path, strength_map={"much better": 2.5}).val_dataloader()))
-    assert batch["margin"].tolist() == [2.5]
+    assert batch.margin.tolist() == [2.5]
     with pytest.raises(DataError, match=f"{path}:1: unknown strength label"):
         _dm(tiny_model_dir, path, path)
 
@@ -186,7 +187,7 @@ def test_evaluation_reads_only_the_val_file(tmp_path, tiny_model_dir):
                               tokenizer=str(tiny_model_dir), max_length=64, max_prompt_length=32)
     dm.setup("validate")
     assert len(dm.val_rows) == 1 and not dm.train_rows
-    assert next(iter(dm.predict_dataloader()))["input_ids"].shape[0] == 2
+    assert next(iter(dm.predict_dataloader())).tokens.input_ids.shape[0] == 2
     with pytest.raises(DataError, match="missing.jsonl: no such file or folder"):
         dm.setup("fit")
 

@@ -54,10 +54,10 @@ def test_examples_from_rollout_strip_padding_and_keep_eos():
     assert examples == [([5, 6], [7, 8, 2]), ([9, 10, 11], [12, 13, 14, 15])]
     batch = pad_completions(examples, pad_id=0)
     x = IGNORE_INDEX
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2, 0, 0], [9, 10, 11, 12, 13, 14, 15]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 2, 0, 0], [9, 10, 11, 12, 13, 14, 15]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
     # -100 on the prompt and on padding; the response, EOS included, is the target
-    assert batch["labels"].tolist() == [[x, x, 7, 8, 2, x, x], [x, x, x, 12, 13, 14, 15]]
+    assert batch.labels.tolist() == [[x, x, 7, 8, 2, x, x], [x, x, x, 12, 13, 14, 15]]
 
 
 def _module(tiny_model_dir, **kw) -> RejectionSamplingModule:

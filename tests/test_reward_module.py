@@ -8,8 +8,10 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
+from core.batches import PaddedRows, PairBatch
+from core.forward import sequence_scores
 from core.models import LoraSpec, ModelSpec, load_tokenizer, save_hf
-from core.reward_spec import RewardSpec, as_reward_spec, sequence_scores
+from core.reward_spec import RewardSpec, as_reward_spec
 from datamodules.preference import PreferenceDataModule, collate_pairs, collate_rankings
 from modules.reward import RewardModule, group_accuracies
 from tests.conftest import TINY_MODEL
@@ -31,6 +33,11 @@ def _pairs(tok, n=4):
 
     good, bad = [" c b a", " c b a a", " c", " c b"], [" a b c", " a", " b b a c", " a a a"]
     return collate_pairs([(enc(good[i]), enc(bad[i]), 0.0, i) for i in range(n)], tok.pad_token_id)
+
+
+def _score_alone(module, ids, mask):
+    """The score of one unpadded row."""
+    return sequence_scores(module.backbone, PaddedRows(ids, mask))[0]
 
 
 def _sgd_step(module, batch, lr=0.5):
@@ -76,17 +83,17 @@ def test_score_read_at_last_real_token(tiny_model_dir):
     module = _module(tiny_model_dir)
     torch.nn.init.normal_(module.backbone.score.weight)  # a head that tells tokens apart
     batch = _pairs(module.tokenizer)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids, mask = batch.tokens.input_ids, batch.tokens.attention_mask
     with torch.no_grad():
         padded = module(batch)  # (8,), right padding
-        alone = torch.stack([sequence_scores(module.backbone, ids[i : i + 1, : n], mask[i : i + 1, : n])[0]
+        alone = torch.stack([_score_alone(module, ids[i : i + 1, : n], mask[i : i + 1, : n])
                              for i, n in enumerate(mask.sum(1).tolist())])
         # Hugging Face's own pooling agrees here, where pad (0) != EOS (2)
         hf = module.backbone(input_ids=ids, attention_mask=mask).logits[:, 0]
         # left padding: same scores (positions restart at the first real token)
         left = torch.stack([torch.roll(r, int((m == 0).sum())) for r, m in zip(ids, mask)])
         left_mask = torch.stack([torch.roll(m, int((m == 0).sum())) for m in mask])
-        left_scores = sequence_scores(module.backbone, left, left_mask)
+        left_scores = sequence_scores(module.backbone, PaddedRows(left, left_mask))
     assert mask.sum(1).unique().numel() > 1  # rows of different lengths, so padding is really there
     torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(padded, hf, rtol=1e-4, atol=1e-5)
@@ -99,11 +106,11 @@ def test_pad_equal_to_eos_still_scores_the_eos(tiny_model_dir):
     eos = module.tokenizer.eos_token_id
     module.backbone.config.pad_token_id = eos
     batch = _pairs(module.tokenizer)
-    ids, mask = batch["input_ids"].clone(), batch["attention_mask"]
+    ids, mask = batch.tokens.input_ids.clone(), batch.tokens.attention_mask
     ids[mask == 0] = eos  # padded with EOS: only the mask tells padding from the real EOS
     with torch.no_grad():
-        ours = module({"input_ids": ids, "attention_mask": mask})
-        alone = torch.stack([sequence_scores(module.backbone, ids[i : i + 1, : n], mask[i : i + 1, : n])[0]
+        ours = module(PaddedRows(ids, mask))
+        alone = torch.stack([_score_alone(module, ids[i : i + 1, : n], mask[i : i + 1, : n])
                              for i, n in enumerate(mask.sum(1).tolist())])
         hf = module.backbone(input_ids=ids, attention_mask=mask).logits[:, 0]  # pools the token before EOS
     torch.testing.assert_close(ours, alone, rtol=1e-4, atol=1e-5)
@@ -126,7 +133,7 @@ def test_saved_model_loads_as_sequence_classifier_with_same_scores(tiny_model_di
     assert loaded.config.pad_token_id == module.tokenizer.pad_token_id and loaded.config.num_labels == 1
     assert AutoTokenizer.from_pretrained(tmp_path / "rm").eos_token_id == module.tokenizer.eos_token_id
     with torch.no_grad():
-        theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        theirs = loaded(input_ids=batch.tokens.input_ids, attention_mask=batch.tokens.attention_mask).logits[:, 0]
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
@@ -139,7 +146,7 @@ def test_pairwise_loss_and_validation_metrics(tiny_model_dir):
     module = _module(tiny_model_dir)
     torch.nn.init.normal_(module.backbone.score.weight)
     batch = _pairs(module.tokenizer)
-    batch["margin"] = torch.tensor([0.0, 1.0, 0.0, 0.5])
+    batch.margin = torch.tensor([0.0, 1.0, 0.0, 0.5])
     with torch.no_grad():
         scores = module(batch)
         out = module._loss(batch, scores)
@@ -149,7 +156,10 @@ def test_pairwise_loss_and_validation_metrics(tiny_model_dir):
                    for w, r, m in zip(chosen.tolist(), rejected.tolist(), [0.0, 1.0, 0.0, 0.5])) / 4
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
     # two batches (4 pairs, then its first 2): metrics are pair-weighted over the whole split
-    half = {k: v[[0, 1, 4, 5]] if v.shape[0] == 8 else v[:2] for k, v in batch.items()}
+    rows = batch.tokens
+    keep = [0, 1, 4, 5]  # chosen and rejected rows of the first 2 pairs
+    half_rows = PaddedRows(rows.input_ids[keep], rows.attention_mask[keep], rows.labels[keep])
+    half = PairBatch(half_rows, batch.margin[:2], batch.index[:2])
     metrics = _validate(module, [batch, half])
     right = (chosen > rejected).float()
     assert metrics["val/rewards/accuracies"] == pytest.approx((right.sum() + right[:2].sum()).item() / 6)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from core.batches import PackedRows
 from core.models import load_tokenizer
 from core.packing import pad_completions
 from core.tokenize import encode_completions
@@ -17,27 +18,28 @@ X = -100
 def test_pad_completions_literal():
     rows = [([5, 6], [7, 2]), ([5], [8, 9, 2])]  # (prompt ids, completion ids ending with EOS=2)
     batch = pad_completions(rows, pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 2], [5, 8, 9, 2]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
-    assert batch["labels"].tolist() == [[X, X, 7, 2], [X, 8, 9, 2]]
+    assert batch.input_ids.tolist() == [[5, 6, 7, 2], [5, 8, 9, 2]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    assert batch.labels.tolist() == [[X, X, 7, 2], [X, 8, 9, 2]]
     short = pad_completions([([5], [7, 2]), ([5, 6, 6], [8, 2])], pad_id=0)
-    assert short["input_ids"].tolist() == [[5, 7, 2, 0, 0], [5, 6, 6, 8, 2]]
-    assert short["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert short["labels"].tolist() == [[X, 7, 2, X, X], [X, X, X, 8, 2]]
+    assert short.input_ids.tolist() == [[5, 7, 2, 0, 0], [5, 6, 6, 8, 2]]
+    assert short.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert short.labels.tolist() == [[X, 7, 2, X, X], [X, X, X, 8, 2]]
     # a fixed length pads every row to it: rows of 3 and 2 tokens, length 4 -> 1 and 2 pad columns
     wide = pad_completions([([5], [7, 2]), ([6], [2])], pad_id=0, length=4)
-    assert wide["input_ids"].tolist() == [[5, 7, 2, 0], [6, 2, 0, 0]]
-    assert wide["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
-    assert wide["labels"].tolist() == [[X, 7, 2, X], [X, 2, X, X]]
+    assert wide.input_ids.tolist() == [[5, 7, 2, 0], [6, 2, 0, 0]]
+    assert wide.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert wide.labels.tolist() == [[X, 7, 2, X], [X, 2, X, X]]
 
 
 def test_collate_packed_literal_restarts_positions():
     bins = [[([5], [7, 2]), ([6, 6], [2])], [([5], [8, 2])]]
     batch = collate_packed(bins, pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 7, 2, 6, 6, 2], [5, 8, 2, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[X, 7, 2, X, X, 2], [X, 8, 2, X, X, X]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2]]
-    assert "attention_mask" not in batch
+    assert batch.input_ids.tolist() == [[5, 7, 2, 6, 6, 2], [5, 8, 2, 0, 0, 0]]
+    assert batch.labels.tolist() == [[X, 7, 2, X, X, 2], [X, 8, 2, X, X, X]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2]]
+    assert batch.sequence_ids.tolist() == [[0, 0, 0, 1, 1, 1], [2, 2, 2, -1, -1, -1]]
+    assert isinstance(batch, PackedRows) and not hasattr(batch, "attention_mask")
 
 
 def test_pack_first_fit_respects_max_length():
@@ -94,8 +96,8 @@ def test_datamodule_skip_bad_rows_and_batches(tmp_path, tiny_model_dir, caplog):
     assert len(dm.train_rows) == 4
     assert "skipped 2 of 6 rows" in caplog.text and "1 invalid JSON" in caplog.text
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 2
-    assert ((batch["labels"] != X) <= (batch["attention_mask"] == 1)).all()
+    assert batch.input_ids.shape[0] == 2
+    assert ((batch.labels != X) <= (batch.attention_mask == 1)).all()
 
 
 def test_datamodule_packing_keeps_all_tokens(synthetic_dir, tiny_model_dir):
@@ -108,7 +110,7 @@ def test_datamodule_packing_keeps_all_tokens(synthetic_dir, tiny_model_dir):
     n_packed = sum(len(p) + len(c) for b in packed.train_rows for p, c in b)
     assert n_plain == n_packed and len(packed.train_rows) < len(plain.train_rows)
     batch = next(iter(packed.train_dataloader()))
-    assert batch["input_ids"].shape[1] <= 64 and torch.equal(batch["position_ids"][:, 0], torch.zeros(4, dtype=torch.long))
+    assert batch.input_ids.shape[1] <= 64 and torch.equal(batch.position_ids[:, 0], torch.zeros(4, dtype=torch.long))
 
 
 def test_chat_messages_without_template_get_a_space_after_assistant(tmp_path, tiny_model_dir):

@@ -66,8 +66,8 @@ def test_completion_only_head_equals_full_forward(tiny_model_dir):
     module = SFTModule(ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0)))
     module.configure_model()
     batch = pad_completions([([5, 6, 7], [8, 9, 2]), ([10], [11, 2])], pad_id=0)
-    logits = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, mask = shifted_logprobs(logits, batch["labels"])
+    logits = module.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logps, mask = shifted_logprobs(logits, batch.labels)
     torch.testing.assert_close(module(batch), -logps[mask], rtol=1e-5, atol=1e-5)
 
 
@@ -82,8 +82,8 @@ def test_lora_trains_adapters_only_and_adapter_off_is_base(synthetic_dir, tiny_m
     frozen_before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if not p.requires_grad}
     _fit(module, _dm(synthetic_dir, tiny_model_dir), steps=2)
     with torch.no_grad(), module.policy.disable_adapter():
-        off = module.policy(input_ids=batch["input_ids"]).logits
-        on_base = base.policy(input_ids=batch["input_ids"]).logits
+        off = module.policy(input_ids=batch.input_ids).logits
+        on_base = base.policy(input_ids=batch.input_ids).logits
     torch.testing.assert_close(off, on_base)
     assert all(torch.equal(frozen_before[n], p) for n, p in module.policy.named_parameters() if not p.requires_grad)
 

@@ -32,13 +32,13 @@ def test_shared_prefix_layout_by_hand():
     # unit 1: [6, 9] and [7, 9] -> no common prefix, branches [6, 9] and [7, 9]: 4 tokens
     # capacity max(8, 7) = 8: unit 0 -> row 0, unit 1 (7 + 4 > 8) -> row 1; width 7, row 1 padded by 3
     batch = collate_shared_prefix([[[1, 2, 3, 9], [1, 2, 4, 5, 9]], [[6, 9], [7, 9]]], pad_id=0, max_length=8)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 9, 4, 5, 9], [6, 9, 7, 9, 0, 0, 0]]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 9, 4, 5, 9], [6, 9, 7, 9, 0, 0, 0]]
     # branches restart at the prefix length: [0, 1] prefix, [2, 3] and [2, 3, 4]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 0, 1, 0, 1, 2]]
-    assert batch["tree_ids"].tolist() == [[0] * 7, [1, 1, 1, 1, -1, -1, -1]]
-    assert batch["branch_ids"].tolist() == [[0, 0, 1, 1, 2, 2, 2], [1, 1, 2, 2, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4], [0, 1, 0, 1, 0, 1, 2]]
+    assert batch.tree_ids.tolist() == [[0] * 7, [1, 1, 1, 1, -1, -1, -1]]
+    assert batch.branch_ids.tolist() == [[0, 0, 1, 1, 2, 2, 2], [1, 1, 2, 2, 0, 0, 0]]
     # last tokens: row 0 positions 3 and 6; row 1 (flat offset 7) positions 1 and 3 -> 8 and 10
-    assert batch["score_index"].tolist() == [3, 6, 8, 10]
+    assert batch.score_index.tolist() == [3, 6, 8, 10]
 
 
 def test_pairs_shared_orders_chosen_then_rejected():
@@ -46,8 +46,8 @@ def test_pairs_shared_orders_chosen_then_rejected():
     batch = collate_pairs_shared(rows, pad_id=0, max_length=16)
     # one row: unit 0 = [1, 2 | 3, 9 | 4, 9] (flat 0..5), unit 1 = [6 | 9 | 8, 9] (flat 6..9)
     # sequence order (c0, r0, c1, r1) = last tokens 3, 5, 7, 9 -> pairs layout (c0, c1, r0, r1)
-    assert batch["score_index"].tolist() == [3, 7, 5, 9]
-    assert batch["margin"].tolist() == [0.5, 0.0] and batch["index"].tolist() == [7, 8]
+    assert batch.tokens.score_index.tolist() == [3, 7, 5, 9]
+    assert batch.margin.tolist() == [0.5, 0.0] and batch.index.tolist() == [7, 8]
 
 
 def test_prefix_tree_mask_by_hand():
@@ -83,7 +83,7 @@ def test_shared_pairs_score_and_grad_like_padded(tiny_model_dir, attn):
     module = _module(tiny_model_dir, attn)
     padded = module(collate_pairs(PAIRS, pad_id=0))
     shared_batch = collate_pairs_shared(PAIRS, pad_id=0, max_length=8)
-    assert shared_batch["input_ids"].numel() < collate_pairs(PAIRS, pad_id=0)["input_ids"].numel()
+    assert shared_batch.tokens.input_ids.numel() < collate_pairs(PAIRS, pad_id=0).tokens.input_ids.numel()
     shared = module(shared_batch)
     torch.testing.assert_close(shared, padded, rtol=1e-5, atol=1e-5)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -114,11 +114,11 @@ def test_datamodule_share_prompt_batches(tiny_model_dir, synthetic_dir):
     plain, shared = PreferenceDataModule(**kw), PreferenceDataModule(**kw, share_prompt=True)
     plain.setup("fit"), shared.setup("fit")
     a, b = next(iter(plain.val_dataloader())), next(iter(shared.val_dataloader()))
-    assert b["score_index"].shape == (8,) and torch.equal(a["margin"], b["margin"])
+    assert b.tokens.score_index.shape == (8,) and torch.equal(a.margin, b.margin)
     # every sequence's last token is its EOS, and the shared rows hold fewer tokens than the padded ones
     eos = shared.tokenizer.eos_token_id
-    assert (b["input_ids"].flatten()[b["score_index"]] == eos).all()
-    assert int((b["tree_ids"] >= 0).sum()) < int(a["attention_mask"].sum())
+    assert (b.tokens.input_ids.flatten()[b.tokens.score_index] == eos).all()
+    assert int((b.tokens.tree_ids >= 0).sum()) < int(a.tokens.attention_mask.sum())
 
 
 def test_completion_targets_by_hand():
@@ -127,23 +127,23 @@ def test_completion_targets_by_hand():
                                   prompt_lengths=[[2, 2]])
     # seq 0: 3 <- coord 1 (prefix, flat 1), 9 <- coord 2 (branch 1, flat 2)
     # seq 1: 4 <- coord 1 (prefix, flat 1), 5 <- coord 2 (branch 2 starts at flat 4), 9 <- coord 3 (flat 5)
-    assert batch["target_ids"].tolist() == [3, 9, 4, 5, 9]
-    assert batch["source_index"].tolist() == [1, 2, 1, 4, 5]
-    assert batch["target_seq"].tolist() == [0, 0, 1, 1, 1]
+    assert batch.target_ids.tolist() == [3, 9, 4, 5, 9]
+    assert batch.source_index.tolist() == [1, 2, 1, 4, 5]
+    assert batch.target_seq.tolist() == [0, 0, 1, 1, 1]
     # a shared prefix reaching into the completions: prompts of 1 token, token 2 is labelled in both sequences
     batch = collate_shared_prefix([[[1, 2, 3, 9], [1, 2, 4, 5, 9]]], pad_id=0, max_length=8,
                                   prompt_lengths=[[1, 1]])
-    assert batch["target_ids"].tolist() == [2, 3, 9, 2, 4, 5, 9]
-    assert batch["source_index"].tolist() == [0, 1, 2, 0, 1, 4, 5]
-    assert batch["target_seq"].tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert batch.target_ids.tolist() == [2, 3, 9, 2, 4, 5, 9]
+    assert batch.source_index.tolist() == [0, 1, 2, 0, 1, 4, 5]
+    assert batch.target_seq.tolist() == [0, 0, 0, 1, 1, 1, 1]
 
 
 def test_pairs_shared_targets_use_pairs_order():
     rows = [(([1, 2], [3, 9]), ([1, 2], [4, 9]), 0.0, 0), (([6], [7, 9]), ([6], [8, 9]), 0.0, 1)]
     batch = collate_pairs_shared(rows, pad_id=0, max_length=16)
     # unit order c0, r0, c1, r1 -> pairs order c0 = 0, c1 = 1, r0 = 2, r1 = 3; two completion tokens each
-    assert batch["target_seq"].tolist() == [0, 0, 2, 2, 1, 1, 3, 3]
-    assert batch["target_ids"].tolist() == [3, 9, 4, 9, 7, 9, 8, 9]
+    assert batch.tokens.target_seq.tolist() == [0, 0, 2, 2, 1, 1, 3, 3]
+    assert batch.tokens.target_ids.tolist() == [3, 9, 4, 9, 7, 9, 8, 9]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
