@@ -1,6 +1,6 @@
 """Alignment with a learned reward model in the loop, measured on the gold (oracle) score.
 
-Runs `rlhf quickstart --rl-reward model` (SFT, reward model, DPO, rejection sampling and PPO through the shipped
+Runs `rlhf quickstart` (SFT, reward model, DPO, rejection sampling and PPO through the shipped
 configs; the oracle only labels the data and scores the held-out samples) for each task and seed, each in its
 own process, and prints markdown tables: per seed and the median of the seeds, the oracle score of every policy,
 its KL to SFT (nats per response) and each stage's wall time. Every run keeps its folder (OUT/<task>-<seed>/:
@@ -26,7 +26,7 @@ def run(out: Path, task: str, seed: int, extra: list[str]) -> dict:
     folder = out / f"{task}-{seed}"
     done = folder / "results.json"
     if not done.exists():
-        cmd = [sys.executable, "-m", "recipes.cli", "quickstart", "--rl-reward", "model", "--task", task,
+        cmd = [sys.executable, "-m", "recipes.cli", "quickstart", "--task", task,
                "--seed", str(seed), "--out", str(folder), *extra]
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder.parent / f"{task}-{seed}.log", "w") as log:

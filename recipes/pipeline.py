@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="the pipeline file (configs/pipeline/*.yaml)")
     parser.add_argument("--out", help="the run folder (default: the file's `out`)")
     parser.add_argument("--from", dest="start", metavar="NAME", help="run NAME and every later stage afresh")
-    parser.add_argument("--rounds", type=int, metavar="N", help="run N rounds (default: the file's rounds: count)")
+    parser.add_argument("--rounds", type=int, metavar="N", help="run N rounds (default: the file's rounds: count; 0: the stages before the rounds only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="added to the file's pipeline-wide args (every training stage), e.g. "
                              "--set seed_everything=1; repeatable")

@@ -311,8 +311,8 @@ def load(path: str, rounds: int | None = None) -> Pipeline:
     if errors:
         raise PipelineConfigError("\n".join(f"{path}:{line}: {reason}" for line, reason in sorted(errors)))
     count = count if rounds is None else rounds
-    if templates and count < 1:
-        raise PipelineConfigError(f"{PROG}: --rounds must be >= 1, got {count}")
+    if templates and count < 0:  # --rounds 0: the stages before the rounds only
+        raise PipelineConfigError(f"{PROG}: --rounds must be >= 0, got {count}")
     for k in range(1, count + 1 if templates else 1):
         for i, template in enumerate(templates):
             stages.append(in_round(template, k, [t.name for t in templates[:i]]))

@@ -528,6 +528,17 @@ def test_rounds_expand_with_the_previous_rounds_artifacts(tmp_path, fake_loop):
     assert "| 2 | 2 | 2 | 1.7 | 0.25 | 1.5 |" in table and (out / "rounds.png").stat().st_size > 0
 
 
+def test_rounds_zero_runs_the_stages_before_the_rounds_only_and_a_negative_count_is_refused(tmp_path, fake_loop):
+    path, out = write(tmp_path, LOOP), tmp_path / "out"
+    pipeline.main(["--config", str(path), "--out", str(out), "--rounds", "0"])
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert stages and all(s["round"] is None and s["status"] == "done" for s in stages)
+    assert not any("/r1." in " ".join(c) for c in fake_loop)
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(["--config", str(path), "--out", str(out), "--rounds", "-1"])
+    assert exit_.value.code == 2
+
+
 def test_more_rounds_run_only_the_new_round_and_a_changed_generate_starts_a_new_file(tmp_path, fake_loop):
     path, out = write(tmp_path, LOOP), tmp_path / "out"
     pipeline.main(["--config", str(path), "--out", str(out), "--rounds", "1"])
