@@ -29,7 +29,7 @@ from core.packing import (
 from core.tokenize import check_lengths, encode_completions, encode_prompts, render_prompt
 from datamodules.preference_formats import Ranking, read_preferences
 from datamodules.prompts import collate_prompts
-from datamodules.resumable import EvalSampler, ResumableLoader, held_out
+from datamodules.resumable import eval_loader, held_out, train_loader
 
 log = logging.getLogger(__name__)
 Encoded = list[tuple[list[int], list[int]]]  # (prompt_ids, completion_ids ending in EOS) per response
@@ -200,14 +200,10 @@ class PreferenceDataModule(LightningDataModule):
                           num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        # seeded per-epoch order; a run resumed from a mid-epoch checkpoint continues at the same batch
-        return ResumableLoader(self.train_rows, batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                               collate_fn=self.collate, num_workers=self.num_workers)
+        return train_loader(self.train_rows, self.batch_size, self.seed, self.collate, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        # every row once across processes (Lightning's sampler would repeat rows to even out the ranks)
-        return DataLoader(self.val_rows, batch_size=self.batch_size, sampler=EvalSampler(len(self.val_rows)),
-                          collate_fn=self.collate, num_workers=self.num_workers)
+        return eval_loader(self.val_rows, self.batch_size, self.collate, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()  # `test --data.val_file FILE` evaluates FILE

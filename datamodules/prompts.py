@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from core.models import load_tokenizer
 from core.tokenize import Cuts, render_prompt
 from datamodules.formats import DataError, read_prompts
-from datamodules.resumable import EvalSampler, ResumableLoader, held_out
+from datamodules.resumable import eval_loader, held_out, train_loader
 
 
 class PromptDataModule(LightningDataModule):
@@ -93,19 +93,13 @@ class PromptDataModule(LightningDataModule):
         return collate_prompts(rows, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        # resumes mid-epoch at the same position and order (exact PPO resume)
-        return ResumableLoader(
-            self.train_rows, batch_size=self.batch_size, shuffle=True, seed=self.seed, collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
+        return train_loader(self.train_rows, self.batch_size, self.seed, self.collate, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def val_dataloader(self) -> DataLoader:
-        # every row once across processes (Lightning's sampler would repeat rows to even out the ranks)
-        return DataLoader(self.val_rows, batch_size=self.val_batch_size, sampler=EvalSampler(len(self.val_rows)),
-                          collate_fn=self.collate, num_workers=self.num_workers)
+        return eval_loader(self.val_rows, self.val_batch_size, self.collate, self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.train_rows, batch_size=self.val_batch_size, collate_fn=self.collate, num_workers=self.num_workers)

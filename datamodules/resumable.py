@@ -110,3 +110,17 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         self.epoch_sampler.set_epoch(int(state["epoch"]))
         self._resume = (int(state["epoch"]), int(state["seen"]))
+
+
+def train_loader(rows, batch_size: int, seed: int, collate, num_workers: int = 0) -> ResumableLoader:
+    """The training rows in a seeded per-epoch order; a run resumed from a mid-epoch checkpoint continues at the
+    same batch (exact resume)."""
+    return ResumableLoader(rows, batch_size=batch_size, shuffle=True, seed=seed, collate_fn=collate,
+                           num_workers=num_workers)
+
+
+def eval_loader(rows, batch_size: int, collate, num_workers: int = 0) -> DataLoader:
+    """Every row exactly once across processes, in order (Lightning's DistributedSampler would repeat rows to even
+    out the ranks, counting them twice in validation metrics)."""
+    return DataLoader(rows, batch_size=batch_size, sampler=EvalSampler(len(rows)), collate_fn=collate,
+                      num_workers=num_workers)

@@ -23,7 +23,7 @@ from core.tokenize import (
 )
 from datamodules.formats import read_demonstrations
 from datamodules.prompts import collate_prompts
-from datamodules.resumable import EvalSampler, ResumableLoader, held_out
+from datamodules.resumable import eval_loader, held_out, train_loader
 
 
 class SFTDataModule(LightningDataModule):
@@ -114,19 +114,13 @@ class SFTDataModule(LightningDataModule):
         return pad_completions(rows, self.tokenizer.pad_token_id)  # labels -100 on prompt and padding
 
     def train_dataloader(self) -> DataLoader:
-        # resumes mid-epoch at the same position and order
-        return ResumableLoader(
-            self.train_rows, batch_size=self.batch_size, shuffle=True, seed=self.seed, collate_fn=self.collate,
-            num_workers=self.num_workers,
-        )
+        return train_loader(self.train_rows, self.batch_size, self.seed, self.collate, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def val_dataloader(self) -> DataLoader:
-        # every row once across processes (Lightning's sampler would repeat rows to even out the ranks)
-        return DataLoader(self.val_rows, batch_size=self.batch_size, sampler=EvalSampler(len(self.val_rows)),
-                          collate_fn=self.collate, num_workers=self.num_workers)
+        return eval_loader(self.val_rows, self.batch_size, self.collate, self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         # `predict` samples from the policy: the validation split's prompts alone, left-padded

@@ -12,6 +12,20 @@ from collections.abc import Iterable
 
 import torch
 
+# The `Args:` lines of the held-out judge, shared by PPO and rejection sampling (modules/stage.py shared_args).
+JUDGE_ARGS = """
+val_reward: a held-out judge (e.g. a reward model trained on another split, or an oracle) that scores the
+    same validation samples as `reward`; validation then also logs val/judge_reward (its mean) and
+    val/reward_gap (val/reward - val/judge_reward: the two scales differ, so watch the gap's trend).
+    Never optimised against; None: no judge.
+overopt_patience: with val_reward, warn (and log val/overoptimising 1.0) when for this many validations in
+    a row val/reward rose while val/judge_reward fell (each against the validation before); 0: off.
+export_best: a validation metric (e.g. val/judge_reward); fit then exports the policy weights of the
+    validation where it was best instead of the last ones, and prints that step (a CPU copy of the
+    trainable policy weights is kept, in checkpoints too, so a resume keeps it).
+export_best_mode: "max" or "min": which export_best value is best.
+"""
+
 
 class OveroptimisationMonitor:
     """Fires when, for `patience` consecutive validations, the optimised reward rose and the held-out judge fell,

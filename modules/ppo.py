@@ -38,13 +38,13 @@ from core.optim import OPTIM_ARGS, OptimSpec, adamw
 from core.packing import pack_sequences
 from core.reward_spec import RewardSpec, as_reward_spec
 from modules.export import EXPORT_ARGS, HFExport
-from modules.overoptimisation import BestWeights, OveroptimisationMonitor
+from modules.overoptimisation import JUDGE_ARGS, BestWeights, OveroptimisationMonitor
 from modules.predict import response_writer, sample_rows
 from modules.rollout import Experience, minibatches, repeat_each
 from modules.stage import StageHooks, root_device, shared_args
 
 
-@shared_args(OPTIM_ARGS, EXPORT_ARGS)
+@shared_args(JUDGE_ARGS, OPTIM_ARGS, EXPORT_ARGS)
 class PPOModule(StageHooks, LightningModule):
     """PPO from prompts: the policy samples, a RewardSpec scores, a KL penalty keeps it near the reference.
 
@@ -86,16 +86,6 @@ class PPOModule(StageHooks, LightningModule):
         predict_file: where `predict` writes one json line per response of the policy to the DataModule's prompts
             {prompt, response, sample, finish_reason, tokens, index, meta}, as `rlhf generate` with `sampling` and
             --seed `seed` (default: <log dir>/predictions.jsonl).
-        val_reward: a held-out judge (e.g. a reward model trained on another split, or an oracle) that scores the
-            same validation samples as `reward`; validation then also logs val/judge_reward (its mean) and
-            val/reward_gap (val/reward - val/judge_reward: the two scales differ, so watch the gap's trend).
-            Never trained against; None: no judge.
-        overopt_patience: with val_reward, warn (and log val/overoptimising 1.0) when for this many validations in
-            a row val/reward rose while val/judge_reward fell (each against the validation before); 0: off.
-        export_best: a validation metric (e.g. val/judge_reward); fit then exports the policy weights of the
-            validation where it was best instead of the last ones, and prints that step (a CPU copy of the
-            trainable policy weights is kept, in checkpoints too, so a resume keeps it).
-        export_best_mode: "max" or "min": which export_best value is best.
     """
 
     stage = "ppo"

@@ -34,7 +34,7 @@ from core.optim import OPTIM_ARGS, OptimSpec, adamw
 from core.packing import pad_completions
 from core.reward_spec import RewardSpec, as_reward_spec
 from modules.export import EXPORT_ARGS, HFExport
-from modules.overoptimisation import BestWeights, OveroptimisationMonitor
+from modules.overoptimisation import JUDGE_ARGS, BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.stage import StageHooks, output_path, root_device, shared_args
 
@@ -66,7 +66,7 @@ def rollout_examples(rollout: Rollout, rows: Tensor) -> list[tuple[list[int], li
     return out
 
 
-@shared_args(OPTIM_ARGS, EXPORT_ARGS)
+@shared_args(JUDGE_ARGS, OPTIM_ARGS, EXPORT_ARGS)
 class RejectionSamplingModule(StageHooks, LightningModule):
     """Rejection-sampling fine-tuning of a causal LM (full weights or LoRA) against a reward.
 
@@ -95,16 +95,6 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         predict_file: where `predict` writes best-of-K jsonl rows {prompt, completion, score, mean_score, index
             (the prompt's row)}, one file from all processes (default: <log dir>/best_of_k.jsonl); `rlhf sft fit`
             reads it as prompt/completion data. Rows below min_score or with a blank best completion are left out.
-        val_reward: a held-out judge (e.g. a reward model trained on another split, or an oracle) that scores the
-            same validation samples as `reward`; validation then also logs val/judge_reward (its mean) and
-            val/reward_gap (val/reward - val/judge_reward: the two scales differ, so watch the gap's trend).
-            Never selected against; None: no judge.
-        overopt_patience: with val_reward, warn (and log val/overoptimising 1.0) when for this many validations in
-            a row val/reward rose while val/judge_reward fell (each against the validation before); 0: off.
-        export_best: a validation metric (e.g. val/judge_reward); fit then exports the policy weights of the
-            validation where it was best instead of the last ones, and prints that step (a CPU copy of the
-            trainable policy weights is kept, in checkpoints too, so a resume keeps it).
-        export_best_mode: "max" or "min": which export_best value is best.
     """
 
     stage = "rs"

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-
 SMOKE = ["--n-train", "100", "--set", "trainer.max_steps=2", "--set", "trainer.val_check_interval=1",
          "--set", "trainer.limit_val_batches=1"]
 
