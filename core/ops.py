@@ -36,13 +36,6 @@ def shifted_logprobs(
     return torch.where(mask, logps, torch.zeros_like(logps)), mask
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sum (or mean, if average) of completion-token log-probs per row: (b, t, v), (b, t) -> (b,)."""
-    logps, mask = shifted_logprobs(logits, labels)
-    total = logps.sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
-
-
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     # where(), not x * mask: inf/NaN in padding must not turn into NaN
     x = torch.where(mask.bool(), x, torch.zeros_like(x))
@@ -97,12 +90,6 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that restart at 0 on each row's first real token: (b, t) 0/1 mask -> (b, t). Left padding
     gets 0 on its pad columns; right padding keeps 0..n-1 on its real tokens (and repeats n-1 on the pad tail)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def rowwise_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum per row of values gathered as `x[mask]`: values (n,), mask (b, t) with n true entries -> (b,)."""
-    rows = mask.nonzero(as_tuple=True)[0]  # (n,) row of each value, in row-major order like x[mask]
-    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
 
 
 def prefix_tree_mask(tree_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:

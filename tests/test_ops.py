@@ -11,8 +11,6 @@ from core.ops import (
     masked_var,
     masked_whiten,
     positions_from_mask,
-    rowwise_sum,
-    sequence_logprobs,
     shifted_logprobs,
     token_logprobs,
 )
@@ -29,14 +27,12 @@ def test_token_logprobs_by_hand():
     torch.testing.assert_close(token_logprobs(logits, tokens, 2.0)[0, 0], torch.tensor(expected_t))
 
 
-def test_shifted_and_sequence_logprobs_mask_prompt_and_padding():
+def test_shifted_logprobs_mask_prompt_and_padding():
     logits = torch.zeros(1, 4, 4)  # uniform: every token has log-prob log(1/4)
     labels = torch.tensor([[-100, 2, 3, -100]])  # prompt, two completion tokens, padding
     logps, mask = shifted_logprobs(logits, labels)
     assert mask.tolist() == [[True, True, False]]
     torch.testing.assert_close(logps, torch.tensor([[math.log(0.25), math.log(0.25), 0.0]]))
-    torch.testing.assert_close(sequence_logprobs(logits, labels), torch.tensor([2 * math.log(0.25)]))
-    torch.testing.assert_close(sequence_logprobs(logits, labels, average=True), torch.tensor([math.log(0.25)]))
 
 
 def test_masked_mean_var_whiten_by_hand_and_padding_is_ignored():
@@ -53,14 +49,11 @@ def test_masked_mean_var_whiten_by_hand_and_padding_is_ignored():
     assert masked_mean(x, torch.zeros(4)).item() == 0.0  # nothing masked in: 0, not NaN
 
 
-def test_entropy_last_index_and_rowwise_sum():
+def test_entropy_and_last_index():
     torch.testing.assert_close(entropy_from_logits(torch.zeros(4)), torch.tensor(math.log(4)))
     # right padding, left padding and an all-zero row
     mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]])
     assert last_true_index(mask).tolist() == [1, 3, 0]
-    keep = torch.tensor([[True, False, True], [False, True, False]])
-    values = torch.tensor([1.0, 2.0, 10.0])  # x[keep] order: (0,0), (0,2), (1,1)
-    assert rowwise_sum(values, keep).tolist() == [3.0, 10.0]
 
 
 def test_positions_from_mask_left_and_right_padding():
