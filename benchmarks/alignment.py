@@ -42,8 +42,13 @@ def table(task: str, rows: list[dict]) -> str:
 
     def cells(r: dict) -> list[float]:
         vs = r["versus_sft"]
-        return [r["scores"][p] for p in POLICIES] + [r["scores"]["reward model"]] + [
-            vs[SHORT.get(p, p)]["kl"] for p in POLICIES[1:]] + [r["stage_wall_s"][s] for s in ("reward", "dpo", "rs", "ppo")] + [r["wall_s"]]
+        return (
+            [r["scores"][p] for p in POLICIES]
+            + [r["scores"]["reward model"]]
+            + [vs[SHORT.get(p, p)]["kl"] for p in POLICIES[1:]]
+            + [r["stage_wall_s"][s] for s in ("reward", "dpo", "rs", "ppo")]
+            + [r["wall_s"]]
+        )
 
     values = [cells(r) for r in rows]
     for r, v in zip(rows, values, strict=True):

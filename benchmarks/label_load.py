@@ -113,8 +113,9 @@ def percentiles(seconds: list[float]) -> dict:
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version, **{p: version(p) for p in ("fastapi", "starlette", "uvicorn", "httpx")},
+    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
+            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
+            **{p: version(p) for p in ("fastapi", "starlette", "uvicorn", "httpx")},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -147,7 +148,9 @@ def main() -> None:
         con = sqlite3.connect(db)
         rows = con.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
         pairs = con.execute("SELECT COUNT(*) FROM (SELECT DISTINCT annotator_id, item_id FROM labels)").fetchone()[0]
-        per_item = Counter(n for (n,) in con.execute("SELECT COUNT(DISTINCT annotator_id) FROM labels GROUP BY item_id"))
+        per_item = Counter(
+            n for (n,) in con.execute("SELECT COUNT(DISTINCT annotator_id) FROM labels GROUP BY item_id")
+        )
         stored_ids = {i for (i,) in con.execute("SELECT id FROM labels")}
     acked = [label for name, labels in out.items() if name != "latency" for label in labels]
     per_annotator = sorted(len(labels) for name, labels in out.items() if name != "latency")

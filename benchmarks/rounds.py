@@ -1,14 +1,14 @@
 """Iterated RLHF rounds against one round, on the gold (oracle) score of the built-in task.
 
 Runs `rlhf quickstart --rounds N` (configs/pipeline/quickstart.yaml: SFT, a reward-model ensemble, rejection
-sampling against it, then N rounds of fresh samples of the current policy labelled by the oracle with 10% of
-the labels flipped, the previous ensemble fine-tuned on all labels so far and rejection sampling again) per task and seed, each in its own
-process and folder (OUT/<task>-<seed>/; a finished run is read, not re-run; an interrupted one resumes), then
-prints markdown tables from each run's manifest.json: per seed and the median of the seeds, the oracle score of
-one sample per held-out prompt after SFT, after one round (round 0: rejection sampling against the ensemble
-trained on the task's data) and after each further round, the KL to SFT, the reward ensemble's held-out ranking
-accuracy (its members' mean on the task's validation rankings), the preference rows the reward model trained on
-and the wall time of each round.
+sampling against it, then N rounds of fresh samples of the current policy labelled by the oracle with 10% of the
+labels flipped, the previous ensemble fine-tuned on all labels so far and rejection sampling again) per task and
+seed, each in its own process and folder (OUT/<task>-<seed>/; a finished run is read, not re-run; an interrupted
+one resumes), then prints markdown tables from each run's manifest.json: per seed and the median of the seeds,
+the oracle score of one sample per held-out prompt after SFT, after one round (round 0: rejection sampling
+against the ensemble trained on the task's data) and after each further round, the KL to SFT, the reward
+ensemble's held-out ranking accuracy (its members' mean on the task's validation rankings), the preference rows
+the reward model trained on and the wall time of each round.
 
     python -m benchmarks.rounds --out runs/rounds [--tasks reverse] [--seeds 0,1,2] [--rounds 3]
 """
@@ -74,7 +74,8 @@ def table(task: str, seeds: list[int], values: list[list[float]], rounds: int) -
         head += [f"round {k}" + (" (one round)" if k == 0 else ""), f"KL r{k}"]
     head += [f"RM acc r{k}" for k in range(rounds + 1)]
     head += [f"RM rows r{k}" for k in range(1, rounds + 1)] + ["wall r0"] + [f"wall r{k}" for k in range(1, rounds + 1)]
-    kinds = ["score"] + ["score", "kl"] * (rounds + 1) + ["score"] * (rounds + 1) + ["rows"] * rounds + ["wall"] * (rounds + 1)
+    kinds = (["score"] + ["score", "kl"] * (rounds + 1) + ["score"] * (rounds + 1) + ["rows"] * rounds
+             + ["wall"] * (rounds + 1))
     lines = [f"**{task}** (oracle score of one sample per held-out prompt, 200 prompts; KL to SFT in nats; rows: "
              "preference rows the round's reward model trained on; RM acc: the reward ensemble's held-out ranking "
              "accuracy; wall in s)", "",

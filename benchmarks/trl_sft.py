@@ -51,7 +51,9 @@ def main() -> None:
 
     def counting_collate(examples):
         batch = collate(examples)
-        tokens_per_batch.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel()))
+        tokens_per_batch.append(
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        )
         return batch
 
     trainer.data_collator = counting_collate

@@ -117,7 +117,8 @@ def lm_parts(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     trunk or post-processes its logits (soft-capping, scaling): such a model takes the padded path."""
     inner = unwrap_peft(model)
     config, decoder, head = inner.config, getattr(inner, inner.base_model_prefix, None), inner.get_output_embeddings()
-    if decoder is None or head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    if (decoder is None or head is None or getattr(config, "final_logit_softcapping", None)
+            or getattr(config, "logit_scale", None)):
         return None
     return decoder, head
 

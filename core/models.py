@@ -91,7 +91,8 @@ class ModelPathError(FileNotFoundError):
 def check_model_path(spec: ModelSpec) -> ModelSpec:
     """Stop at a missing local folder before transformers takes it for a hub repo id (and says so)."""
     path, sep = spec.path, os.sep
-    local = path.startswith((".", sep, "~")) or path.count(sep) > 1 or (sep in path and Path(path.split(sep)[0]).is_dir())
+    local = (path.startswith((".", sep, "~")) or path.count(sep) > 1
+             or (sep in path and Path(path.split(sep)[0]).is_dir()))
     if local and not Path(path).expanduser().is_dir():
         what = "not a folder" if Path(path).expanduser().exists() else "no such model folder"
         raise ModelPathError(f"{path}: {what} (a local path, so not looked up on the Hugging Face hub)")
@@ -250,7 +251,8 @@ def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = Tru
     when the base is a local folder, so it loads from any working directory."""
     to_save = model
     if is_peft(model) and merge_lora:
-        if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) or _quantised(model):
+        if (getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+                or _quantised(model)):
             log.warning("quantised base: saving the LoRA adapter only (merge it into a full-precision base)")
         else:
             to_save = _untie_output(copy.deepcopy(model)).merge_and_unload()
@@ -311,7 +313,11 @@ def build_tiny_model(
     )
     bpe.train_from_iterator(texts, trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=max_position_embeddings
+        tokenizer_object=bpe,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=max_position_embeddings,
     )
     config = LlamaConfig(
         vocab_size=len(tok),

@@ -149,7 +149,8 @@ class RewardSpec:
                 raise ValueError(f"ensemble_lambda must be a finite number >= 0, got {self.ensemble_lambda}")
         n_models = 1 if self.ensemble != "none" and self.models else len(self.models)
         if self.weights is not None and len(self.weights) != n_models + len(paths):
-            what = f"one ensemble of {len(self.models)} models" if self.ensemble != "none" else f"{len(self.models)} models"
+            what = (f"one ensemble of {len(self.models)} models" if self.ensemble != "none"
+                    else f"{len(self.models)} models")
             raise ValueError(f"{len(self.weights)} weights for {what} + {len(paths)} functions {paths}")
         # not config fields: (path, callable) per function, and (model, tokenizer) per spec filled by load()
         self._functions: list[tuple[str, Callable]] = [(p, import_reward_function(p)) for p in paths]
@@ -223,7 +224,8 @@ def _expand_members(spec: ModelSpec) -> list[ModelSpec]:
     root = Path(spec.path)
     if spec.gguf_file or not root.is_dir() or (root / "config.json").exists():
         return [spec]
-    members = sorted(d for d in root.iterdir() if (d / "lightning_rlhf.json").is_file() and (d / "config.json").is_file())
+    members = sorted(d for d in root.iterdir()
+                     if (d / "lightning_rlhf.json").is_file() and (d / "config.json").is_file())
     return [replace(spec, path=str(d)) for d in members] or [spec]
 
 

@@ -46,8 +46,8 @@ class LabelsPendingError(Exception):
 def group_generations(rows: list[dict]) -> list[dict]:
     """`rlhf generate` rows -> one group per prompt index, in index order: {prompt, responses (the distinct
     non-blank texts, in sample order: a labeller is never shown one text twice or an empty one, and the reward data
-    refuses both), samples (how many were drawn), meta}. Rows without an index are grouped by prompt text; then groups keep their
-    first-seen order."""
+    refuses both), samples (how many were drawn), meta}. Rows without an index are grouped by prompt text; then
+    groups keep their first-seen order."""
     groups: dict = {}
     for row in rows:
         key = ("index", row["index"]) if row.get("index") is not None else ("prompt", row["prompt"])

@@ -102,7 +102,8 @@ class PromptDataModule(LightningDataModule):
         return eval_loader(self.val_rows, self.val_batch_size, self.collate, self.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_rows, batch_size=self.val_batch_size, collate_fn=self.collate, num_workers=self.num_workers)
+        return DataLoader(self.train_rows, batch_size=self.val_batch_size, collate_fn=self.collate,
+                          num_workers=self.num_workers)
 
 
 def collate_prompts(rows: list[dict], pad_id: int) -> dict:

@@ -1,7 +1,8 @@
 """Exports of the labelling database, and inter-annotator agreement.
 
 Formats (one row per (item, annotator): that annotator's latest label; queue order, then annotator name):
-    pairs      pair items: {prompt, chosen, rejected, margin (Llama 2, of the strength), strength, unsafe, annotator, id}
+    pairs      pair items: {prompt, chosen, rejected, margin (Llama 2, of the strength), strength, unsafe,
+               annotator, id}
     rankings   all items: {prompt, responses, ranks (0 = best), annotator, id}
     ratings    ranking items: {prompt, responses, ratings (1-7, higher = better), annotator, id}
     labels     the pipeline's labels file (docs/labelling-queue.md): {id, ranks, annotator}

@@ -128,7 +128,8 @@ def read_queue(path: str | Path) -> list[tuple[str, dict]]:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(str(path), "no such queue file", "write one with python -m datamodules.labelling --labeller human")
+        raise DataError(str(path), "no such queue file",
+                        "write one with python -m datamodules.labelling --labeller human")
     rows, seen = [], {}
     for where, row in iter_rows(str(path)):
         item = queue_item(row, where)

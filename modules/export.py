@@ -68,7 +68,8 @@ class HFExport(Callback):
         self.load_best(trainer, model)
         bad = nonfinite_names(model.named_parameters())
         if bad:
-            stop_nonfinite(trainer, self.stage, f"weights ({', '.join(bad)})", f"after optimizer step {trainer.global_step}")
+            stop_nonfinite(trainer, self.stage, f"weights ({', '.join(bad)})",
+                           f"after optimizer step {trainer.global_step}")
         info = {"stage": self.stage, "config_hash": config_hash(dict(pl_module.hparams))}
         path = save_hf(model, pl_module.tokenizer, self.path(trainer), self.merge_lora, self.overwrite, info)
         print(f"saved {self.name} (Hugging Face format) to {path}")

@@ -144,7 +144,8 @@ class PPOModule(StageHooks, LightningModule):
         default_value = self.reward.models[0] if self.reward.models else self.policy_spec
         self.value_spec = as_spec(value_model) if value_model is not None else default_value
         self.kl_kind, self.adaptive_kl = kl_kind, adaptive_kl
-        self.kl_ctl = AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
+        self.kl_ctl = (AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl
+                       else FixedKLController(kl_coef))
         self.gamma, self.lam, self.clip_eps, self.value_clip_eps = gamma, lam, clip_eps, value_clip_eps
         self.vf_coef, self.entropy_coef = vf_coef, entropy_coef
         self.ppo_epochs, self.num_minibatches, self.grad_accum = ppo_epochs, num_minibatches, grad_accum
@@ -259,7 +260,8 @@ class PPOModule(StageHooks, LightningModule):
         logp, ref_logp, values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values)
         shaped = losses.shape_scores(self.normalise_scores(scores, update_norm), out.has_eos, self.missing_eos_penalty,
                                      self.score_clip)
-        rewards, kl = losses.token_rewards(shaped, logp, ref_logp, mask, kl_coef, self.kl_kind)  # (b, r): score on last token
+        # rewards (b, r): the score on the last token
+        rewards, kl = losses.token_rewards(shaped, logp, ref_logp, mask, kl_coef, self.kl_kind)
         advantages, returns = losses.gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten:
             advantages = losses.whiten_advantages(advantages, mask)
@@ -327,8 +329,9 @@ class PPOModule(StageHooks, LightningModule):
         else:
             with torch.no_grad():  # logged only
                 entropy = losses.entropy_bonus(logits, mask)
-        return losses.ppo_loss(logp, exp.old_logp[idx], exp.advantages[idx], values, exp.old_values[idx], exp.returns[idx],
-                        mask, entropy, self.clip_eps, self.value_clip_eps, self.vf_coef, self.entropy_coef)
+        return losses.ppo_loss(logp, exp.old_logp[idx], exp.advantages[idx], values, exp.old_values[idx],
+                               exp.returns[idx], mask, entropy, self.clip_eps, self.value_clip_eps, self.vf_coef,
+                               self.entropy_coef)
 
     # ----- validation: one sampled response per prompt, same seed every time -----
 
@@ -349,7 +352,8 @@ class PPOModule(StageHooks, LightningModule):
         b = len(batch["prompts"]) * self.sampling.num_samples
         exp, stats = self.rollout(batch, self.val_generator, self.kl_ctl.value, chunk=b)
         vl = losses.value_loss(exp.old_values, exp.old_values, exp.returns, exp.mask, self.value_clip_eps).loss
-        for key, value in (("reward", stats["scores"]), ("kl", stats["kl"]), ("response_length", stats["response_length"])):
+        for key, value in (("reward", stats["scores"]), ("kl", stats["kl"]),
+                           ("response_length", stats["response_length"])):
             self.val_metrics[key].update(value)
         self.val_metrics["value_loss"].update(vl, weight=b)
         if self.judge is not None:  # the held-out judge scores the same decoded responses

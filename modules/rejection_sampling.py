@@ -161,8 +161,10 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.reward.load(device or "cpu")
         if self.judge is not None:
             self.judge.load(device or "cpu")
-        if self.kl_coef > 0:  # frozen initial policy (a LoRA policy's base: the adapter starts at zero) or the given one
-            ref_spec = self.reference_spec or dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
+        if self.kl_coef > 0:
+            # frozen initial policy (a LoRA policy's base: the adapter starts at zero) or the given one
+            ref_spec = (self.reference_spec
+                        or dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False))
             self.reference = load_causal_lm(ref_spec, device=device, trainable=False)
 
     def _generator(self, *keys, device=None) -> torch.Generator:
@@ -209,7 +211,8 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             self.policy.eval()  # no dropout in the log-probs
             kl = self.log_ratio(rollout).view_as(scores).to(scores.device)
             self.policy.train(was_training)
-        best, keep = select_best(scores, self.min_score, kl_penalised_scores(scores, kl, self.kl_coef, self.reward_norm))
+        best, keep = select_best(scores, self.min_score,
+                                 kl_penalised_scores(scores, kl, self.kl_coef, self.reward_norm))
         return rollout, responses, scores, best, keep, kl
 
     def sft_loss(self, batch: PaddedRows, keep: Tensor) -> Tensor:
@@ -231,7 +234,8 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             ("train/best_reward", best_scores.mean()),
             ("train/reward_gain", best_scores.mean() - scores.mean()),
             ("train/kept_fraction", keep.float().mean()),
-            *([("train/kl", kl.mean()), ("train/best_kl", kl.gather(1, best[:, None]).mean())] if kl is not None else []),
+            *([("train/kl", kl.mean()), ("train/best_kl", kl.gather(1, best[:, None]).mean())]
+              if kl is not None else []),
         ]:
             prog_bar = name == "train/best_reward"
             self.log(name, value, on_step=True, on_epoch=True, batch_size=b, prog_bar=prog_bar)

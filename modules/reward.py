@@ -78,7 +78,8 @@ class RewardModule(StageHooks, LightningModule):
             return
         self.tokenizer = load_tokenizer(self.backbone_spec)
         device = root_device(self)
-        self.backbone = load_sequence_classifier(self.backbone_spec, pad_token_id=self.tokenizer.pad_token_id, device=device)
+        self.backbone = load_sequence_classifier(self.backbone_spec, pad_token_id=self.tokenizer.pad_token_id,
+                                                 device=device)
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         """Scores of a preference batch's sequences: (2b,) chosen then rejected, or (N,) ranking rows."""

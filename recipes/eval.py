@@ -263,7 +263,8 @@ def policy_kl(rows: list[dict], args, device: str):
         if vocab is None:  # the tokenizer follows the policy; the reference must share it
             vocab, encoded, pad = tokenizer.get_vocab(), encode_responses(tokenizer, rows), tokenizer.pad_token_id
         elif tokenizer.get_vocab() != vocab:
-            raise ValueError(f"{args.reference_model} has another vocabulary than {args.policy_model}: no token-level KL")
+            raise ValueError(f"{args.reference_model} has another vocabulary than {args.policy_model}: "
+                             "no token-level KL")
         logps.append(response_logps(model, encoded, pad, args, device))
         del model
     lengths = torch.tensor([len(r) for _, r in encoded])  # (n,)

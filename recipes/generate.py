@@ -35,9 +35,11 @@ PROG = "rlhf generate"
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags alone (rlhf pipeline checks a generate stage's args with it before anything runs)."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved model folder (merged or LoRA adapter) or a stage's .ckpt")
-    parser.add_argument("--prompts", required=True, help="prompt file (jsonl/json/csv/parquet), saved dataset or hub id")
+    parser.add_argument("--prompts", required=True,
+                        help="prompt file (jsonl/json/csv/parquet), saved dataset or hub id")
     parser.add_argument("--out", type=Path, required=True, help="output .jsonl (an existing one is continued)")
     parser.add_argument("--split", default="train", help="split of a saved or hub dataset")
     parser.add_argument("--num_samples", type=int, default=1, help="responses per prompt (K)")

@@ -62,8 +62,9 @@ attempt); a reward ensemble re-runs `--members`, which skips the members already
 (generate continues its file; a fresh run of generate starts a new one). `--from NAME` runs
 NAME and every stage after it afresh. Config errors are found before any stage runs, one line each naming the
 pipeline file and line (exit 2), a tool stage's flags included (each tool's own parser reads them); a failed
-stage stops the pipeline with one line naming it, its exit code and its log (exit 6); a human labeller short of labels stops it with exit 7. One pipeline at a time per run folder
-(a lock file, OUT/.pipeline.lock; exit 2 if held).
+stage stops the pipeline with one line naming it, its exit code and its log (exit 6); a human labeller short
+of labels stops it with exit 7. One pipeline at a time per run folder (a lock file, OUT/.pipeline.lock; exit 2
+if held).
 """
 
 from __future__ import annotations
@@ -393,11 +394,13 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from recipes.cli import EXIT_CODES
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the pipeline file (configs/pipeline/*.yaml)")
     parser.add_argument("--out", help="the run folder (default: the file's `out`)")
     parser.add_argument("--from", dest="start", metavar="NAME", help="run NAME and every later stage afresh")
-    parser.add_argument("--rounds", type=int, metavar="N", help="run N rounds (default: the file's rounds: count; 0: the stages before the rounds only)")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="run N rounds (default: the file's rounds: count; 0: the stages before the rounds only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="added to the file's pipeline-wide args (every training stage), e.g. "
                              "--set seed_everything=1; repeatable")

@@ -23,7 +23,8 @@ TOOLS = {
     "label": ("datamodules.labelling", [], "datamodules.labelling"),  # samples -> rankings, data so far + new
     "eval": ("recipes.cli", ["eval"], "recipes.eval"),  # win rate / judge score / KL -> OUT/<name>/eval.json
 }
-REF = re.compile(r"\$\{((?:[^{}]|\$\{[^{}]*\})*)\}")  # ${name}, ${round}, ${out}, ${name|fallback} (fallback may hold ${out})
+# ${name}, ${round}, ${out}, ${name|fallback} (fallback may hold ${out})
+REF = re.compile(r"\$\{((?:[^{}]|\$\{[^{}]*\})*)\}")
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -239,7 +240,8 @@ def load(path: str, rounds: int | None = None) -> Pipeline:
             at = item.lines.get
             for key in item:
                 if key not in STAGE_KEYS:
-                    errors.append((item.lines[key], f"unknown stage key {key!r} (the keys are {', '.join(STAGE_KEYS)})"))
+                    errors.append((item.lines[key],
+                                   f"unknown stage key {key!r} (the keys are {', '.join(STAGE_KEYS)})"))
             name = item.get("name")
             if not isinstance(name, str) or not NAME.fullmatch(name) or name in ("round", "out"):
                 errors.append((at("name", item_line), f"stage name {name!r}: give each stage a name of letters, "

@@ -46,8 +46,8 @@ def write_rounds(out: Path, manifest: dict) -> Path | None:
     plt = pyplot()
     n = len(columns)
     cols = min(3, n) or 1
-    fig, axes = plt.subplots((n + cols - 1) // cols or 1, cols, figsize=(4.2 * cols, 3.0 * ((n + cols - 1) // cols or 1)),
-                             squeeze=False)
+    fig, axes = plt.subplots((n + cols - 1) // cols or 1, cols,
+                             figsize=(4.2 * cols, 3.0 * ((n + cols - 1) // cols or 1)), squeeze=False)
     for ax, column in zip(axes.flat, columns):
         points = [(k, row[column]) for k, row in table.items() if column in row]
         ax.plot([k for k, _ in points], [v for _, v in points], marker="o")

@@ -116,8 +116,8 @@ def show(out: Path, results: dict, report: Path) -> None:
     task = results["task"]
     print(f"\n== rlhf quickstart: held-out oracle score ({task} task, 200 prompts, one sample each at T=1) ==")
     print("   rejection sampling and PPO optimise the reward-model ensemble trained here; the oracle only scores")
-    paths = {"base (random init)": out / "base", "sft": out / "sft", "dpo": out / "dpo", "rejection sampling": out / "rs",
-             "ppo": out / "ppo"}
+    paths = {"base (random init)": out / "base", "sft": out / "sft", "dpo": out / "dpo",
+             "rejection sampling": out / "rs", "ppo": out / "ppo"}
     for name, score in results["scores"].items():
         where = paths.get(name, "")
         if name == "reward model":
@@ -130,7 +130,8 @@ def show(out: Path, results: dict, report: Path) -> None:
     for name, stage in STAGES:
         result = json.loads((out / f"{stage}_eval" / "eval.json").read_text())
         w, kl = result["win_rate"], result["kl"]
-        rate, counts = f"{w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]", f"{w['wins']} / {w['ties']} / {w['losses']}"
+        rate, counts = (f"{w['win_rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]",
+                        f"{w['wins']} / {w['ties']} / {w['losses']}")
         print(f"  {name:<20} {rate:<24} {counts:<18} {kl['kl']:.2f} ± {kl['stderr']:.2f}")
     if (out / "rounds.md").is_file():
         print("\n" + (out / "rounds.md").read_text())

@@ -41,7 +41,8 @@ MAX_PANELS = 9
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="folders holding metrics.csv / eval.json")
     parser.add_argument("--out", type=Path, required=True, help="folder for the PNGs, report.md and report.html")
     parser.add_argument("--title", default="rlhf report")
@@ -272,7 +273,8 @@ def markdown(title: str, roots: list[Path], runs: list[str], sections: list) -> 
 def page(title: str, roots: list[Path], runs: list[str], sections: list) -> str:
     """report.html: the same content, inline CSS only, images by relative path."""
     esc = html.escape
-    body = [f"<h1>{esc(title)}</h1>", f"<p>From {esc(', '.join(map(str, roots)))}; runs: {esc(', '.join(runs) or 'none')}.</p>"]
+    body = [f"<h1>{esc(title)}</h1>",
+            f"<p>From {esc(', '.join(map(str, roots)))}; runs: {esc(', '.join(runs) or 'none')}.</p>"]
     for heading, png, text in sections:
         body.append(f"<h2>{esc(heading)}</h2>")
         if png:

@@ -96,7 +96,8 @@ def fit_members(members: int, args: list[str]) -> list[tuple[str, Path]]:
     if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=") for a in args):
         return main(args)  # what one member's run would be: help or its config
     config = parsed_config(args)
-    base, save_dir, root = config.get("seed_everything"), config["model"].get("save_dir"), config["trainer"].get("default_root_dir")
+    base, save_dir, root = (config.get("seed_everything"), config["model"].get("save_dir"),
+                            config["trainer"].get("default_root_dir"))
     if not save_dir:
         raise SystemExit(f"{PROG}: --members needs --model.save_dir DIR: member i is saved to DIR/member_i")
     if isinstance(base, bool) or not isinstance(base, int):

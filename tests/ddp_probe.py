@@ -46,7 +46,8 @@ class Probe(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         out = Path(os.environ["RLHF_PROBE_DIR"])
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"steps": self.steps, "val": self.val, "start": self.start, "weights": trainable(pl_module), "world_size": trainer.world_size},
+        torch.save({"steps": self.steps, "val": self.val, "start": self.start, "weights": trainable(pl_module),
+                    "world_size": trainer.world_size},
                    out / f"rank{trainer.global_rank}.pt")
 
 

@@ -180,19 +180,20 @@ CASES = [
                f"{TMP}/d.jsonl:1: the prompt's tokens are not a prefix of prompt+completion's tokens (a token merges "
                "across the boundary: end the prompt before whitespace or start the completion with a space)",
                max_length=64, max_prompt_length=32),
-    datamodule("completion over max_length (truncation=error)", "a 97-token completion (with EOS), max_length 32", "sft",
-               {"prompt": "Reverse: a\nAnswer:", "completion": LONG},
+    datamodule("completion over max_length (truncation=error)", "a 97-token completion (with EOS), max_length 32",
+               "sft", {"prompt": "Reverse: a\nAnswer:", "completion": LONG},
                f"{TMP}/d.jsonl:1: completion longer than max_length 32 allows (71 of 97 tokens would be cut from "
                "the right, with its EOS; truncation='error')", max_length=32, max_prompt_length=16),
     datamodule("prompt over max_length (truncation=error)", "a 101-token prompt, max_length 32", "sft",
                {"prompt": "Reverse:" + LONG + "\nAnswer:", "completion": " a"},
                f"{TMP}/d.jsonl:1: prompt longer than max_length 32 allows (71 of 101 tokens would be cut from "
                "the left; truncation='error')", max_length=32, max_prompt_length=16),
-    datamodule("response over max_length (truncation=error)", "a 97-token rejected response, max_length 32", "preference",
-               {"prompt": "Reverse: a\nAnswer:", "chosen": " a", "rejected": LONG},
+    datamodule("response over max_length (truncation=error)", "a 97-token rejected response, max_length 32",
+               "preference", {"prompt": "Reverse: a\nAnswer:", "chosen": " a", "rejected": LONG},
                f"{TMP}/d.jsonl:1: completion longer than max_length 32 allows (71 of 97 tokens would be cut from "
                "the right, with its EOS; truncation='error')", max_length=32, max_prompt_length=16),
-    datamodule("generation prompt over max_prompt_length (truncation=error)", "a 110-token PPO prompt, max_prompt_length 32", "prompts",
+    datamodule("generation prompt over max_prompt_length (truncation=error)",
+               "a 110-token PPO prompt, max_prompt_length 32", "prompts",
                {"prompt": "Task: reverse." + LONG + "\nAnswer:"},
                f"{TMP}/d.jsonl:1: prompt longer than max_prompt_length 32 (78 of 110 tokens would be cut from the "
                "left; truncation='error')", max_prompt_length=32),
@@ -210,7 +211,8 @@ def test_bad_input_gives_its_one_line_message(case, tmp_path):
 def test_generation_prompts_cut_from_the_left_are_reported_or_skipped(tmp_path, caplog):
     from datamodules.prompts import PromptDataModule
 
-    path = write(tmp_path / "p.jsonl", [{"prompt": "Task: reverse." + LONG + "\nAnswer:"}, {"prompt": "Reverse: a\nAnswer:"}])
+    path = write(tmp_path / "p.jsonl",
+                 [{"prompt": "Task: reverse." + LONG + "\nAnswer:"}, {"prompt": "Reverse: a\nAnswer:"}])
     kw = dict(train_file=path, val_file=path, tokenizer=str(TINY_MODEL), max_prompt_length=32)
     with caplog.at_level("WARNING", logger="core.tokenize"):
         left = PromptDataModule(**kw)

@@ -91,7 +91,8 @@ def _pooled_val(ranks: list[dict]) -> None:
             total = sum(rec["local"][name][0] for rec in records)
             weight = sum(rec["local"][name][1] for rec in records)
             assert weight == VAL_ROWS, name  # per-row metrics: 16 + 15 rows, no repeated row
-            logged = "val/" + name.split(".")[-1].removeprefix("val_")  # val_metrics.kl -> val/kl, val_reward -> val/reward
+            # val_metrics.kl -> val/kl, val_reward -> val/reward
+            logged = "val/" + name.split(".")[-1].removeprefix("val_")
             for rec in records:
                 _close(rec["logged"][logged], total / weight)
 

@@ -1,4 +1,5 @@
-"""Recipe tier: `rlhf eval` on two generation files judged by the synthetic oracle, and the KL path on the tiny model."""
+"""Recipe tier: `rlhf eval` on two generation files judged by the synthetic oracle, and the KL path on the tiny
+model."""
 
 import json
 from types import SimpleNamespace
@@ -111,7 +112,8 @@ def test_a_prompt_repeated_in_the_prompt_file_pairs_by_its_index(tmp_path):
     right, wrong = target_response(prompt), " a b"
     for name, responses in (("p", [right, wrong]), ("b", [wrong, wrong])):
         (tmp_path / f"{name}.jsonl").write_text("".join(
-            json.dumps({"prompt": prompt, "response": r, "sample": 0, "index": i}) + "\n" for i, r in enumerate(responses)))
+            json.dumps({"prompt": prompt, "response": r, "sample": 0, "index": i}) + "\n"
+            for i, r in enumerate(responses)))
     out = tmp_path / "e"
     assert rlhf(["eval", "--policy", str(tmp_path / "p.jsonl"), "--baseline", str(tmp_path / "b.jsonl"),
                  "--judge", "{oracle: synthetic}", "--out", str(out)]) == 0

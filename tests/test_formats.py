@@ -346,7 +346,8 @@ def test_json_error_column_counts_within_the_line(tmp_path):
     # a cut-off line: json counts the newline and reported "column 1" (of a line that does not exist)
     path = tmp_path / "cut.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\r\n{"prompt": "a", "completion": "b"\n{"prompt" "a"}\n')
-    with pytest.raises(DataError, match=r"cut\.jsonl:2: invalid JSON \(Expecting ',' delimiter at the end of the line\)$"):
+    with pytest.raises(DataError,
+                       match=r"cut\.jsonl:2: invalid JSON \(Expecting ',' delimiter at the end of the line\)$"):
         read_demonstrations(str(path))
     rows = read_demonstrations(str(path), skip_bad_rows=True)
     assert rows.skipped == {"invalid JSON": 2} and len(rows) == 1
@@ -358,8 +359,10 @@ def test_json_error_column_counts_within_the_line(tmp_path):
 
 def test_byte_order_marks_at_the_start_and_on_joined_lines_are_not_data(tmp_path):
     path = tmp_path / "bom.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n\xef\xbb\xbf{"prompt": "c", "completion": "d"}\n')
-    assert read_demonstrations(str(path)) == [Demonstration("a", "b", f"{path}:1"), Demonstration("c", "d", f"{path}:2")]
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n'
+                     b'\xef\xbb\xbf{"prompt": "c", "completion": "d"}\n')
+    assert read_demonstrations(str(path)) == [Demonstration("a", "b", f"{path}:1"),
+                                              Demonstration("c", "d", f"{path}:2")]
 
 
 def test_non_utf8_bytes_name_line_and_column_and_skip_like_bad_rows(tmp_path):

@@ -160,7 +160,8 @@ def test_an_output_of_another_run_is_refused(tiny_model_dir, prompts, tmp_path, 
     out = tmp_path / "out.jsonl"
     generate(tiny_model_dir, prompts, out, "--num_samples", "2")
     before = out.read_text()
-    argv = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out), "--num_samples", "3"]
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out),
+            "--num_samples", "3"]
     capsys.readouterr()
     assert cli.main(argv) == 3
     err = capsys.readouterr().err
@@ -236,4 +237,5 @@ def test_lora_checkpoint_generates_what_its_adapter_export_does(run_recipe, prom
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     assert all("lora_" in k for k in torch.load(ckpt, weights_only=True)["state_dict"])  # adapter weights only
     args = ("--num_samples", "2", "--seed", "7")
-    assert generate(ckpt, prompts, tmp_path / "ckpt.jsonl", *args) == generate(export, prompts, tmp_path / "a.jsonl", *args)
+    assert (generate(ckpt, prompts, tmp_path / "ckpt.jsonl", *args)
+            == generate(export, prompts, tmp_path / "a.jsonl", *args))

@@ -29,7 +29,8 @@ from tests.conftest import ROOT
 def test_monitor_fires_at_the_patience_th_rise_with_a_fall_not_before():
     monitor = OveroptimisationMonitor(patience=2)
     # validation 1 has nothing to compare with; 2: reward up, judge down (1 of 2); 3: again (2 of 2) -> fires
-    assert [monitor.update(r, j) for r, j in [(1.0, 5.0), (2.0, 4.0), (3.0, 3.0), (4.0, 2.0)]] == [False, False, True, True]
+    assert ([monitor.update(r, j) for r, j in [(1.0, 5.0), (2.0, 4.0), (3.0, 3.0), (4.0, 2.0)]]
+            == [False, False, True, True])
     assert monitor.streak == 3 and monitor.trajectory == [(2.0, 4.0), (3.0, 3.0), (4.0, 2.0)]  # last patience + 1
 
 
@@ -324,7 +325,8 @@ def test_a_resume_with_another_judge_restarts_the_judge_state(tiny_model_dir):
     other = RejectionSamplingModule(policy, RewardSpec(oracle="synthetic"),
                                     val_reward=RewardSpec(functions=["core.tasks:oracle_reward"]),
                                     export_best="val/judge_reward")
-    with pytest.warns(UserWarning, match="judged with another val_reward: the best val/judge_reward .max. starts afresh"):
+    with pytest.warns(UserWarning,
+                      match="judged with another val_reward: the best val/judge_reward .max. starts afresh"):
         other.on_load_checkpoint(checkpoint)
     assert other.judge_monitor.trajectory == [] and other.best_weights.step is None
     by_reward = RejectionSamplingModule(policy, RewardSpec(oracle="synthetic"), export_best="val/reward")

@@ -5,7 +5,8 @@ with ratings and flags; a lost answer is retried with the same client_id and sto
 SIGKILL while the page submits and again afterwards, and every label is still there, exactly as entered. Also: a
 response holding <script> / <img onerror> shows as text and runs nothing, and no token (or a wrong one) gives the
 token form. Screenshots of the two views go to tmp_path; with RLHF_LABEL_SCREENSHOTS=1 they replace the README's
-docs/label-pair.png and docs/label-ranking.png (RLHF_LABEL_SCREENSHOTS=1 .venv/bin/python -m pytest tests/test_label_browser.py).
+docs/label-pair.png and docs/label-ranking.png
+(RLHF_LABEL_SCREENSHOTS=1 .venv/bin/python -m pytest tests/test_label_browser.py).
 
 Needs chromium (`apt-get install chromium`; .ci/run installs it) and playwright (the dev extra); skipped without.
 Playwright's own browser downloads are not used.
@@ -56,7 +57,8 @@ def queue_item(prompt: str, responses: list[str]) -> dict:
 PAIR = queue_item(
     "How do I read a text file **line by line** in Python?",
     ["Open it in a `with` block and iterate over the file object:\n\n"
-     "```python\nwith open(\"notes.txt\", encoding=\"utf-8\") as f:\n    for line in f:\n        print(line.rstrip())\n```\n\n"
+     "```python\nwith open(\"notes.txt\", encoding=\"utf-8\") as f:\n"
+     "    for line in f:\n        print(line.rstrip())\n```\n\n"
      "The file is closed for you, even if an error is raised, and only one line is in memory at a time.",
      "Use **readlines()**:\n\n```python\nlines = open(\"notes.txt\").readlines()\n```\n\n"
      "- reads the *whole* file into memory\n- leaves closing the file to the garbage collector"])
@@ -316,9 +318,11 @@ def test_label_a_pair_and_a_ranking_survive_kill9(serve, page, tmp_path):
     root = server.db.parent
     fit = subprocess.run([sys.executable, "-m", "recipes.cli", "reward", "fit", "--config", "configs/reward/tiny.yaml",
                           f"--data.train_file={exported}", "--data.layout=rankings", "--data.batch_size=2",
-                          "--trainer.max_steps=2", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={root}",
+                          "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                          f"--trainer.default_root_dir={root}",
                           f"--trainer.logger.init_args.save_dir={root / 'runs'}", f"--model.save_dir={root / 'rm'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert fit.returncode == 0, fit.stderr[-2000:]
     assert (root / "rm" / "lightning_rlhf.json").is_file()
 
@@ -356,7 +360,8 @@ def test_token_form_and_unsafe_text(serve, page):
     assert page.evaluate("typeof window.__xss") == "undefined"
 
     render = "s => window.rlhfLabel.renderMarkdown(s)"
-    assert page.evaluate(render, "a & b < c > d \"e\" 'f'") == "<p>a &amp; b &lt; c &gt; d &quot;e&quot; &#39;f&#39;</p>"
+    assert page.evaluate(render, "a & b < c > d \"e\" 'f'") == (
+        "<p>a &amp; b &lt; c &gt; d &quot;e&quot; &#39;f&#39;</p>")
     assert page.evaluate(render, "x\n\n- one\n- **two**\n\nend `a<b`") == (
         "<p>x</p><ul><li>one</li><li><strong>two</strong></li></ul><p>end <code>a&lt;b</code></p>")
     assert page.evaluate(render, "```\n<script>\n**no**\n```") == "<pre><code>&lt;script&gt;\n**no**</code></pre>"

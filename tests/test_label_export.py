@@ -77,7 +77,8 @@ def test_agreement_by_hand(labelled):
     #   P0 (0,1): a i, b i | P1 (0,1): a i, b j | P1 (0,2): i, i | P1 (1,2): i, i | P2 (0,1): a i, b j, c i
     # annotator pairs agreeing: 1 + 0 + 1 + 1 + 1 (a-c of 3 pairs) = 4 of 1 + 1 + 1 + 1 + 3 = 7
     # coincidences o_ck (ordered value pairs in a unit, weight 1 / (m_u - 1)):
-    #   o_ii = 2 (P0) + 2 + 2 (P1 (0,2), (1,2)) + 2 * 1/2 (P2: a-c, c-a) = 7;  o_ij = 1 (P1 (0,1)) + 2 * 1/2 (P2) = 2 = o_ji
+    #   o_ii = 2 (P0) + 2 + 2 (P1 (0,2), (1,2)) + 2 * 1/2 (P2: a-c, c-a) = 7;
+    #   o_ij = 1 (P1 (0,1)) + 2 * 1/2 (P2) = 2 = o_ji
     #   n_i = 7 + 2 = 9, n_j = 2, n = 11;  alpha = 1 - (n - 1) * (o_ij + o_ji) / (n_i n_j + n_j n_i)
     #                                             = 1 - 10 * 4 / 36 = -1/9
     assert agreement(store) == {"items": 3, "units": 5, "annotator_pairs": 7, "pairwise_agreement": 4 / 7,

@@ -481,7 +481,8 @@ def fake_loop(monkeypatch):
             folder = Path(_flag(command, "out"))
             folder.mkdir(parents=True)
             (folder / "eval.json").write_text(json.dumps(
-                {"win_rate": {"win_rate": 0.5 + 0.1 * len(ran)}, "policy": {"score": {"mean": 0.25}}, "kl": {"kl": 1.5}}))
+                {"win_rate": {"win_rate": 0.5 + 0.1 * len(ran)}, "policy": {"score": {"mean": 0.25}},
+                 "kl": {"kl": 1.5}}))
         else:
             save_dir = Path(_flag(command, "model.save_dir"))
             save_dir.mkdir(parents=True, exist_ok=True)
@@ -549,7 +550,10 @@ def test_more_rounds_run_only_the_new_round_and_a_changed_generate_starts_a_new_
         ("samples", "labels", "rm", "policy", "eval")]
     fake_loop.clear()
     seen = []
-    pipeline.launch, real = (lambda command, log: seen.append(Path(_flag(command, "out")).exists()) or 0), pipeline.launch
+    pipeline.launch, real = (
+        (lambda command, log: seen.append(Path(_flag(command, "out")).exists()) or 0),
+        pipeline.launch,
+    )
     try:
         pipeline.main(["--config", str(path), "--out", str(out), "--from", "r2.samples", "--rounds", "2"])
     except SystemExit:
@@ -653,7 +657,9 @@ def test_the_rounds_table_takes_an_ensembles_member_mean_and_sums_wall_times():
     assert table == {1: {"wall_s": 12.0, "rm/val/acc": pytest.approx((0.5 + 0.7) / 2), "eval/win_rate": 0.6}}
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "pipeline").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "pipeline").glob("*.yaml"))
+)
 def test_every_shipped_pipelines_tool_stages_parse_with_the_tools_own_flags(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     pipeline.check_tools(pipeline.load(path))  # raises PipelineConfigError naming file:line otherwise

@@ -90,7 +90,8 @@ def test_shared_layout_holds_one_base_and_trains_adapter_and_head(synthetic_dir,
     assert module.reference is None and module.value_model is None
     assert sum(p.numel() for p in module.parameters()) == n_base + n_extra  # no second copy of the base
     before = _snapshot(module)
-    monkeypatch.setattr(module.reward, "score", lambda prompts, responses, meta=None, device=None: torch.ones(len(prompts)))
+    monkeypatch.setattr(module.reward, "score",
+                        lambda prompts, responses, meta=None, device=None: torch.ones(len(prompts)))
     _fit(module, synthetic_dir, tiny_model_dir, tmp_path)
     changed = _changed(module, before)
     assert any("lora_" in n for n in changed) and "value_head.weight" in changed
@@ -141,7 +142,8 @@ def test_score_lands_on_last_real_token_of_early_eos_row(tiny_model_dir, monkeyp
         has_eos=torch.tensor([True, False]),
     )
     monkeypatch.setattr("modules.ppo.generate", lambda *args, **kwargs: rollout)
-    monkeypatch.setattr(module.reward, "score", lambda prompts, responses, meta=None, device=None: torch.tensor([2.0, 3.0]))
+    monkeypatch.setattr(module.reward, "score",
+                        lambda prompts, responses, meta=None, device=None: torch.tensor([2.0, 3.0]))
     batch = {"input_ids": rollout.sequences[:, :3], "attention_mask": rollout.attention_mask[:, :3],
              "prompts": ["Reverse: a\nAnswer:", "Reverse: b\nAnswer:"], "meta": [{}, {}]}
     exp, stats = module.rollout(batch, torch.Generator().manual_seed(0), kl_coef=0.0, chunk=2)

@@ -55,7 +55,8 @@ def test_pack_gathers_what_the_padded_slice_reads_and_rejects_empty_prompts():
     for row_length in (None, 3, 12, 40):  # 3 < longest sequence: raised to it
         packed = pack_sequences(seq, mask, 6, row_length=row_length)
         torch.testing.assert_close(packed.input_ids.flatten()[packed.index], response_slice(seq, 6))
-        torch.testing.assert_close(packed.position_ids.flatten()[packed.index], response_slice(positions_from_mask(mask), 6))
+        torch.testing.assert_close(packed.position_ids.flatten()[packed.index],
+                                   response_slice(positions_from_mask(mask), 6))
         assert packed.input_ids.numel() - mask.sum() < packed.input_ids.shape[1]  # at most one row's worth of tail
     with pytest.raises(ValueError, match="prompt token"):
         pack_sequences(seq, torch.cat([torch.zeros(5, 6), torch.ones(5, 3)], 1).long(), 6)

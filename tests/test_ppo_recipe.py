@@ -55,9 +55,11 @@ def test_killed_and_resumed_run_logs_the_same_metrics(monkeypatch, tmp_path, whe
     from datamodules.prompts import PromptDataModule
     from datamodules.resumable import ResumableLoader
 
-    dm = PromptDataModule(str(ROOT / "tests/fixtures/synthetic/prompts_train.jsonl"), tokenizer=str(ROOT / "tests/fixtures/tiny-llama"))
+    dm = PromptDataModule(str(ROOT / "tests/fixtures/synthetic/prompts_train.jsonl"),
+                          tokenizer=str(ROOT / "tests/fixtures/tiny-llama"))
     dm.setup()
-    assert isinstance(dm.train_dataloader(), ResumableLoader), "mid-epoch resume needs PromptDataModule to use ResumableLoader"
+    assert isinstance(dm.train_dataloader(), ResumableLoader), (
+        "mid-epoch resume needs PromptDataModule to use ResumableLoader")
     # adaptive KL so the controller state matters; 4 rollouts x 2 PPO epochs = 8 optimizer steps; a checkpoint
     # every 4 optimizer steps = after rollout 2; the epoch is 32 rollouts long, or 2 at the epoch boundary
     args = ["--model.adaptive_kl=true", "--model.kl_horizon=50", "--checkpoint.every_n_train_steps=4"]

@@ -1,5 +1,6 @@
 """`rlhf <stage> predict`: one jsonl through the prediction writer for every stage; a policy stage's rows are
-`rlhf generate`'s on the same model, prompts, batch size and seed; two processes still write one file, every prompt once.
+`rlhf generate`'s on the same model, prompts, batch size and seed; two processes still write one file, every
+prompt once.
 
 Why equal to generate: both sample batch i from batch_generator(seed, i) (rank 0 / one process), over the same prompt
 rows (PromptDataModule and generate encode prompts alike, SFT and preference prompts too), in batches of the same size.
@@ -72,7 +73,8 @@ def test_policy_rows_equal_generate(run_recipe, tmp_path, tiny_model_dir, stage,
     first.write_text("".join((SYNTHETIC / prompts).read_text().splitlines(True)[: 2 * batch]))
     args = ["generate", "--model", str(tiny_model_dir), "--prompts", str(first), "--out", str(tmp_path / "gen.jsonl"),
             "--device", "cpu", "--max_new_tokens", "10", "--max_prompt_length", "32", "--batch_size", str(batch),
-            "--seed", seed, "--num_samples", spec.get("num_samples", "1"), "--temperature", spec.get("temperature", "1")]
+            "--seed", seed, "--num_samples", spec.get("num_samples", "1"),
+            "--temperature", spec.get("temperature", "1")]
     assert cli.main(args) == 0
     generated = _rows(tmp_path / "gen.jsonl")
     predicted = _rows(out)
@@ -106,8 +108,8 @@ def test_two_processes_write_one_file_with_every_prompt_once(tmp_path):
 
 def test_predict_from_a_checkpoint_equals_generate_from_it(run_recipe, tmp_path):
     """A trained policy: `rlhf sft predict --ckpt_path` writes what `rlhf generate --model CKPT` does."""
-    run_recipe("sft", "fit", "--config", "configs/sft/tiny.yaml", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-               f"--model.save_dir={tmp_path / 'hf'}")
+    run_recipe("sft", "fit", "--config", "configs/sft/tiny.yaml", "--trainer.max_steps=2",
+               "--trainer.limit_val_batches=0", f"--model.save_dir={tmp_path / 'hf'}")
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     out = tmp_path / "predict.jsonl"
     # the checkpoint's own sampling settings: the resume contract refuses other model keys than predict_file & co

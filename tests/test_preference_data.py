@@ -60,7 +60,9 @@ def test_collate_rankings_literal():
         [4, 4, 3, 2],
         [4, 4, 1, 2],
     ]
-    assert batch.tokens.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert batch.tokens.attention_mask.tolist() == [
+        [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1],
+    ]
     assert batch.tokens.labels.tolist() == [[X, 6, 2, X], [X, 7, 8, 2], [X, 9, 2, X], [X, X, 3, 2], [X, X, 1, 2]]
     assert batch.group.tolist() == [0, 0, 0, 1, 1] and batch.group.dtype == torch.long
     assert batch.ranks.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
@@ -207,7 +209,8 @@ def test_layout_is_checked(tiny_model_dir):
 def test_rating_scale_option(tmp_path, tiny_model_dir):
     rated = {"prompt": PROMPT, "responses": [" c b a", " a b c", " b b b", " c c c"], "ratings": [1e9, -50, 3, 999]}
     path = _write(tmp_path / "r.jsonl", [PAIR, rated])
-    with pytest.raises(DataError, match=r"r\.jsonl:2: rating outside rating_scale \[1, 7\] \(ratings\[0\] = 1000000000\.0\)"):
+    with pytest.raises(DataError,
+                       match=r"r\.jsonl:2: rating outside rating_scale \[1, 7\] \(ratings\[0\] = 1000000000\.0\)"):
         _dm(tiny_model_dir, path, path)
     dm = _dm(tiny_model_dir, path, path, layout="rankings", rating_scale=(-100, 1e9))
     assert dm.val_rows[1][1] == [0.0, 3.0, 2.0, 1.0]
@@ -219,8 +222,10 @@ def test_truncation_skip_drops_the_whole_record(tmp_path, tiny_model_dir, caplog
     with caplog.at_level("WARNING"):
         dm = _dm(tiny_model_dir, path, path, layout="rankings", truncation="skip")
     assert [len(enc) for enc, _, _ in dm.val_rows] == [2]
-    assert f"skipped (truncation='skip') 1 of 6 sequences: completion longer than max_length 64 allows (first: {path}:2" \
+    assert (
+        f"skipped (truncation='skip') 1 of 6 sequences: completion longer than max_length 64 allows (first: {path}:2"
         in caplog.text and "dropped 1 of 2 records at tokenization" in caplog.text
+    )
     assert len(_dm(tiny_model_dir, path, path, layout="rankings").val_rows) == 2  # left: cut and kept, reported
     with pytest.raises(DataError, match=f"{path}:2: completion longer than max_length 64 allows"):
         _dm(tiny_model_dir, path, path, truncation="error")

@@ -54,8 +54,10 @@ def test_prepare_only_writes_the_data_a_fresh_prompt_pool_and_the_base_model_onl
     out = tmp_path / "qs"
     main(["--out", str(out), "--n-train", "100", "--prepare-only"])
     data = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in (out / "data").glob("*.jsonl")}
-    assert set(data) == {f"{kind}_{split}" for kind in ("sft", "pairs", "rankings", "prompts") for split in ("train", "val")}
+    assert set(data) == {f"{kind}_{split}" for kind in ("sft", "pairs", "rankings", "prompts")
+                         for split in ("train", "val")}
     pool = [json.loads(line)["prompt"] for line in (out / "pool" / "prompts_train.jsonl").read_text().splitlines()]
     assert len(pool) == len(set(pool)) == POOL
     assert not set(pool) & {row["prompt"] for rows in data.values() for row in rows}  # never trained or evaluated on
-    assert (out / "base" / "config.json").is_file() and sorted(p.name for p in out.iterdir()) == ["base", "data", "pool", "quickstart.json"]
+    assert ((out / "base" / "config.json").is_file()
+            and sorted(p.name for p in out.iterdir()) == ["base", "data", "pool", "quickstart.json"])

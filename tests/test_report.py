@@ -44,7 +44,8 @@ def test_concepts_from_old_and_new_names(tmp_path):
     write_csv(tmp_path / "ppo" / "version_0" / "metrics.csv", OLD)
     write_csv(tmp_path / "rs" / "version_0" / "metrics.csv", NEW)
     assert split_name("val/rewards/accuracies") == ("val", "rewards/accuracies")
-    assert split_name("objective/kl") == ("train", "objective/kl") and split_name("train/loss_step") == ("train", "loss")
+    assert (split_name("objective/kl") == ("train", "objective/kl")
+            and split_name("train/loss_step") == ("train", "loss"))
     found = labelled(sorted(tmp_path.rglob("metrics.csv")))
     assert [label for label, _ in found] == ["ppo", "rs"]
     metrics = {label: read_metrics(path) for label, path in found}

@@ -75,8 +75,8 @@ class _Recorder(LightningModule):
 def _fit(tmp_path, callbacks, max_steps=-1, ckpt_path=None) -> list[list[int]]:
     module = _Recorder()
     checkpoint = ModelCheckpoint(tmp_path, every_n_train_steps=2, save_last=True)
-    Trainer(max_epochs=1, max_steps=max_steps, callbacks=[checkpoint, *callbacks], logger=False, enable_progress_bar=False,
-            enable_model_summary=False).fit(module, ckpt_path=ckpt_path)
+    Trainer(max_epochs=1, max_steps=max_steps, callbacks=[checkpoint, *callbacks], logger=False,
+            enable_progress_bar=False, enable_model_summary=False).fit(module, ckpt_path=ckpt_path)
     return module.seen
 
 

@@ -15,7 +15,8 @@ from tests.conftest import ROOT
 # one changed model hyperparameter per stage, nested ones included (the message names the dotted key)
 UNSAFE = {
     "sft": ("--model.warmup_steps=5", "model.warmup_steps: checkpoint 0, given 5"),
-    "reward": ("--model.backbone.path=elsewhere", "model.backbone.path: checkpoint 'tests/fixtures/tiny-llama', given 'elsewhere'"),
+    "reward": ("--model.backbone.path=elsewhere",
+               "model.backbone.path: checkpoint 'tests/fixtures/tiny-llama', given 'elsewhere'"),
     "dpo": ("--model.beta=0.3", "model.beta: checkpoint 0.1, given 0.3"),
     "ppo": ("--model.kl_coef=0.2", "model.kl_coef: checkpoint 0.05, given 0.2"),
     "rs": ("--model.sampling.num_samples=2", "model.sampling.num_samples: checkpoint 4, given 2"),
@@ -70,7 +71,8 @@ def test_checkpoint_hparams_match_their_config_and_a_changed_one_is_refused(stag
 
 def test_sft_resume_honours_a_new_save_dir_and_refuses_a_new_warmup(run_recipe, tmp_path):
     runs = tmp_path / "runs"
-    run_recipe("sft", "fit", "--config", "configs/sft/tiny.yaml", "--trainer.max_steps=3", f"--model.save_dir={tmp_path / 'a'}")
+    run_recipe("sft", "fit", "--config", "configs/sft/tiny.yaml", "--trainer.max_steps=3",
+               f"--model.save_dir={tmp_path / 'a'}")
     last = next(runs.rglob("last.ckpt"))
     first_export = (tmp_path / "a" / "model.safetensors").stat().st_mtime_ns
 

@@ -102,6 +102,7 @@ def test_rankings_with_shared_prompt_fit_and_validate(run_recipe, tmp_path, caps
     data = ["--data.layout", "rankings", "--data.share_prompt", "true",
             "--data.train_file", "tests/fixtures/synthetic/rankings_train.jsonl",
             "--data.val_file", "tests/fixtures/synthetic/rankings_val.jsonl"]
-    run_recipe("reward", "fit", "--config", TINY, *data, "--trainer.max_steps", "2", f"--model.save_dir={tmp_path / 'rm'}")
+    run_recipe("reward", "fit", "--config", TINY, *data, "--trainer.max_steps", "2",
+               f"--model.save_dir={tmp_path / 'rm'}")
     run_recipe("reward", "validate", "--config", TINY, *data, f"--model.backbone.path={tmp_path / 'rm'}")
     assert "val/ranking_accuracy" in capsys.readouterr().out

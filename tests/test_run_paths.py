@@ -50,7 +50,8 @@ def test_last_takes_the_highest_version_holding_last_ckpt(tmp_path):
     assert last_checkpoint(config, "rlhf sft") == str(tmp_path / "runs/sft/version_10/checkpoints/last.ckpt")
     (tmp_path / "ckpts").mkdir()
     (tmp_path / "ckpts" / "last.ckpt").touch()
-    assert last_checkpoint(_config(str(tmp_path), dirpath=str(tmp_path / "ckpts")), "rlhf sft") == str(tmp_path / "ckpts/last.ckpt")
+    assert (last_checkpoint(_config(str(tmp_path), dirpath=str(tmp_path / "ckpts")), "rlhf sft")
+            == str(tmp_path / "ckpts/last.ckpt"))
 
 
 def test_last_without_a_checkpoint_names_where_it_looked(tmp_path):
@@ -91,7 +92,8 @@ def test_default_root_dir_holds_the_whole_run_and_last_resumes_it(tmp_path):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     # the config's relative model.save_dir (runs/sft/tiny/hf_model) is taken under the root as well
     assert (tmp_path / "runs" / "sft" / "tiny" / "hf_model" / "model.safetensors").exists()
-    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "runs")
+    assert (yaml.safe_load((run / "config.yaml").read_text())["trainer"]["logger"]["init_args"]["save_dir"]
+            == str(tmp_path / "runs"))
 
     proc = _rlhf(f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=5", "--ckpt_path=last")
     assert proc.returncode == 0, proc.stderr

@@ -69,7 +69,8 @@ def test_encode_completions_prefix_mismatch_names_row(tiny_model_dir):
     # "Answer" split as "Ans" + "wer" merges across the boundary in BPE
     with pytest.raises(DataError, match=r"d.jsonl:7: .*prefix"):
         encode_completions(tok, ["Reverse: a\nAns"], ["wer: a"], ["d.jsonl:7"], 64, 32)
-    kept = encode_completions(tok, ["Reverse: a\nAns", "Reverse: b\nAnswer:"], ["wer: a", " b"], ["d:1", "d:2"], 64, 32, True)
+    kept = encode_completions(tok, ["Reverse: a\nAns", "Reverse: b\nAnswer:"], ["wer: a", " b"], ["d:1", "d:2"],
+                              64, 32, True)
     assert len(kept) == 1
 
 

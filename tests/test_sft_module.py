@@ -72,7 +72,8 @@ def test_completion_only_head_equals_full_forward(tiny_model_dir):
 
 
 def test_lora_trains_adapters_only_and_adapter_off_is_base(synthetic_dir, tiny_model_dir, tmp_path):
-    module = SFTModule(ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0)), save_dir=str(tmp_path / "hf"))
+    module = SFTModule(ModelSpec(path=str(tiny_model_dir), lora=LoraSpec(r=4, dropout=0.0)),
+                       save_dir=str(tmp_path / "hf"))
     module.configure_model()
     trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

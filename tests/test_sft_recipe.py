@@ -36,7 +36,8 @@ def test_resume_from_last_checkpoint(run_recipe, tmp_path):
     assert ckpt["global_step"] == 3
     assert all("policy." in k for k in ckpt["state_dict"])
     (tmp_path / "a" / "model.safetensors").unlink()
-    run_recipe("sft", "fit", "--config", TINY, "--trainer.max_steps=5", f"--ckpt_path={last}", f"--model.save_dir={tmp_path / 'a'}")
+    run_recipe("sft", "fit", "--config", TINY, "--trainer.max_steps=5", f"--ckpt_path={last}",
+               f"--model.save_dir={tmp_path / 'a'}")
     assert (tmp_path / "a" / "model.safetensors").exists()
     resumed = sorted((tmp_path / "runs").rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
     assert torch.load(resumed, weights_only=True)["global_step"] == 5
@@ -50,7 +51,8 @@ def test_help_documents_every_argument(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for arg in ["--model.policy.path", "--model.policy.quantization", "--model.policy.lora", "--model.merge_lora",
-                "--data.packing", "--data.max_prompt_length", "--data.skip_bad_rows", "--checkpoint.every_n_train_steps"]:
+                "--data.packing", "--data.max_prompt_length", "--data.skip_bad_rows",
+                "--checkpoint.every_n_train_steps"]:
         assert arg in text, arg
     assert "prompt is cut from the left" in text  # docstrings become the help text
 
@@ -72,7 +74,8 @@ def test_configs_compose_left_to_right(tmp_path, capsys, monkeypatch):
 
 def test_malformed_data_stops_before_training_naming_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "Reverse: a\nAnswer:", "completion": " a"}) + "\n" + '{"prompt": 3, "completion": "x"}\n')
+    bad.write_text(json.dumps({"prompt": "Reverse: a\nAnswer:", "completion": " a"}) + "\n"
+                   + '{"prompt": 3, "completion": "x"}\n')
     proc = subprocess.run(
         [sys.executable, "-m", "recipes.cli", "sft", "fit", "--config", TINY, f"--data.train_file={bad}",
          f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"],

@@ -85,7 +85,8 @@ def test_every_stage_holds_its_optimisation_and_export_from_the_same_arguments(t
     for module in _stages(tiny_model_dir, **kw):
         assert module.optim == OptimSpec(adam, None, 3, decay), module.stage
         export = module.export
-        assert (export.stage, export.save_dir, export.merge_lora, export.overwrite) == (module.stage, "out", False, True)
+        assert ((export.stage, export.save_dir, export.merge_lora, export.overwrite)
+                == (module.stage, "out", False, True))
         assert module.configure_callbacks() == [export]  # no trainer: the export alone
         assert {"warmup_steps", "decay", "save_dir", "merge_lora", "overwrite"} <= set(module.hparams)
     assert [m.export.model for m in _stages(tiny_model_dir)] == ["policy", "backbone", "policy", "policy", "policy"]
