@@ -83,14 +83,14 @@ class PPOModule(StageHooks, LightningModule):
             "dapo"); "seq_mean" over each response's tokens, then over responses (the GRPO paper). Default
             token_mean: seq_mean gives a token of a short response more weight than one of a long response, so
             long wrong answers are penalised less per token and responses drift longer (the paper's length bias).
-            gae keeps its token mean.
+            Means are per rank (DDP averages the ranks' gradients, as for gae); gae keeps its token mean.
         kl_coef: KL penalty coefficient (the initial one if adaptive_kl); grpo: the KL loss term's coefficient.
         kl_kind: per-token KL estimator of the reward penalty and train/kl: k1 (logp - ref), k3, abs or mse
             (grpo's loss term is always k3: the k1 term's gradient is zero in expectation).
         adaptive_kl: steer the summed per-response KL to kl_target (Ziegler et al.), else fixed kl_coef.
         kl_target: adaptive KL target, nats per response.
         kl_horizon: adaptive KL horizon, in responses.
-        gamma: GAE discount.
+        gamma: discount of GAE and of reinforce_pp's returns.
         lam: GAE lambda.
         clip_eps: policy ratio clip range.
         value_clip_eps: value clip range around the rollout's values.
@@ -198,9 +198,8 @@ class PPOModule(StageHooks, LightningModule):
         self.generator: torch.Generator | None = None  # rollouts and minibatch order; saved in checkpoints
         self.val_generator: torch.Generator | None = None
         self._pending_state: dict | None = None  # generator state loaded before the generator exists
-        self.val_metrics = torch.nn.ModuleDict(
-            {k: MeanMetric() for k in ("reward", "kl", "value_loss", "response_length") if self.critic or k != "value_loss"}
-        )
+        val_names = ("reward", "kl", "value_loss", "response_length") if self.critic else ("reward", "kl", "response_length")
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in val_names})
         # held-out judge (modules/overoptimisation.py, StageHooks.judged_metrics): own copy, as self.reward
         self.judge = dataclasses.replace(as_reward_spec(val_reward)) if val_reward is not None else None
         if self.judge is not None:
@@ -348,8 +347,8 @@ class PPOModule(StageHooks, LightningModule):
         logs: dict[str, list] = {}
         for _ in range(self.ppo_epochs):
             for micro in minibatches(b, self.num_minibatches, self.grad_accum, self.generator, exp.mask.device):
-                # rows weigh micro-batches (token-mean losses per micro-batch, seq_mean); token_mean: tokens, so the
-                # minibatch's loss is the mean over all its tokens
+                # a micro-batch's loss weighs its share of the minibatch's rows (gae, seq_mean) or, for token_mean,
+                # of its response tokens, so that the minibatch's loss is the mean over all of its tokens
                 weights = micro_batch_weights(exp.mask, micro, by_tokens=not self.critic and self.loss_agg == "token_mean")
                 for idx, weight in zip(micro, weights):
                     out = self.ppo_losses(exp, idx, kl_coef)
