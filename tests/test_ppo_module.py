@@ -202,6 +202,8 @@ def test_group_advantages_need_two_samples_per_prompt(advantage, tiny_model_dir)
         _module(tiny_model_dir, advantage=advantage)  # num_samples 1
     with pytest.raises(ValueError, match="value_model"):
         _module(tiny_model_dir, advantage=advantage, sampling=GROUPS, value_model=ModelSpec(path=str(tiny_model_dir)))
+    with pytest.raises(ValueError, match="'val/value_loss' is not a metric this module logs"):  # no critic, no value loss
+        _module(tiny_model_dir, advantage=advantage, sampling=GROUPS, export_best="val/value_loss")
 
 
 def _group_rollout(module, monkeypatch, scores):
