@@ -8,6 +8,9 @@ num_minibatches optimizer steps, each over grad_accum micro-batches, with gradie
 Layouts: "separate" = policy (full or LoRA) + frozen reference copy + value model (scalar head, read per
 token); "shared" = ONE base: the policy is a LoRA adapter, the reference the adapter switched off, the value
 a linear head on the policy's last hidden state (an 8-bit base works: quantization int8 + LoRA).
+Critic-free advantages (`advantage` grpo, rloo, reinforce_pp; core/losses/critic_free.py) replace step (3)'s GAE
+and load no value model or value head: GRPO normalises each prompt's group of sampled scores and puts the KL in
+the loss, RLOO subtracts the other samples' mean reward, REINFORCE++ whitens discounted KL-shaped returns.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torchmetrics.aggregation import MeanMetric
 from core.batches import PackedResponses
 from core.forward import response_logits, response_values
 from core.generation import SamplingSpec, decode_responses, generate
+from core.losses import critic_free as cf
 from core.losses import ppo as losses
 from core.losses.kl_control import AdaptiveKLController, FixedKLController
 from core.losses.normalise import RunningMoments
@@ -40,7 +44,7 @@ from core.reward_spec import RewardSpec, as_reward_spec
 from modules.export import EXPORT_ARGS, HFExport
 from modules.overoptimisation import JUDGE_ARGS, BestWeights, OveroptimisationMonitor
 from modules.predict import response_writer, sample_rows
-from modules.rollout import Experience, minibatches, repeat_each
+from modules.rollout import Experience, micro_batch_weights, minibatches, repeat_each
 from modules.stage import StageHooks, root_device, shared_args
 
 
@@ -51,6 +55,9 @@ class PPOModule(StageHooks, LightningModule):
     Under manual optimisation `trainer.max_steps` and `global_step` count OPTIMIZER steps: one batch of
     prompts makes ppo_epochs * num_minibatches of them (use multiples for checkpoint.every_n_train_steps).
     The optimizer takes all trainable parameters, the policy's and the value model's; fit exports the policy.
+    The critic-free advantages (grpo, rloo, reinforce_pp) load no value model and no value head, have no value
+    loss and log no value metrics; gamma, lam, vf_coef and value_clip_eps are for gae only (gamma also discounts
+    reinforce_pp's returns).
 
     Args:
         policy: the model to train (full weights, or LoRA; layout "shared" needs LoRA).
@@ -59,13 +66,31 @@ class PPOModule(StageHooks, LightningModule):
             softmax, so keep top_k 0 and top_p 1.0 (truncated sampling would be off-policy).
         layout: "separate" (reference copy, value model) or "shared" (one base: adapter, adapter off, value head).
         value_model: layout "separate": value model with a scalar head read at every response token; it must
-            share the policy's tokenizer. Default: the reward's first model, else the policy.
-        kl_coef: KL penalty coefficient (the initial one if adaptive_kl).
-        kl_kind: per-token KL estimator: k1 (logp - ref), k3, abs or mse.
+            share the policy's tokenizer. Default: the reward's first model, else the policy. advantage gae only.
+        advantage: "gae" (PPO with a value model: KL penalty in the token rewards, GAE); critic-free, no value
+            model: "grpo" (Shao et al. 2024, arXiv 2402.03300: every token of response i gets
+            (score_i - mean of its prompt's group) / (std of the group + 1e-4); the KL to the reference is a loss
+            term, kl_coef x the k3 estimator per token, not a reward penalty), "rloo" (Ahmadian et al. 2024,
+            arXiv 2402.14740: R_i = score_i - kl_coef x the response's summed KL (kl_kind), advantage R_i - the
+            mean R of the other samples of its prompt, on every token), "reinforce_pp" (Hu 2025, arXiv
+            2501.03262: the KL-penalised token rewards of gae, returns discounted by gamma, whitened over all
+            response tokens of the batch (per rank)). grpo and rloo need sampling.num_samples >= 2: the group
+            is a prompt's num_samples responses.
+        group_std: grpo: divide by the group's std; False is Dr. GRPO (Liu et al. 2025, arXiv 2503.20783), which
+            drops it (the std up-weights prompts the policy nearly always or never gets right).
+        loss_agg: critic-free options: "token_mean" averages the per-token loss (clipped surrogate + grpo's KL
+            term - entropy bonus) over every response token of the minibatch (DAPO, Dr. GRPO; TRL's default
+            "dapo"); "seq_mean" over each response's tokens, then over responses (the GRPO paper). Default
+            token_mean: seq_mean gives a token of a short response more weight than one of a long response, so
+            long wrong answers are penalised less per token and responses drift longer (the paper's length bias).
+            Means are per rank (DDP averages the ranks' gradients, as for gae); gae keeps its token mean.
+        kl_coef: KL penalty coefficient (the initial one if adaptive_kl); grpo: the KL loss term's coefficient.
+        kl_kind: per-token KL estimator of the reward penalty and train/kl: k1 (logp - ref), k3, abs or mse
+            (grpo's loss term is always k3: the k1 term's gradient is zero in expectation).
         adaptive_kl: steer the summed per-response KL to kl_target (Ziegler et al.), else fixed kl_coef.
         kl_target: adaptive KL target, nats per response.
         kl_horizon: adaptive KL horizon, in responses.
-        gamma: GAE discount.
+        gamma: discount of GAE and of reinforce_pp's returns.
         lam: GAE lambda.
         clip_eps: policy ratio clip range.
         value_clip_eps: value clip range around the rollout's values.
@@ -75,7 +100,8 @@ class PPOModule(StageHooks, LightningModule):
         num_minibatches: optimizer steps per pass (the rollout is split into this many minibatches).
         grad_accum: micro-batches per minibatch, each backward separately (memory), one optimizer step.
         max_grad_norm: clip the global gradient norm to this (None: no clipping).
-        whiten_advantages: whiten advantages over the rollout's response tokens.
+        whiten_advantages: whiten advantages over the rollout's response tokens (gae and reinforce_pp; grpo and
+            rloo are normalised within their groups).
         reward_norm: normalise scores by the running mean and std of every rollout's scores so far (this one
             included; pooled over DDP ranks), before the missing-EOS penalty and score_clip: the KL coefficient
             and the clip then mean the same for any reward model's scale. train/reward and val/reward stay raw.
@@ -97,6 +123,9 @@ class PPOModule(StageHooks, LightningModule):
         sampling: SamplingSpec = SamplingSpec(),  # never mutated: a shared default is safe
         layout: Literal["separate", "shared"] = "separate",
         value_model: ModelSpec | None = None,
+        advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae",
+        group_std: bool = True,
+        loss_agg: Literal["token_mean", "seq_mean"] = "token_mean",
         kl_coef: float = 0.05,
         kl_kind: Literal["k1", "k3", "abs", "mse"] = "k1",
         adaptive_kl: bool = False,
@@ -141,6 +170,18 @@ class PPOModule(StageHooks, LightningModule):
         if layout == "shared" and self.policy_spec.lora is None:
             raise ValueError("layout='shared' trains the policy as a LoRA adapter on the shared base: set policy.lora")
         self.layout = layout
+        if advantage not in ("gae", "grpo", "rloo", "reinforce_pp"):
+            raise ValueError(f"advantage={advantage!r}: expected gae, grpo, rloo or reinforce_pp")
+        if advantage in ("grpo", "rloo") and self.sampling.num_samples < 2:
+            raise ValueError(f"advantage={advantage!r} compares the responses to one prompt: set "
+                             f"sampling.num_samples >= 2 (the group size), not {self.sampling.num_samples}")
+        if advantage != "gae" and value_model is not None:
+            raise ValueError(f"value_model is the critic of advantage 'gae'; advantage={advantage!r} trains without "
+                             "one: drop value_model")
+        if loss_agg not in ("token_mean", "seq_mean"):
+            raise ValueError(f"loss_agg={loss_agg!r}: expected token_mean or seq_mean")
+        self.advantage, self.critic = advantage, advantage == "gae"
+        self.group_std, self.loss_agg = group_std, loss_agg
         default_value = self.reward.models[0] if self.reward.models else self.policy_spec
         self.value_spec = as_spec(value_model) if value_model is not None else default_value
         self.kl_kind, self.adaptive_kl = kl_kind, adaptive_kl
@@ -158,9 +199,8 @@ class PPOModule(StageHooks, LightningModule):
         self.generator: torch.Generator | None = None  # rollouts and minibatch order; saved in checkpoints
         self.val_generator: torch.Generator | None = None
         self._pending_state: dict | None = None  # generator state loaded before the generator exists
-        self.val_metrics = torch.nn.ModuleDict(
-            {k: MeanMetric() for k in ("reward", "kl", "value_loss", "response_length")}
-        )
+        val_names = ("reward", "kl") + (("value_loss",) if self.critic else ()) + ("response_length",)
+        self.val_metrics = torch.nn.ModuleDict({k: MeanMetric() for k in val_names})
         # held-out judge (modules/overoptimisation.py, StageHooks.judged_metrics): own copy, as self.reward
         self.judge = dataclasses.replace(as_reward_spec(val_reward)) if val_reward is not None else None
         if self.judge is not None:
@@ -177,14 +217,15 @@ class PPOModule(StageHooks, LightningModule):
         device = root_device(self, self.device)
         self.tokenizer = load_tokenizer(self.policy_spec, padding_side="left")
         self.policy = load_causal_lm(self.policy_spec, device=device)
-        if self.layout == "shared":  # value head on the policy's last hidden state; zero init: V = 0 at first
+        if self.layout == "shared" and self.critic:  # value head on the last hidden state; zero init: V = 0 at first
             self.value_head = torch.nn.Linear(self.policy.config.hidden_size, 1, device=device)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
-        else:
+        elif self.layout == "separate":
             ref_spec = dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
             self.reference = load_causal_lm(ref_spec, device=device, trainable=False)
-            self.value_model = load_sequence_classifier(self.value_spec, self.tokenizer.pad_token_id, device=device)
+            if self.critic:
+                self.value_model = load_sequence_classifier(self.value_spec, self.tokenizer.pad_token_id, device=device)
         self.reward.load(device)
         if self.judge is not None:
             self.judge.load(device)
@@ -252,23 +293,35 @@ class PPOModule(StageHooks, LightningModule):
         for rows in torch.arange(len(texts), device=mask.device).split(chunk):
             seq, am = out.sequences[rows], out.attention_mask[rows]
             packed = self.pack(seq, am, p)  # one layout for the policy, value and reference forwards
-            lp, v, logits = self.policy_forward(seq, am, p, packed=packed)
+            lp, v, logits = self.policy_forward(seq, am, p, values=self.critic, packed=packed)
             logp.append(lp)
             values.append(v)
             entropy.append(masked_sum(entropy_from_logits(logits), mask[rows], dim=-1))  # (chunk,)
             ref_logp.append(self.reference_logp(seq, am, p, packed))
-        logp, ref_logp, values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values)
+        logp, ref_logp = torch.cat(logp), torch.cat(ref_logp)
+        values = torch.cat(values) if self.critic else None
         shaped = losses.shape_scores(self.normalise_scores(scores, update_norm), out.has_eos, self.missing_eos_penalty,
                                      self.score_clip)
         # rewards (b, r): the score on the last token
         rewards, kl = losses.token_rewards(shaped, logp, ref_logp, mask, kl_coef, self.kl_kind)
-        advantages, returns = losses.gae(rewards, values, mask, self.gamma, self.lam)
-        if self.whiten:
-            advantages = losses.whiten_advantages(advantages, mask)
+        advantages, returns = self.advantages(shaped, rewards, values, mask)
         exp = Experience(out.sequences, out.attention_mask, mask, logp, ref_logp, values, advantages, returns, p)
         stats = {"scores": scores, "kl": kl.sum(-1), "entropy": torch.cat(entropy), "rlhf_reward": rewards.sum(-1),
                  "response_length": mask.sum(-1).float(), "texts": texts}
         return exp, stats
+
+    def advantages(self, scores, rewards, values, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Advantages (b, r) and returns (b, r) (None for grpo and rloo) of one rollout, by `advantage`.
+        scores (b,) shaped; rewards (b, r) the KL-penalised token rewards (score on the last token)."""
+        n = self.sampling.num_samples
+        if self.advantage == "gae":
+            advantages, returns = losses.gae(rewards, values, mask, self.gamma, self.lam)
+            return (losses.whiten_advantages(advantages, mask) if self.whiten else advantages), returns
+        if self.advantage == "reinforce_pp":
+            return cf.reinforce_pp_advantages(rewards, mask, self.gamma, self.whiten)
+        if self.advantage == "grpo":  # KL goes in the loss: the group compares the scores alone
+            return cf.per_token(cf.grpo_advantages(scores, n, self.group_std), mask), None
+        return cf.per_token(cf.rloo_advantages(rewards.sum(-1), n), mask), None  # rloo: score - kl_coef * KL
 
     def normalise_scores(self, scores: torch.Tensor, update: bool) -> torch.Tensor:
         """reward_norm: (b,) scores -> (scores - running mean) / running std, the moments first updated with
@@ -296,10 +349,13 @@ class PPOModule(StageHooks, LightningModule):
         logs: dict[str, list] = {}
         for _ in range(self.ppo_epochs):
             for micro in minibatches(b, self.num_minibatches, self.grad_accum, self.generator, exp.mask.device):
-                rows_in_mb = sum(len(idx) for idx in micro)
-                for idx in micro:
-                    out = self.ppo_losses(exp, idx)
-                    self.manual_backward(out.loss * (len(idx) / rows_in_mb))  # row-weighted mean over the minibatch
+                # a micro-batch's loss weighs its share of the minibatch's rows (gae, seq_mean) or, for token_mean,
+                # of its response tokens, so that the minibatch's loss is the mean over all of its tokens
+                by_tokens = not self.critic and self.loss_agg == "token_mean"
+                weights = micro_batch_weights(exp.mask, micro, by_tokens=by_tokens)
+                for idx, weight in zip(micro, weights):
+                    out = self.ppo_losses(exp, idx, kl_coef)
+                    self.manual_backward(out.loss * weight)
                     for k, v in zip(out._fields, out):
                         logs.setdefault(k, []).append(v.detach())
                 if self.max_grad_norm is not None:
@@ -314,16 +370,27 @@ class PPOModule(StageHooks, LightningModule):
         metrics |= {f"train/{k}": stats[k].mean() for k in ("kl", "entropy", "rlhf_reward")}
         metrics |= {"train/policy_clipfrac": mean["clipfrac"], "train/approxkl": mean["approxkl"],
                     "train/loss": mean["loss"], "train/policy_loss": mean["policy_loss"],
-                    "train/value_loss": mean["value_loss"], "train/value_clipfrac": mean["value_clipfrac"],
                     "train/token_entropy": mean["entropy"], "train/kl_coef": torch.tensor(kl_coef),
                     "train/response_length": stats["response_length"].mean()}
+        if self.critic:
+            metrics |= {"train/value_loss": mean["value_loss"], "train/value_clipfrac": mean["value_clipfrac"]}
+        elif self.advantage == "grpo":
+            metrics["train/kl_loss"] = mean["kl_loss"]
         self.log_dict(metrics, batch_size=b)
 
-    def ppo_losses(self, exp: Experience, idx: torch.Tensor):
-        """The PPO loss of rows idx under the current policy and value (core/losses/ppo.py ppo_loss output)."""
+    def ppo_losses(self, exp: Experience, idx: torch.Tensor, kl_coef: float = 0.0):
+        """The loss of rows idx under the current policy and value: ppo.ppo_loss's output (gae), else
+        critic_free.critic_free_loss's (kl_coef: grpo's KL loss term)."""
         self._no_dropout()
-        logp, values, logits = self.policy_forward(exp.sequences[idx], exp.attention_mask[idx], exp.prompt_length)
+        logp, values, logits = self.policy_forward(exp.sequences[idx], exp.attention_mask[idx], exp.prompt_length,
+                                                   values=self.critic)
         mask = exp.mask[idx]
+        if not self.critic:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.entropy_coef)):  # else logged only
+                entropy = entropy_from_logits(logits)  # (b, r)
+            ref_logp = exp.ref_logp[idx] if self.advantage == "grpo" else None
+            return cf.critic_free_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, entropy, ref_logp, kl_coef,
+                                       self.clip_eps, self.entropy_coef, self.loss_agg)
         if self.entropy_coef:
             entropy = losses.entropy_bonus(logits, mask)
         else:
@@ -351,11 +418,12 @@ class PPOModule(StageHooks, LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         b = len(batch["prompts"]) * self.sampling.num_samples
         exp, stats = self.rollout(batch, self.val_generator, self.kl_ctl.value, chunk=b)
-        vl = losses.value_loss(exp.old_values, exp.old_values, exp.returns, exp.mask, self.value_clip_eps).loss
         for key, value in (("reward", stats["scores"]), ("kl", stats["kl"]),
                            ("response_length", stats["response_length"])):
             self.val_metrics[key].update(value)
-        self.val_metrics["value_loss"].update(vl, weight=b)
+        if self.critic:
+            vl = losses.value_loss(exp.old_values, exp.old_values, exp.returns, exp.mask, self.value_clip_eps).loss
+            self.val_metrics["value_loss"].update(vl, weight=b)
         if self.judge is not None:  # the held-out judge scores the same decoded responses
             n = self.sampling.num_samples
             meta = repeat_each(batch.get("meta") or [{}] * len(batch["prompts"]), n)

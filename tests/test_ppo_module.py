@@ -168,3 +168,99 @@ def test_rollout_helpers():
     assert sorted(torch.cat([i for mb in parts for i in mb]).tolist()) == list(range(10))
     short = minibatches(3, 2, 2)  # an epoch's short last batch: 2 minibatches of 1 chunk, none empty
     assert [[len(i) for i in mb] for mb in short] == [[2], [1]]
+
+
+# ----- critic-free advantages (core/losses/critic_free.py): no value model, group baselines -----
+
+GROUPS = SamplingSpec(max_new_tokens=6, num_samples=2)
+
+
+@pytest.mark.parametrize("advantage,layout", [("grpo", "separate"), ("rloo", "separate"), ("reinforce_pp", "separate"),
+                                              ("grpo", "shared"), ("rloo", "shared"), ("reinforce_pp", "shared")])
+def test_critic_free_step_loads_no_value_model_and_trains_the_policy(advantage, layout, synthetic_dir, tiny_model_dir,
+                                                                      tmp_path):
+    module = _module(tiny_model_dir, advantage=advantage, layout=layout, sampling=GROUPS, kl_coef=0.1,
+                     lora=LORA if layout == "shared" else None)
+    module.configure_model()
+    assert module.value_model is None and module.value_head is None
+    assert not any(n.startswith(("value_model.", "value_head.")) for n, _ in module.named_parameters())
+    before = _snapshot(module)
+    trainer = _fit(module, synthetic_dir, tiny_model_dir, tmp_path, batch_size=2)  # 2 prompts x 2 samples
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["train/policy_loss"])
+    assert "train/value_loss" not in metrics and "train/value_clipfrac" not in metrics
+    assert ("train/kl_loss" in metrics) == (advantage == "grpo")
+    changed = _changed(module, before)
+    assert changed and all(n.startswith("policy.") for n in changed)
+    if layout == "shared":
+        assert all("lora_" in n for n in changed)
+    else:
+        assert module.reference is not None and not any(n.startswith("reference.") for n in changed)
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_group_advantages_need_two_samples_per_prompt(advantage, tiny_model_dir):
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        _module(tiny_model_dir, advantage=advantage)  # num_samples 1
+    with pytest.raises(ValueError, match="value_model"):
+        _module(tiny_model_dir, advantage=advantage, sampling=GROUPS, value_model=ModelSpec(path=str(tiny_model_dir)))
+    # no critic, no value loss
+    with pytest.raises(ValueError, match="'val/value_loss' is not a metric this module logs"):
+        _module(tiny_model_dir, advantage=advantage, sampling=GROUPS, export_best="val/value_loss")
+
+
+def _group_rollout(module, monkeypatch, scores):
+    """One prompt, 2 samples: row 0 stops at EOS after 2 of 4 response tokens, row 1 runs to 4 tokens."""
+    rollout = Rollout(
+        sequences=torch.tensor([[4, 5, 6, 10, 2, 0, 0], [4, 5, 6, 11, 12, 13, 14]]),
+        attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]),
+        response_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]),
+        prompt_length=3,
+        has_eos=torch.tensor([True, False]),
+    )
+    monkeypatch.setattr("modules.ppo.generate", lambda *args, **kwargs: rollout)
+    monkeypatch.setattr(module.reward, "score", lambda prompts, responses, meta=None, device=None: torch.tensor(scores))
+    batch = {"input_ids": rollout.sequences[:1, :3], "attention_mask": rollout.attention_mask[:1, :3],
+             "prompts": ["Reverse: a\nAnswer:"], "meta": [{}]}
+    return module.rollout(batch, torch.Generator().manual_seed(0), kl_coef=0.0, chunk=2)[0]
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_rollout_advantages_by_hand(advantage, tiny_model_dir, monkeypatch):
+    # kl_coef 0: the rewards are the scores [1, 3] of one group of 2
+    module = _module(tiny_model_dir, advantage=advantage, sampling=GROUPS, whiten_advantages=False)
+    module.configure_model()
+    exp = _group_rollout(module, monkeypatch, [1.0, 3.0])
+    assert exp.old_values is None
+    if advantage == "grpo":  # mean 2, sample std sqrt(((-1)^2 + 1^2) / 1) = sqrt(2), eps 1e-4
+        a = 1.0 / (2.0**0.5 + 1e-4)
+        expected = torch.tensor([[-a, -a, 0.0, 0.0], [a, a, a, a]])
+        assert exp.returns is None
+    elif advantage == "rloo":  # 1 - 3 and 3 - 1, on every real token
+        expected = torch.tensor([[-2.0, -2.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+        assert exp.returns is None
+    else:  # gamma 1, no whitening: the score on every real token up to the last
+        expected = torch.tensor([[1.0, 1.0, 0.0, 0.0], [3.0, 3.0, 3.0, 3.0]])
+        torch.testing.assert_close(exp.returns, expected)
+    torch.testing.assert_close(exp.advantages, expected)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
+def test_micro_batch_losses_add_up_to_the_minibatch_loss(loss_agg, tiny_model_dir, monkeypatch):
+    # grad_accum splits rows [0] (2 tokens) and [1] (4 tokens): weighted by tokens (token_mean) or rows
+    # (seq_mean), the micro-batch losses and gradients are those of the whole minibatch in one piece
+    from modules.rollout import micro_batch_weights
+
+    module = _module(tiny_model_dir, advantage="grpo", sampling=GROUPS, loss_agg=loss_agg, entropy_coef=0.01)
+    module.configure_model()
+    exp = _group_rollout(module, monkeypatch, [1.0, 3.0])
+    exp = exp._replace(ref_logp=exp.ref_logp - 0.3 * exp.mask)  # a reference apart from the policy: KL term != 0
+    params = [p for p in module.parameters() if p.requires_grad]
+    whole = module.ppo_losses(exp, torch.tensor([0, 1]), kl_coef=0.1).loss
+    micro = [torch.tensor([0]), torch.tensor([1])]
+    weights = micro_batch_weights(exp.mask, micro, by_tokens=loss_agg == "token_mean")
+    assert weights == ([2 / 6, 4 / 6] if loss_agg == "token_mean" else [0.5, 0.5])
+    split = sum(w * module.ppo_losses(exp, idx, kl_coef=0.1).loss for idx, w in zip(micro, weights))
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    for g_split, g_whole in zip(torch.autograd.grad(split, params), torch.autograd.grad(whole, params)):
+        torch.testing.assert_close(g_split, g_whole, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,6 @@
-"""Recipe tier for PPO: `rlhf ppo fit` on the tiny config, exact resume mid-epoch and at an epoch boundary,
-every configs/ppo YAML parsed against the recipe (no weights loaded), --help."""
+"""Recipe tier for PPO: `rlhf ppo fit` on the tiny config, exact resume mid-epoch and at an epoch boundary, the
+critic-free advantages (grpo, rloo, reinforce_pp) trained and resumed, every configs/ppo YAML parsed against the
+recipe (no weights loaded), --help."""
 
 from __future__ import annotations
 
@@ -65,6 +66,11 @@ def test_killed_and_resumed_run_logs_the_same_metrics(monkeypatch, tmp_path, whe
     args = ["--model.adaptive_kl=true", "--model.kl_horizon=50", "--checkpoint.every_n_train_steps=4"]
     if where == "epoch_boundary":
         args.append("--trainer.limit_train_batches=2")
+    _assert_resume_is_exact(monkeypatch, tmp_path, *args)
+
+
+def _assert_resume_is_exact(monkeypatch, tmp_path, *args: str) -> dict[tuple[int, str], float]:
+    """Runs to 8 optimizer steps, to 4, and from that checkpoint to 8: rollouts 3 and 4 log the same metrics."""
     _run(monkeypatch, tmp_path / "full", *args, "--trainer.max_steps=8")
     _run(monkeypatch, tmp_path / "killed", *args, "--trainer.max_steps=4")
     ckpt = next((tmp_path / "killed").rglob("last.ckpt"))
@@ -75,6 +81,43 @@ def test_killed_and_resumed_run_logs_the_same_metrics(monkeypatch, tmp_path, whe
     assert {k for _, k in after} >= {"train/kl", "train/reward", "train/kl_coef", "train/approxkl", "val/reward"}
     for key, value in after.items():
         assert value == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+    return after
+
+
+# critic-free advantages: 4 prompts x 2 samples per rollout (groups of 2), the same 8 rows as the tiny config
+CRITIC_FREE = {
+    "grpo": ["--model.advantage=grpo"],
+    "dr_grpo_seq_mean": ["--model.advantage=grpo", "--model.group_std=false", "--model.loss_agg=seq_mean"],
+    "rloo": ["--model.advantage=rloo"],
+    "reinforce_pp": ["--model.advantage=reinforce_pp"],
+}
+GROUPS = ["--model.sampling.num_samples=2", "--data.batch_size=4"]
+
+
+@pytest.mark.parametrize("option", sorted(CRITIC_FREE))
+def test_critic_free_fit_tiny_trains_without_a_value_model(option, monkeypatch, tmp_path):
+    _run(monkeypatch, tmp_path, *CRITIC_FREE[option], *GROUPS, "--model.kl_coef=0.1", "--trainer.max_steps=4")
+    metrics = _metrics(tmp_path)
+    names = {k for _, k in metrics}
+    for name in ["train/kl", "train/entropy", "train/reward", "train/rlhf_reward", "train/policy_clipfrac",
+                 "train/approxkl", "train/token_entropy", "train/loss", "train/policy_loss", "train/kl_coef",
+                 "train/response_length", "val/reward", "val/kl", "val/response_length"]:
+        assert name in names, name
+    assert not {n for n in names if "value" in n}  # no critic, so no value metrics at all
+    assert ("train/kl_loss" in names) == CRITIC_FREE[option][0].endswith("grpo")
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["hyper_parameters"]["advantage"] == CRITIC_FREE[option][0].split("=")[1]
+    assert ckpt["state_dict"] and all(k.startswith("policy.") for k in ckpt["state_dict"])  # no value model saved
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("option", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_killed_and_resumed_run_logs_the_same_metrics(option, monkeypatch, tmp_path):
+    # adaptive KL so the controller state matters; a checkpoint after rollout 2 of 4, mid-epoch
+    after = _assert_resume_is_exact(monkeypatch, tmp_path, *CRITIC_FREE[option], *GROUPS, "--model.adaptive_kl=true",
+                                    "--model.kl_horizon=50", "--checkpoint.every_n_train_steps=4")
+    assert {k for _, k in after} >= {"train/loss", "train/policy_loss"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -110,6 +153,7 @@ def test_help_documents_arguments(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     for arg in ["--model.layout", "--model.kl_coef", "--model.adaptive_kl", "--model.sampling.temperature",
-                "--model.reward.oracle", "--model.value_model", "--model.ppo_epochs", "--model.grad_accum"]:
+                "--model.reward.oracle", "--model.value_model", "--model.ppo_epochs", "--model.grad_accum",
+                "--model.advantage", "--model.group_std", "--model.loss_agg"]:
         assert arg in text, arg
     assert "adapter switched off" in text or "adapter off" in text  # the Args block is the help text

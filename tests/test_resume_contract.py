@@ -122,3 +122,30 @@ def test_predict_from_a_checkpoint_may_sample_otherwise_but_fit_may_not(monkeypa
               "--model.sampling.temperature=0.5", "--model.seed=3", "--data.seed=3"])
     with pytest.raises(SystemExit, match="model.sampling.temperature: checkpoint"):
         _fit("ppo", monkeypatch, tmp_path, f"--ckpt_path={ckpt}", "--model.sampling.temperature=0.5")
+
+
+def test_ppo_resume_refuses_another_advantage_estimator(monkeypatch, tmp_path):
+    """A GRPO checkpoint holds no value model: resuming it as gae (or as rloo, or with another loss_agg) is refused."""
+    from recipes.common import StageCLI
+
+    ckpt = tmp_path / "hparams.ckpt"
+    grpo = ("--model.advantage=grpo", "--model.sampling.num_samples=2")
+
+    def save_hparams(cli):
+        torch.save({"hyper_parameters": dict(cli.model.hparams)}, ckpt)
+        raise _Stop
+
+    monkeypatch.setattr(StageCLI, "after_instantiate_classes", save_hparams)
+    with pytest.raises(_Stop):
+        _fit("ppo", monkeypatch, tmp_path, *grpo)
+    monkeypatch.setattr(StageCLI, "before_instantiate_classes", lambda cli: (_ for _ in ()).throw(_Stop()))
+    with pytest.raises(_Stop):  # the same options resume
+        _fit("ppo", monkeypatch, tmp_path, f"--ckpt_path={ckpt}", *grpo)
+    for flag, line in [("--model.advantage=rloo", "model.advantage: checkpoint 'grpo', given 'rloo'"),
+                       ("--model.loss_agg=seq_mean", "model.loss_agg: checkpoint 'token_mean', given 'seq_mean'")]:
+        with pytest.raises(SystemExit) as refused:
+            _fit("ppo", monkeypatch, tmp_path, f"--ckpt_path={ckpt}", *grpo, flag)
+        assert f"  {line}\n" in str(refused.value)
+    with pytest.raises(SystemExit) as refused:  # back to gae (the default) and one sample per prompt
+        _fit("ppo", monkeypatch, tmp_path, f"--ckpt_path={ckpt}")
+    assert "  model.advantage: checkpoint 'grpo', given 'gae'\n" in str(refused.value)

@@ -94,14 +94,22 @@ class PolicyLossOutput(NamedTuple):
     approxkl: torch.Tensor  # masked mean of 0.5 (logp - old_logp)^2
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_eps: float = 0.2) -> PolicyLossOutput:
-    """PPO clipped surrogate, token-level mean over all real tokens; (b, t) inputs. Grad reaches logp only."""
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      clip_eps: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO clipped surrogate max(-A r, -A clip(r)): (b, t) inputs -> loss (b, t), clipped (b, t) bool
+    (the clipped term was the active one), log_ratio (b, t), 0 on padding. Grad reaches logp only."""
     log_ratio = _zero_pad(logp - old_logp.detach(), mask)  # (b, t)
     ratio, adv = log_ratio.exp(), advantages.detach()
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).to(logp.dtype), mask)
+    return torch.maximum(unclipped, clipped), clipped > unclipped, log_ratio
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_eps: float = 0.2) -> PolicyLossOutput:
+    """PPO clipped surrogate, token-level mean over all real tokens; (b, t) inputs. Grad reaches logp only."""
+    surrogate, clipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, mask, clip_eps)
+    loss = masked_mean(surrogate, mask)
+    clipfrac = masked_mean(clipped.to(logp.dtype), mask)
     return PolicyLossOutput(loss, clipfrac.detach(), masked_mean(0.5 * log_ratio.square(), mask).detach())
 
 
