@@ -120,3 +120,30 @@ def test_predict_from_a_checkpoint_may_sample_otherwise_but_fit_may_not(monkeypa
               "--model.sampling.temperature=0.5", "--model.seed=3", "--data.seed=3"])
     with pytest.raises(SystemExit, match="model.sampling.temperature: checkpoint"):
         _fit("ppo", monkeypatch, tmp_path, f"--ckpt_path={ckpt}", "--model.sampling.temperature=0.5")
+
+
+@pytest.mark.parametrize("loss, flag, line", [
+    (["--model.loss_type=simpo", "--model.reference=none", "--model.beta=2.0"], "--model.simpo_gamma=1.0",
+     "model.simpo_gamma: checkpoint 0.5, given 1.0"),
+    (["--model.loss_type=orpo", "--model.reference=none"], "--model.loss_type=simpo",
+     "model.loss_type: checkpoint 'orpo', given 'simpo'"),
+])
+def test_dpo_loss_options_are_part_of_the_contract(monkeypatch, tmp_path, loss, flag, line):
+    """The reference-free options are plain hparams: the same ones resume, a changed one is refused by name."""
+    from recipes.common import StageCLI
+
+    ckpt = tmp_path / "hparams.ckpt"
+
+    def save_hparams(cli):
+        torch.save({"hyper_parameters": dict(cli.model.hparams)}, ckpt)
+        raise _Stop
+
+    monkeypatch.setattr(StageCLI, "after_instantiate_classes", save_hparams)
+    with pytest.raises(_Stop):
+        _fit("dpo", monkeypatch, tmp_path, *loss)
+    monkeypatch.setattr(StageCLI, "before_instantiate_classes", lambda cli: (_ for _ in ()).throw(_Stop()))
+    with pytest.raises(_Stop):
+        _fit("dpo", monkeypatch, tmp_path, *loss, f"--ckpt_path={ckpt}")
+    with pytest.raises(SystemExit) as refused:
+        _fit("dpo", monkeypatch, tmp_path, *loss, f"--ckpt_path={ckpt}", flag)
+    assert f"  {line}\n" in str(refused.value) and str(refused.value).count(": checkpoint ") == 1
