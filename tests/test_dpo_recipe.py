@@ -107,6 +107,40 @@ def test_help_documents_arguments(capsys):
         main(["fit", "--help"])
     text = capsys.readouterr().out
     for arg in ["--model.reference", "--model.reference_model", "--model.beta", "--model.loss_type",
-                "--model.label_smoothing", "--model.nll_weight", "--model.simpo_gamma", "--data.layout"]:
+                "--model.label_smoothing", "--model.nll_weight", "--model.simpo_gamma", "--model.desirable_weight",
+                "--model.undesirable_weight", "--data.layout"]:
         assert arg in text, arg
     assert "adapter switched off" in text
+
+
+def test_fit_kto_on_unpaired_rows(run_recipe, tmp_path, monkeypatch):
+    import modules.dpo as dpo
+
+    loads = []
+    real_load = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    run_recipe("dpo", "fit", "--config", "configs/dpo/tiny-kto.yaml", "--trainer.max_steps=2",
+               "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
+               "--model.desirable_weight=1.0", "--model.undesirable_weight=1.33", f"--model.save_dir={tmp_path / 'hf'}")
+    assert [k.get("trainable", True) for k in loads] == [True, False]  # the policy and its frozen copy
+    rows = _metrics(tmp_path).splitlines()
+    header = rows[0].split(",")
+    for name in ["train/loss", "train/kl", "train/rewards/chosen", "train/rewards/rejected", "train/logps/chosen",
+                 "val/loss", "val/kl", "val/rewards/chosen", "val/rewards/rejected", "val/logps/rejected"]:
+        assert name in header, name
+    assert "val/rewards/accuracies" not in header  # unpaired rows have no pairs to be right about
+    values = [float(v) for r in rows[1:] for k, v in zip(header, r.split(",")) if k.endswith(("/loss", "/kl")) and v]
+    assert len(values) >= 4 and all(math.isfinite(x) and x >= 0 for x in values)
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_kto_on_pairs_and_pairs_losses_on_unpaired_fail_before_loading(run_recipe, tmp_path, monkeypatch):
+    import modules.dpo as dpo
+
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="set data.layout: unpaired, not 'pairs'"):
+        run_recipe("dpo", "fit", "--config", TINY, "--model.loss_type=kto")
+    with pytest.raises(ValueError, match=r"not 'unpaired' \(unpaired data: loss_type kto\)"):
+        run_recipe("dpo", "fit", "--config", "configs/dpo/tiny-kto.yaml", "--model.loss_type=sigmoid")
+    with pytest.raises(ValueError, match="cannot be precomputed"):
+        run_recipe("dpo", "fit", "--config", "configs/dpo/tiny-kto.yaml", "--model.reference=precomputed")
