@@ -74,7 +74,7 @@ def _sgd_step(module, batch, lr=0.1):
         (dict(reference="adapter"), "set lora"),
         (dict(reference="adapter", spec={"lora": LoraSpec()}, reference_model=ModelSpec(path="x")), "drop reference"),
         (dict(reference="frozen"), "reference must be one of"),
-        (dict(loss_type="kto"), "unknown loss_type"),
+        (dict(loss_type="cpo"), "unknown loss_type"),
         (dict(beta=0.0), "beta must be > 0"),
         (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing applies"),
         (dict(loss_type="robust", label_smoothing=0.5), "label_smoothing must be in"),
@@ -87,6 +87,11 @@ def _sgd_step(module, batch, lr=0.1):
         (dict(loss_type="orpo", reference="none", nll_weight=0.5), "own NLL term"),
         (dict(loss_type="simpo", reference="none", label_smoothing=0.1), "label_smoothing applies"),
         (dict(loss_type="simpo", reference="none", simpo_gamma=-1.0), "simpo_gamma must be >= 0"),
+        (dict(loss_type="kto", reference="precomputed"), "cannot be precomputed"),
+        (dict(loss_type="kto", reference="none"), "loss_type='kto' needs one"),
+        (dict(loss_type="kto", nll_weight=0.5), "not kto"),
+        (dict(loss_type="kto", label_smoothing=0.1), "label_smoothing applies"),
+        (dict(loss_type="kto", undesirable_weight=0.0), "undesirable_weight must be > 0"),
     ],
 )
 def test_bad_config_fails_before_any_model_loads(monkeypatch, kwargs, match):
@@ -354,3 +359,36 @@ def test_rpo_loss_on_packed_and_shared_rows_equals_padded(tiny_model_dir, layout
         padded, _ = module(collate_pairs(rows, pad_id=0))
         other, _ = module(batch)
     torch.testing.assert_close(other.loss, padded.loss, rtol=1e-4, atol=1e-4)
+
+
+def _unpaired(pairs, labels):
+    """Unpaired rows from pairs: row i is pair i's chosen (label True) or rejected (False) completion."""
+    from datamodules.unpaired import collate_unpaired
+
+    rows = [((p, c if label else r), label, i) for i, ((p, c, r), label) in enumerate(zip(pairs, labels))]
+    return collate_unpaired(rows, pad_id=0, max_length=64)
+
+
+@pytest.mark.parametrize("reference", ["copy", "adapter"])
+def test_kto_step(pairs, reference):
+    spec = {"lora": LoraSpec(r=4, dropout=0.0)} if reference == "adapter" else {}
+    module = _module(reference=reference, loss_type="kto", undesirable_weight=2.0, spec=spec)
+    assert _n_models(module) == (2 if reference == "copy" else 1) and module.average is False
+    batch = _unpaired(pairs[:4], [True, False, True, False])
+    # mismatched rows: prompt i with completion i + 1 (the four prompts differ)
+    assert batch.kl_tokens.input_ids[0, : len(pairs[0][0])].tolist() == pairs[0][0]
+    assert batch.kl_tokens.input_ids[0, len(pairs[0][0]) : len(pairs[0][0]) + len(pairs[1][2])].tolist() == pairs[1][2]
+    out = _sgd_step(module, batch)
+    # policy == reference at step 0: r = 0, z0 = 0, each row costs weight * (1 - sigmoid(0)) = weight / 2
+    assert out.loss.item() == pytest.approx((0.5 + 1.0 + 0.5 + 1.0) / 4, abs=1e-6)
+    assert out.kl.item() == 0.0 and torch.equal(out.rewards, torch.zeros(4))
+
+    after, logps = module(batch)
+    with torch.no_grad():  # z0 by hand: the mismatched rows' mean log-ratio, clamped at 0
+        ratio = module.sequence_logps(module.policy, batch.kl_tokens)[0] - module.reference_logps(batch.kl_tokens)
+    assert after.kl.item() == pytest.approx(max(0.0, ratio.mean().item()), abs=1e-6)
+    assert after.loss < out.loss
+    desirable = after.rewards[batch.desirable]
+    undesirable = after.rewards[~batch.desirable]
+    assert desirable.min() > undesirable.max()  # the step raised the desirable rows against the undesirable ones
+    torch.testing.assert_close(logps, module.sequence_logps(module.policy, batch)[0])
