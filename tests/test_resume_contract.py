@@ -127,6 +127,8 @@ def test_predict_from_a_checkpoint_may_sample_otherwise_but_fit_may_not(monkeypa
      "model.simpo_gamma: checkpoint 0.5, given 1.0"),
     (["--model.loss_type=orpo", "--model.reference=none"], "--model.loss_type=simpo",
      "model.loss_type: checkpoint 'orpo', given 'simpo'"),
+    (["--config=configs/dpo/tiny-kto.yaml"], "--model.undesirable_weight=1.5",
+     "model.undesirable_weight: checkpoint 1.0, given 1.5"),
 ])
 def test_dpo_loss_options_are_part_of_the_contract(monkeypatch, tmp_path, loss, flag, line):
     """The reference-free options are plain hparams: the same ones resume, a changed one is refused by name."""
