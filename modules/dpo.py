@@ -1,5 +1,5 @@
 """DPOModule: direct preference optimisation on chosen/rejected pairs (Rafailov et al. 2023,
-arXiv 2305.18290)."""
+arXiv 2305.18290), its reference-free relatives SimPO and ORPO, and KTO on unpaired labelled completions."""
 
 from __future__ import annotations
 
