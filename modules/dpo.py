@@ -230,7 +230,7 @@ class DPOModule(StageHooks, LightningModule):
         """(DPOLossOutput, policy sequence log-probs (2b,) detached) for a pairs batch; (KTOLossOutput, policy
         log-probs (b,) detached) for an unpaired batch (kto)."""
         if self.loss_type == "kto":
-            return self.kto_forward(batch)
+            return self.kto_forward(batch, gather=split == "train")
         b = batch.num_pairs
         policy_logps, mean_logps = self.sequence_logps(self.policy, batch)  # (2b,), (2b,)
         chosen_nll = -mean_logps[:b] if self.nll_weight > 0 else None  # (b,) mean token NLL of chosen
@@ -251,12 +251,15 @@ class DPOModule(StageHooks, LightningModule):
         )
         return out, policy_logps.detach()
 
-    def kto_forward(self, batch: UnpairedBatch):
+    def kto_forward(self, batch: UnpairedBatch, gather: bool = True):
+        """(KTOLossOutput, policy log-probs (b,) detached). With `gather` under DDP, z0 is estimated from every
+        process's mismatched rows (training only: evaluation ranks may run different numbers of batches, so a
+        collective there could wait forever; each process then uses its own batch)."""
         policy_logps = self.sequence_logps(self.policy, batch)[0]  # (b,) sums
         ref_logps = self.reference_logps(batch)  # (b,)
         with torch.no_grad():  # z0 is detached: the mismatched rows need no graph
             kl = self.sequence_logps(self.policy, batch.kl_tokens)[0] - self.reference_logps(batch.kl_tokens)  # (b,)
-        if self._trainer is not None and self.trainer.world_size > 1:  # one estimate for the global batch
+        if gather and self._trainer is not None and self.trainer.world_size > 1:  # one estimate for the global batch
             kl = self.all_gather(kl.mean()).reshape(-1)  # (world,)
         out = kto_loss(policy_logps, ref_logps, batch.desirable, kl, self.beta, *self.kto_weights)
         return out, policy_logps.detach()
