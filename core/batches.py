@@ -15,7 +15,8 @@ core/packing.pack_sequences); core/forward.py reads both (response_logits, respo
 
 What the sequences mean: SFT batches are a layout alone (every sequence is a demonstration); `PairBatch`
 holds 2b sequences (chosen 0..b-1, rejected b..2b-1) with a margin and an index per pair; `RankingBatch` holds
-N sequences in groups (one per prompt) with their ranks and a margin per group.
+N sequences in groups (one per prompt) with their ranks and a margin per group; `UnpairedBatch` holds b labelled
+completions (KTO) and b mismatched prompt/completion sequences for its KL estimate.
 
 Plain (non-frozen) dataclasses: Lightning moves them to the device field by field (`apply_to_collection`
 rebuilds a dataclass with setattr, which a frozen one refuses); None fields stay None.
@@ -98,7 +99,19 @@ class RankingBatch:
     margin: Tensor
 
 
-PreferenceBatch = PairBatch | RankingBatch
+@dataclass
+class UnpairedBatch:
+    """b labelled completions (KTO): `tokens` b padded sequences; `kl_tokens` b mismatched ones, prompt i with the
+    completion of another row (datamodules/unpaired.mismatched_rows), for the KL estimate; desirable (b,) bool;
+    index (b,) long, each row's number in its split."""
+
+    tokens: PaddedRows
+    kl_tokens: PaddedRows
+    desirable: Tensor
+    index: Tensor
+
+
+PreferenceBatch = PairBatch | RankingBatch  # what reward models train on
 
 
 class PackedResponses(NamedTuple):
@@ -114,8 +127,8 @@ class PackedResponses(NamedTuple):
 
 
 def token_rows(batch) -> TokenRows:
-    """The token layout of a batch: the batch itself (SFT), or the `tokens` of a pairs or rankings batch."""
-    if isinstance(batch, (PairBatch, RankingBatch)):
+    """The token layout of a batch: the batch itself (SFT), or the `tokens` of a pairs, rankings or unpaired batch."""
+    if isinstance(batch, (PairBatch, RankingBatch, UnpairedBatch)):
         return batch.tokens
     if isinstance(batch, (PaddedRows, PackedRows, SharedPromptRows)):
         return batch

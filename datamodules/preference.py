@@ -1,8 +1,11 @@
-"""PreferenceDataModule: preference pairs / K-wise rankings -> right-padded batches (reward models, DPO).
+"""PreferenceDataModule: preference pairs / K-wise rankings / unpaired judgements -> right-padded batches (reward
+models, DPO).
 
 Layout "pairs": b pairs -> 2b rows, chosen rows [0, b) then rejected rows [b, 2b), so a step does
 `.chunk(2)`. Layout "rankings": one group of K rows per prompt, each response scored once, and all
-C(K, 2) non-tied pairs formed from the scores (InstructGPT, arXiv 2203.02155, section 3.5).
+C(K, 2) non-tied pairs formed from the scores (InstructGPT, arXiv 2203.02155, section 3.5). Layout "unpaired"
+(DPO's loss_type kto): one labelled completion per row, plus the mismatched rows of KTO's KL estimate
+(datamodules/unpaired.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from core.batches import PairBatch, PreferenceBatch, RankingBatch
+from core.batches import PairBatch, PreferenceBatch, RankingBatch, UnpairedBatch
 from core.models import load_tokenizer
 from core.packing import (
     collate_pairs_packed,
@@ -30,6 +33,7 @@ from core.tokenize import check_lengths, encode_completions, encode_prompts, ren
 from datamodules.preference_formats import Ranking, read_preferences
 from datamodules.prompts import collate_prompts
 from datamodules.resumable import eval_loader, held_out, train_loader
+from datamodules.unpaired import collate_unpaired, read_judgements
 
 log = logging.getLogger(__name__)
 Encoded = list[tuple[list[int], list[int]]]  # (prompt_ids, completion_ids ending in EOS) per response
@@ -42,14 +46,16 @@ class PreferenceDataModule(LightningDataModule):
         train_file: jsonl/json/parquet/csv file, a `save_to_disk` dataset dir, or a hub dataset id. Rows:
             HH-RLHF chosen/rejected conversations, prompt/chosen/rejected (strings or chat messages),
             prompt/responses with ranks (lower = better, ties allowed) or ratings (higher = better) or
-            listed best first; pairs may carry `margin` or a `strength` label.
+            listed best first; pairs may carry `margin` or a `strength` label. Layout "unpaired": prompt,
+            completion, label (true = desirable; see datamodules/unpaired.py).
         val_file: same formats; None holds out `val_fraction` of the training prompts.
         tokenizer: tokenizer path (linked to the model's path by the recipe).
         max_length: tokens per row (prompt + response + EOS).
         max_prompt_length: over max_length, the prompt is cut from the left but keeps this many tokens.
         batch_size: pairs (layout pairs: 2 * batch_size rows) or prompts (layout rankings) per device per step.
         layout: "pairs": every non-tied pair of a record (better first) is its own example; "rankings":
-            each record is one group of its K responses.
+            each record is one group of its K responses; "unpaired": labelled single completions (KTO). Without
+            a val_file, unpaired data holds out rows, not prompts: give a val_file to keep prompts apart.
         packing: layout pairs, for DPO: pack a batch's 2b sequences into as few rows of max_length as fit,
             with position ids restarting per sequence (no padding, no attention across sequences) and a
             `sequence_ids` map (rows, t) back to the 2b sequences.
@@ -84,7 +90,7 @@ class PreferenceDataModule(LightningDataModule):
         max_length: int = 512,
         max_prompt_length: int = 256,
         batch_size: int = 8,
-        layout: Literal["pairs", "rankings"] = "pairs",
+        layout: Literal["pairs", "rankings", "unpaired"] = "pairs",
         packing: bool = False,
         share_prompt: bool = False,
         skip_bad_rows: bool = False,
@@ -101,8 +107,10 @@ class PreferenceDataModule(LightningDataModule):
     ):
         super().__init__()
         check_lengths(max_length, max_prompt_length)
-        if layout not in ("pairs", "rankings"):
-            raise ValueError(f"layout must be 'pairs' or 'rankings', got {layout!r}")
+        if layout not in ("pairs", "rankings", "unpaired"):
+            raise ValueError(f"layout must be 'pairs', 'rankings' or 'unpaired', got {layout!r}")
+        if layout == "unpaired" and (packing or share_prompt):
+            raise ValueError("layout 'unpaired' batches padded rows only: drop packing and share_prompt")
         self.save_hyperparameters()
         self.train_file, self.val_file, self.tokenizer_path = train_file, val_file, tokenizer
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
@@ -147,7 +155,9 @@ class PreferenceDataModule(LightningDataModule):
                  "training records")
         return drawn
 
-    def _read(self, source: str, split: str) -> list[Ranking]:
+    def _read(self, source: str, split: str) -> list:
+        if self.layout == "unpaired":
+            return read_judgements(source, split, self.skip_bad_rows)
         return read_preferences(source, split, self.skip_bad_rows, self.strength_map, self.rating_scale)
 
     def _encode(self, records: list[Ranking]) -> list[tuple[Ranking, Encoded]]:
@@ -166,6 +176,8 @@ class PreferenceDataModule(LightningDataModule):
                 groups.append((r, enc))
         if len(groups) < len(records):
             log.warning(f"dropped {len(records) - len(groups)} of {len(records)} records at tokenization")
+        if self.layout == "unpaired":
+            return groups
         kept = [(r, enc) for r, enc in groups if not _ties_after_truncation(r, enc)]
         if len(kept) < len(groups):
             log.warning(f"dropped {len(groups) - len(kept)} records whose differently ranked responses "
@@ -175,15 +187,19 @@ class PreferenceDataModule(LightningDataModule):
     def _examples(self, groups: list[tuple[Ranking, Encoded]]) -> list:
         if self.layout == "rankings":
             return [(enc, [float(x) for x in r.ranks], float(r.margin)) for r, enc in groups]
+        if self.layout == "unpaired":  # ((p, c), desirable, index)
+            return [(enc[0], r.desirable, i) for i, (r, enc) in enumerate(groups)]
         pairs = []  # (chosen (p, c), rejected (p, c), margin, index): every non-tied pair, better first
         for r, enc in groups:
             for i, j in ranked_pairs(r.ranks):
                 pairs.append((enc[i], enc[j], float(r.margin), len(pairs)))
         return pairs
 
-    def collate(self, rows: list, padded: bool = False) -> PreferenceBatch:
+    def collate(self, rows: list, padded: bool = False) -> PreferenceBatch | UnpairedBatch:
         """The configured batch layout; `padded` forces one padded row per response (predict)."""
         pad = self.tokenizer.pad_token_id
+        if self.layout == "unpaired":
+            return collate_unpaired(rows, pad, self.max_length)
         if self.layout == "rankings":
             if self.share_prompt and not padded:
                 units = [[p + c for p, c in enc] for enc, _, _ in rows]

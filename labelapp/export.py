@@ -6,9 +6,12 @@ Formats (one row per (item, annotator): that annotator's latest label; queue ord
     rankings   all items: {prompt, responses, ranks (0 = best), annotator, id}
     ratings    ranking items: {prompt, responses, ratings (1-7, higher = better), annotator, id}
     labels     the pipeline's labels file (docs/labelling-queue.md): {id, ranks, annotator}
-pairs, rankings and ratings are read by the reward and DPO stages (datamodules.preference_formats); labels by
-`python -m datamodules.labelling --labeller human`. A row those readers would reject (e.g. ratings that all tie,
-identical responses) is left out and counted by reason, so an exported file always loads.
+    kto        one row per judged response: {prompt, completion, label, annotator, id, response (its index)},
+               label true = desirable (see `kto_rows`)
+pairs, rankings and ratings are read by the reward and DPO stages (datamodules.preference_formats), kto by DPO's
+loss_type kto (datamodules.unpaired); labels by `python -m datamodules.labelling --labeller human`. A row those
+readers would reject (e.g. ratings that all tie, identical responses) is left out and counted by reason, so an
+exported file always loads.
 
 Agreement, over the items labelled by 2+ annotators: each response pair (i, j) of such an item is a unit whose
 values are the annotators' preferences ("i" better, "j" better, or a tie). Per-pair agreement is the share of
@@ -29,7 +32,39 @@ from core.sources import DataError
 from datamodules.preference_formats import DEFAULT_STRENGTH_MARGINS
 from labelapp.store import Store, label_ranks
 
-FORMATS = ("pairs", "rankings", "ratings", "labels")
+FORMATS = ("pairs", "rankings", "ratings", "labels", "kto")
+DESIRABLE_RATING, UNDESIRABLE_RATING = 5, 3  # on the 1-7 scale: 5-7 desirable, 1-3 undesirable, 4 (neutral) left out
+
+
+def kto_rows(item: dict, label: dict) -> tuple[list[dict], Counter]:
+    """One (item, latest label) -> KTO rows (one per judged response) and the responses left out, by reason.
+
+    Ranking items carry single-response judgements: a response is desirable with a rating of 5-7 and no flag,
+    undesirable with a rating of 1-3 or any flag (fails_instruction, harmful, ...); a 4 without flags is left out.
+    Pair items carry only a choice: the chosen response is desirable and the rejected one undesirable (TRL's
+    unpairing of preference pairs), a response marked unsafe is undesirable whichever was chosen, and a choice
+    of strength "unsure" is left out (neither response is judged).
+    """
+    payload, rows, left_out = label["payload"], [], Counter()
+    if item["kind"] == "pair":
+        if payload["strength"] == "unsure":
+            return [], Counter({"unsure pair choice": 2})
+        labels = [i == payload["chosen"] and not payload["unsafe"][i] for i in range(2)]
+    else:
+        labels = []
+        for rating, flags in zip(payload["ratings"], payload["flags"]):
+            if flags or rating <= UNDESIRABLE_RATING:
+                labels.append(False)
+            elif rating >= DESIRABLE_RATING:
+                labels.append(True)
+            else:
+                labels.append(None)
+                left_out["neutral rating (4) without flags"] += 1
+    for i, desirable in enumerate(labels):
+        if desirable is not None:
+            rows.append({"prompt": item["prompt"], "completion": item["responses"][i], "label": desirable,
+                         "annotator": label["annotator"], "id": item["id"], "response": i})
+    return rows, left_out
 
 
 def row_of(fmt: str, item: dict, label: dict) -> dict | None:
@@ -61,6 +96,10 @@ def check_row(fmt: str, row: dict, item: dict, where: str) -> None:
         from datamodules.labelling import label_ranks as read_label
 
         read_label(row, item, where)
+    elif fmt == "kto":
+        from datamodules.unpaired import parse_judgement
+
+        parse_judgement(row, where)
     else:
         from datamodules.preference_formats import parse_preference
 
@@ -74,15 +113,20 @@ def export_rows(store: Store, fmt: str) -> tuple[list[dict], Counter]:
     items, rows, left_out = store.items(), [], Counter()
     for label in store.latest_labels():
         item = items[label["item_id"]]
-        row = row_of(fmt, item, label)
-        if row is None:
-            continue
-        try:
-            check_row(fmt, row, item, f"item {item['id']} by {label['annotator']}")
-        except DataError as err:
-            left_out[err.reason] += 1
-            continue
-        rows.append(row)
+        if fmt == "kto":
+            candidates, skipped = kto_rows(item, label)
+            left_out.update(skipped)
+        else:
+            candidates = [row_of(fmt, item, label)]
+        for row in candidates:
+            if row is None:
+                continue
+            try:
+                check_row(fmt, row, item, f"item {item['id']} by {label['annotator']}")
+            except DataError as err:
+                left_out[err.reason] += 1
+                continue
+            rows.append(row)
     return rows, left_out
 
 

@@ -81,6 +81,12 @@ class RewardModule(StageHooks, LightningModule):
         self.backbone = load_sequence_classifier(self.backbone_spec, pad_token_id=self.tokenizer.pad_token_id,
                                                  device=device)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if getattr(self.trainer.datamodule, "layout", "pairs") == "unpaired":  # before configure_model: no weights yet
+            raise ValueError("reward models train on pairs or rankings: data.layout 'unpaired' is for `rlhf dpo` with "
+                             "loss_type kto")
+
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
         """Scores of a preference batch's sequences: (2b,) chosen then rejected, or (N,) ranking rows."""
         return sequence_scores(self.backbone, batch)

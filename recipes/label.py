@@ -2,11 +2,12 @@
 
     rlhf label add-annotator NAME [--db labels.sqlite] [--admin]        prints the new token, only it
     rlhf label serve --queue QUEUE.jsonl [--db labels.sqlite] [--host 127.0.0.1] [--port 8000] [--overlap 1]
-    rlhf label export [--db labels.sqlite] --format pairs|rankings|ratings|labels --out FILE.jsonl
+    rlhf label export [--db labels.sqlite] --format pairs|rankings|ratings|labels|kto --out FILE.jsonl
 
 The queue is the one `python -m datamodules.labelling --labeller human` writes (docs/labelling-queue.md); serving
 imports its items by id, so serving a rewritten queue keeps every label. `export --format labels --out
-ROUND.labels.jsonl` gives that command its labels back; pairs, rankings and ratings train `rlhf reward` and `rlhf dpo`.
+ROUND.labels.jsonl` gives that command its labels back; pairs, rankings and ratings train `rlhf reward` and `rlhf dpo`;
+kto (one desirable/undesirable row per judged response) trains `rlhf dpo --model.loss_type kto --data.layout unpaired`.
 Needs the `label` extra: pip install 'lightning-rlhf[label]'.
 """
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--overlap", type=int, default=1, help="annotators per item (2+ gives agreement statistics)")
     export = commands.add_parser("export", help="write the labels as a preference or labels file")
     export.add_argument("--db", type=Path, default=Path(DEFAULT_DB))
-    export.add_argument("--format", required=True, choices=["pairs", "rankings", "ratings", "labels"])
+    export.add_argument("--format", required=True, choices=["pairs", "rankings", "ratings", "labels", "kto"])
     export.add_argument("--out", type=Path, required=True, help="a .jsonl file (written whole, atomically)")
     args = parser.parse_args(argv)
 

@@ -17,6 +17,7 @@ import pytest
 from core.models import load_tokenizer
 from datamodules.formats import DataError, read_demonstrations, read_prompts
 from datamodules.preference_formats import read_preferences
+from datamodules.unpaired import read_judgements
 from recipes import cli
 from tests.conftest import ROOT, TINY_MODEL
 
@@ -39,7 +40,8 @@ def write(path: Path, lines: list) -> str:
 
 
 GOOD = {read_demonstrations: {"prompt": "Q", "completion": " A"}, read_prompts: {"prompt": "Q"},
-        read_preferences: {"prompt": "Q", "chosen": " a", "rejected": " b"}}
+        read_preferences: {"prompt": "Q", "chosen": " a", "rejected": " b"},
+        read_judgements: {"prompt": "Q", "completion": " a", "label": True}}
 
 
 def row(name: str, reader, bad, message: str, file: str = "d.jsonl") -> Case:
@@ -137,6 +139,11 @@ CASES = [
         "'negligibly better', 'unsure')"),
     row("margin on a ranking", P, {"prompt": "Q", "responses": [" a", " b", " c"], "margin": 1},
         "a margin is only defined for pairs (got 3 responses)"),
+    row("unpaired row without a label", read_judgements, {"prompt": "Q", "completion": " a"},
+        "missing field 'label' (true = desirable, false = undesirable)"),
+    row("unpaired label that is not true or false", read_judgements,
+        {"prompt": "Q", "completion": " a", "label": "meh"},
+        "field 'label' is not true or false (got 'meh')"),
     raw("csv row with the wrong number of columns", "`Q,A,extra` under header `prompt,completion`", "d.csv",
         b"prompt,completion\nQ, A\nQ,A,extra\n", f"{TMP}/d.csv:3: wrong number of columns (3, header has 2)"),
     raw("non-UTF-8 byte in a .jsonl", "Latin-1 `\\xe9` in line 2", "d.jsonl",

@@ -74,12 +74,24 @@ def _sgd_step(module, batch, lr=0.1):
         (dict(reference="adapter"), "set lora"),
         (dict(reference="adapter", spec={"lora": LoraSpec()}, reference_model=ModelSpec(path="x")), "drop reference"),
         (dict(reference="frozen"), "reference must be one of"),
-        (dict(loss_type="kto"), "unknown loss_type"),
+        (dict(loss_type="cpo"), "unknown loss_type"),
         (dict(beta=0.0), "beta must be > 0"),
         (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing applies"),
         (dict(loss_type="robust", label_smoothing=0.5), "label_smoothing must be in"),
         (dict(nll_weight=-1.0), "nll_weight must be >= 0"),
         (dict(spec={"quantization": "nf4"}), "set lora"),
+        (dict(loss_type="simpo"), "uses no reference model: set reference='none'"),
+        (dict(loss_type="orpo", reference="precomputed"), "uses no reference model: set reference='none'"),
+        (dict(reference="none"), "loads no reference, but loss_type='sigmoid' needs one"),
+        (dict(loss_type="simpo", reference="none", reference_model=ModelSpec(path="x")), "drop reference_model"),
+        (dict(loss_type="orpo", reference="none", nll_weight=0.5), "own NLL term"),
+        (dict(loss_type="simpo", reference="none", label_smoothing=0.1), "label_smoothing applies"),
+        (dict(loss_type="simpo", reference="none", simpo_gamma=-1.0), "simpo_gamma must be >= 0"),
+        (dict(loss_type="kto", reference="precomputed"), "cannot be precomputed"),
+        (dict(loss_type="kto", reference="none"), "loss_type='kto' needs one"),
+        (dict(loss_type="kto", nll_weight=0.5), "not kto"),
+        (dict(loss_type="kto", label_smoothing=0.1), "label_smoothing applies"),
+        (dict(loss_type="kto", undesirable_weight=0.0), "undesirable_weight must be > 0"),
     ],
 )
 def test_bad_config_fails_before_any_model_loads(monkeypatch, kwargs, match):
@@ -151,6 +163,41 @@ def test_ipo_averages_and_nll_term(pairs):
             nll.append(-lp[keep].gather(-1, targets[keep, None]).mean())
             assert logps[row].item() == pytest.approx(lp[keep].gather(-1, targets[keep, None]).sum().item(), rel=1e-5)
     assert out.loss.item() == pytest.approx(math.log(2) + 0.5 * (nll[0] + nll[1]).item() / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_losses_hold_one_model_and_use_token_averages(monkeypatch, pairs, loss_type):
+    from core.losses.reference_free import orpo_loss, simpo_loss
+
+    loads = []
+    real_load = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    module = _module(reference="none", loss_type=loss_type, beta=2.0 if loss_type == "simpo" else 0.1)
+    assert len(loads) == 1 and module.reference is None and _n_models(module) == 1
+    batch, padded = _collate(pairs[:3], [0, 1, 2]), _collate(pairs[:3], [0, 1, 2], extra_pad=5)
+    with torch.no_grad():
+        logps, means = module.sequence_logps(module.policy, batch)
+        # per-token averages by hand: sum of the completion tokens' log-probs / their number, padding excluded
+        logits = module.policy(input_ids=batch.tokens.input_ids, attention_mask=batch.tokens.attention_mask).logits
+        targets = batch.tokens.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        token = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        by_hand = (token * keep).sum(-1) / keep.sum(-1)
+    torch.testing.assert_close(logps, by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logps, means)
+    with torch.no_grad():
+        tight_out, _ = module(batch)
+        padded_out, _ = module(padded)
+    torch.testing.assert_close(tight_out.loss, padded_out.loss, rtol=1e-5, atol=1e-5)
+    expected = simpo_loss(*by_hand.chunk(2), 2.0, 0.5) if loss_type == "simpo" else orpo_loss(*by_hand.chunk(2), 0.1)
+    assert tight_out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    out = _sgd_step(module, batch, lr=0.05)
+    assert torch.isfinite(out.loss)
+    assert all(not torch.equal(before[n], p) for n, p in module.policy.named_parameters())
+    after, _ = module(batch)
+    assert after.loss < out.loss
 
 
 def test_adapter_reference_trains_only_lora_and_adapter_off_is_base(pairs):
@@ -312,3 +359,36 @@ def test_rpo_loss_on_packed_and_shared_rows_equals_padded(tiny_model_dir, layout
         padded, _ = module(collate_pairs(rows, pad_id=0))
         other, _ = module(batch)
     torch.testing.assert_close(other.loss, padded.loss, rtol=1e-4, atol=1e-4)
+
+
+def _unpaired(pairs, labels):
+    """Unpaired rows from pairs: row i is pair i's chosen (label True) or rejected (False) completion."""
+    from datamodules.unpaired import collate_unpaired
+
+    rows = [((p, c if label else r), label, i) for i, ((p, c, r), label) in enumerate(zip(pairs, labels))]
+    return collate_unpaired(rows, pad_id=0, max_length=64)
+
+
+@pytest.mark.parametrize("reference", ["copy", "adapter"])
+def test_kto_step(pairs, reference):
+    spec = {"lora": LoraSpec(r=4, dropout=0.0)} if reference == "adapter" else {}
+    module = _module(reference=reference, loss_type="kto", undesirable_weight=2.0, spec=spec)
+    assert _n_models(module) == (2 if reference == "copy" else 1) and module.average is False
+    batch = _unpaired(pairs[:4], [True, False, True, False])
+    # mismatched rows: prompt i with completion i + 1 (the four prompts differ)
+    assert batch.kl_tokens.input_ids[0, : len(pairs[0][0])].tolist() == pairs[0][0]
+    assert batch.kl_tokens.input_ids[0, len(pairs[0][0]) : len(pairs[0][0]) + len(pairs[1][2])].tolist() == pairs[1][2]
+    out = _sgd_step(module, batch)
+    # policy == reference at step 0: r = 0, z0 = 0, each row costs weight * (1 - sigmoid(0)) = weight / 2
+    assert out.loss.item() == pytest.approx((0.5 + 1.0 + 0.5 + 1.0) / 4, abs=1e-6)
+    assert out.kl.item() == 0.0 and torch.equal(out.rewards, torch.zeros(4))
+
+    after, logps = module(batch)
+    with torch.no_grad():  # z0 by hand: the mismatched rows' mean log-ratio, clamped at 0
+        ratio = module.sequence_logps(module.policy, batch.kl_tokens)[0] - module.reference_logps(batch.kl_tokens)
+    assert after.kl.item() == pytest.approx(max(0.0, ratio.mean().item()), abs=1e-6)
+    assert after.loss < out.loss
+    desirable = after.rewards[batch.desirable]
+    undesirable = after.rewards[~batch.desirable]
+    assert desirable.min() > undesirable.max()  # the step raised the desirable rows against the undesirable ones
+    torch.testing.assert_close(logps, module.sequence_logps(module.policy, batch)[0])

@@ -1,5 +1,6 @@
 """Recipe tier: `rlhf dpo fit` end to end on the tiny config (each reference mode), --help, every config parses."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -55,6 +56,29 @@ def test_fit_adapter_reference_saves_adapter(run_recipe, tmp_path):
     assert state and all("lora_" in k or k.startswith("ref_") for k in state)
 
 
+@pytest.mark.parametrize("loss", [["--model.loss_type=simpo", "--model.beta=2.0", "--model.simpo_gamma=0.5"],
+                                  ["--model.loss_type=orpo", "--model.beta=0.1"]], ids=["simpo", "orpo"])
+def test_fit_reference_free_loads_no_reference(run_recipe, tmp_path, monkeypatch, loss):
+    import modules.dpo as dpo
+
+    loads = []
+    real_load = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    run_recipe("dpo", "fit", "--config", TINY, *loss, "--model.reference=none", "--trainer.max_steps=2",
+               "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+               f"--model.save_dir={tmp_path / 'hf'}")
+    assert len(loads) == 1 and loads[0].get("trainable", True)  # the policy, nothing else
+    rows = _metrics(tmp_path).splitlines()
+    header = rows[0].split(",")
+    for name in ["train/loss", "train/rewards/accuracies", "train/logps/chosen", "val/loss", "val/rewards/margins"]:
+        assert name in header, name
+    losses = [float(v) for r in rows[1:] for k, v in zip(header, r.split(",")) if k in ("train/loss", "val/loss") and v]
+    assert len(losses) >= 3 and all(math.isfinite(x) for x in losses)
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="set reference='none'"):  # the default reference is refused by name
+        run_recipe("dpo", "fit", "--config", TINY, *loss, "--model.policy.path=/no/such/model")
+
+
 def test_bad_config_fails_before_loading(run_recipe, tmp_path):
     with pytest.raises(ValueError, match="set lora"):
         run_recipe("dpo", "fit", "--config", TINY, "--model.reference=adapter", "--model.policy.path=/no/such/model")
@@ -83,6 +107,40 @@ def test_help_documents_arguments(capsys):
         main(["fit", "--help"])
     text = capsys.readouterr().out
     for arg in ["--model.reference", "--model.reference_model", "--model.beta", "--model.loss_type",
-                "--model.label_smoothing", "--model.nll_weight", "--data.layout"]:
+                "--model.label_smoothing", "--model.nll_weight", "--model.simpo_gamma", "--model.desirable_weight",
+                "--model.undesirable_weight", "--data.layout"]:
         assert arg in text, arg
     assert "adapter switched off" in text
+
+
+def test_fit_kto_on_unpaired_rows(run_recipe, tmp_path, monkeypatch):
+    import modules.dpo as dpo
+
+    loads = []
+    real_load = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    run_recipe("dpo", "fit", "--config", "configs/dpo/tiny-kto.yaml", "--trainer.max_steps=2",
+               "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
+               "--model.desirable_weight=1.0", "--model.undesirable_weight=1.33", f"--model.save_dir={tmp_path / 'hf'}")
+    assert [k.get("trainable", True) for k in loads] == [True, False]  # the policy and its frozen copy
+    rows = _metrics(tmp_path).splitlines()
+    header = rows[0].split(",")
+    for name in ["train/loss", "train/kl", "train/rewards/chosen", "train/rewards/rejected", "train/logps/chosen",
+                 "val/loss", "val/kl", "val/rewards/chosen", "val/rewards/rejected", "val/logps/rejected"]:
+        assert name in header, name
+    assert "val/rewards/accuracies" not in header  # unpaired rows have no pairs to be right about
+    values = [float(v) for r in rows[1:] for k, v in zip(header, r.split(",")) if k.endswith(("/loss", "/kl")) and v]
+    assert len(values) >= 4 and all(math.isfinite(x) and x >= 0 for x in values)
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_kto_on_pairs_and_pairs_losses_on_unpaired_fail_before_loading(run_recipe, tmp_path, monkeypatch):
+    import modules.dpo as dpo
+
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="set data.layout: unpaired, not 'pairs'"):
+        run_recipe("dpo", "fit", "--config", TINY, "--model.loss_type=kto")
+    with pytest.raises(ValueError, match=r"not 'unpaired' \(unpaired data: loss_type kto\)"):
+        run_recipe("dpo", "fit", "--config", "configs/dpo/tiny-kto.yaml", "--model.loss_type=sigmoid")
+    with pytest.raises(ValueError, match="cannot be precomputed"):
+        run_recipe("dpo", "fit", "--config", "configs/dpo/tiny-kto.yaml", "--model.reference=precomputed")

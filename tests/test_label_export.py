@@ -140,3 +140,39 @@ def test_exported_pairs_train_a_reward_model(tmp_path, monkeypatch):
                  f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--trainer.default_root_dir={tmp_path}",
                  f"--model.save_dir={tmp_path / 'hf'}"]) == 0
     assert (tmp_path / "hf").is_dir()
+
+
+def test_kto_export_judges_single_responses(labelled, tmp_path, capsys):
+    from datamodules.unpaired import read_judgements
+
+    store, db, rows = labelled
+    p0, p1, p2 = (row["id"] for row in rows)
+    kto, left_out = export_rows(store, "kto")
+    # pairs: chosen desirable, rejected undesirable; a's P2 choice is "unsure": both left out
+    # rankings: ratings 5-7 desirable, 1-3 undesirable (a rated 7, 5, 1; b rated 3, 3, 3)
+    assert [(r["id"], r["annotator"], r["completion"], r["label"]) for r in kto] == [
+        (p0, "a", "a0", True), (p0, "a", "a1", False), (p0, "b", "a0", True), (p0, "b", "a1", False),
+        (p1, "a", "b0", True), (p1, "a", "b1", True), (p1, "a", "b2", False),
+        (p1, "b", "b0", False), (p1, "b", "b1", False), (p1, "b", "b2", False),
+        (p2, "b", "c0", False), (p2, "b", "c1", True), (p2, "c", "c0", True), (p2, "c", "c1", False)]
+    assert left_out == {"unsure pair choice": 2}
+    assert kto[0] == {"prompt": "P0", "completion": "a0", "label": True, "annotator": "a", "id": p0, "response": 0}
+    out = tmp_path / "kto.jsonl"
+    assert rlhf(["label", "export", "--db", str(db), "--format", "kto", "--out", str(out)]) == 0
+    assert [j.desirable for j in read_judgements(str(out))] == [r["label"] for r in kto]
+    assert "left out: 2 unsure pair choice" in capsys.readouterr().err
+
+
+def test_kto_rows_flags_and_neutral_ratings():
+    from labelapp.export import kto_rows
+
+    item = {"id": "x", "kind": "ranking", "prompt": "P", "responses": ["r0", "r1", "r2", "r3"]}
+    label = {"annotator": "a", "payload": {"ranks": [0, 1, 2, 3], "ratings": [7, 4, 4, 2],
+                                           "flags": [["made_up_facts"], [], ["harmful"], []]}}
+    rows, left_out = kto_rows(item, label)
+    # r0: rated 7 but flagged -> undesirable; r1: 4, no flag -> left out; r2: 4 and flagged -> undesirable; r3: 2
+    assert [(r["completion"], r["label"]) for r in rows] == [("r0", False), ("r2", False), ("r3", False)]
+    assert left_out == {"neutral rating (4) without flags": 1}
+    pair = {"id": "y", "kind": "pair", "prompt": "P", "responses": ["a", "b"]}
+    unsafe = {"annotator": "a", "payload": {"chosen": 0, "strength": "better", "unsafe": [True, False]}}
+    assert [r["label"] for r in kto_rows(pair, unsafe)[0]] == [False, False]  # chosen but unsafe: undesirable

@@ -149,3 +149,32 @@ def test_ppo_resume_refuses_another_advantage_estimator(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as refused:  # back to gae (the default) and one sample per prompt
         _fit("ppo", monkeypatch, tmp_path, f"--ckpt_path={ckpt}")
     assert "  model.advantage: checkpoint 'grpo', given 'gae'\n" in str(refused.value)
+
+
+@pytest.mark.parametrize("loss, flag, line", [
+    (["--model.loss_type=simpo", "--model.reference=none", "--model.beta=2.0"], "--model.simpo_gamma=1.0",
+     "model.simpo_gamma: checkpoint 0.5, given 1.0"),
+    (["--model.loss_type=orpo", "--model.reference=none"], "--model.loss_type=simpo",
+     "model.loss_type: checkpoint 'orpo', given 'simpo'"),
+    (["--config=configs/dpo/tiny-kto.yaml"], "--model.undesirable_weight=1.5",
+     "model.undesirable_weight: checkpoint 1.0, given 1.5"),
+])
+def test_dpo_loss_options_are_part_of_the_contract(monkeypatch, tmp_path, loss, flag, line):
+    """The reference-free options are plain hparams: the same ones resume, a changed one is refused by name."""
+    from recipes.common import StageCLI
+
+    ckpt = tmp_path / "hparams.ckpt"
+
+    def save_hparams(cli):
+        torch.save({"hyper_parameters": dict(cli.model.hparams)}, ckpt)
+        raise _Stop
+
+    monkeypatch.setattr(StageCLI, "after_instantiate_classes", save_hparams)
+    with pytest.raises(_Stop):
+        _fit("dpo", monkeypatch, tmp_path, *loss)
+    monkeypatch.setattr(StageCLI, "before_instantiate_classes", lambda cli: (_ for _ in ()).throw(_Stop()))
+    with pytest.raises(_Stop):
+        _fit("dpo", monkeypatch, tmp_path, *loss, f"--ckpt_path={ckpt}")
+    with pytest.raises(SystemExit) as refused:
+        _fit("dpo", monkeypatch, tmp_path, *loss, f"--ckpt_path={ckpt}", flag)
+    assert f"  {line}\n" in str(refused.value) and str(refused.value).count(": checkpoint ") == 1
