@@ -115,6 +115,35 @@ def load_tokenizer(spec: ModelSpec | str, padding_side: str = "right"):
     return tok
 
 
+PAD_TOKEN = "<|pad|>"  # the pad a saved reward model gets when its tokenizer's pad could end a text
+
+
+def text_token_ids(tok) -> set[int]:
+    """Special token ids a scored text can hold, so can end with: BOS, EOS and every token the tokenizer's chat
+    template writes around a turn (an end-of-turn token such as <|im_end|> or <|eot_id|>)."""
+    ids = {tok.bos_token_id, tok.eos_token_id}
+    if getattr(tok, "chat_template", None):
+        try:
+            text = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                           tokenize=False)
+            ids |= set(tok(text, add_special_tokens=False)["input_ids"]) & set(tok.all_special_ids)
+        except Exception as err:  # a template that refuses this conversation: BOS and EOS only
+            log.debug(f"chat template not rendered for the pad check: {err!r}")
+    return ids - {None}
+
+
+def distinct_pad(tok) -> bool:
+    """Give `tok` a pad token no text can end with (True when it changed). transformers' sequence classifiers
+    (AutoModelForSequenceClassification, text-classification pipelines, TRL) find a row's last token as the
+    rightmost token that is not config.pad_token_id: with pad == EOS or an end-of-turn token, a text ending in
+    it would be scored one token early. A tokenizer whose pad is such a token gets a new special token
+    PAD_TOKEN (the model's embeddings then need one more row: load_sequence_classifier(vocab_size=len(tok)))."""
+    if tok.pad_token_id is not None and tok.pad_token_id not in text_token_ids(tok):
+        return False
+    tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    return True
+
+
 def _load_kwargs(spec: ModelSpec, device: str | torch.device | None) -> dict:
     check_model_path(spec)
     kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code, gguf_file=spec.gguf_file)
@@ -209,14 +238,23 @@ def load_saved_causal_lm(path: str | os.PathLike, dtype: str = "float32", device
 
 
 def load_sequence_classifier(
-    spec: ModelSpec | dict | str, pad_token_id: int, device: str | torch.device | None = None, trainable: bool = True
+    spec: ModelSpec | dict | str, pad_token_id: int, device: str | torch.device | None = None, trainable: bool = True,
+    vocab_size: int | None = None,
 ):
     """Scalar-head model (num_labels=1): a causal LM gets its vocabulary head replaced by a new score head;
-    a sequence-classification checkpoint (a reward model, an encoder) loads as it is."""
+    a sequence-classification checkpoint (a reward model, an encoder) loads as it is. vocab_size: the tokenizer's
+    length; token embeddings with fewer rows grow to it (a pad token added by distinct_pad), before any adapter."""
     from transformers import AutoModelForSequenceClassification
 
     spec = as_spec(spec)
     model = AutoModelForSequenceClassification.from_pretrained(spec.path, num_labels=1, **_load_kwargs(spec, device))
+    embeddings = model.get_input_embeddings()
+    if vocab_size is not None and embeddings is not None and vocab_size > embeddings.num_embeddings:
+        old = embeddings.num_embeddings
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        with torch.no_grad():  # the new rows (padding: always masked) get the mean embedding, no random draw
+            weight = model.get_input_embeddings().weight
+            weight[old:] = weight[:old].mean(0, keepdim=True)
     model.config.pad_token_id = pad_token_id  # sequence classification finds the last token through it
     if not trainable:
         return freeze(model)

@@ -1,12 +1,19 @@
 """RewardSpec: frozen reward models and reward functions that score text.
 
 A model's score is read by `core.forward.sequence_scores`, the same function reward training (RewardModule)
-uses, so training and use (PPO, rejection sampling) agree on where the score head is applied.
+uses, so training and use (PPO, rejection sampling) agree on where the score head is applied: at the last token of
+prompt + response as the model's tokenizer writes it, where transformers' sequence classifiers read it too
+(AutoModelForSequenceClassification, the text-classification pipeline, TRL's reward_funcs), so a saved reward
+model gives one score in all of them. Reward models our reward stage saved before that (their lightning_rlhf.json
+has stage "reward" and no SCORE_AT) were trained on prompt + response + EOS and are still scored that way, with a
+warning.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -19,7 +26,32 @@ from core.batches import PaddedRows
 from core.forward import sequence_scores
 from core.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
 from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
+from core.outputs import MARKER
 from core.tokenize import pad_right
+
+log = logging.getLogger(__name__)
+# a reward model's lightning_rlhf.json says where it is scored: {"score_at": SCORE_AT} (RewardModule's exports)
+SCORE_AT = "last_text_token"
+
+
+def appends_eos(path: str | Path) -> bool:
+    """True for a reward model our reward stage saved before SCORE_AT existed (marker stage "reward", no score_at):
+    it was trained, and is scored, on prompt + response + EOS. Anything else is scored at the text's last token."""
+    marker = Path(path).expanduser() / MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("stage") == "reward" and "score_at" not in info
+
+
+def legacy_warning(path: str | Path) -> str:
+    return (f"{path}: reward model saved by an older lightning-rlhf (no score_at in its {MARKER}): it was trained "
+            "on prompt + response + EOS and is scored that way here, while transformers' sequence classifiers "
+            "(AutoModelForSequenceClassification, text-classification pipelines, TRL's reward_funcs) read the "
+            "response's last token without EOS and give other scores. For one score everywhere retrain it with "
+            "`rlhf reward fit` (or fine-tune it from this folder); until then append the tokenizer's EOS token to "
+            "the texts you give those clients (exact where its saved pad differs from EOS)")
 
 
 def _flag(value) -> bool:
@@ -155,6 +187,7 @@ class RewardSpec:
         # not config fields: (path, callable) per function, and (model, tokenizer) per spec filled by load()
         self._functions: list[tuple[str, Callable]] = [(p, import_reward_function(p)) for p in paths]
         self._loaded: list[tuple] = []
+        self._eos: list[bool] = []  # per loaded model: an old reward model, scored on text + EOS (appends_eos)
 
     def load(self, device: str | torch.device = "cpu") -> RewardSpec:
         """Load the models frozen (eval mode, no grads) onto device; a second call does nothing."""
@@ -166,6 +199,9 @@ class RewardSpec:
             if spec.quantization == "none":  # quantised weights were loaded onto device already
                 model = model.to(device)
             self._loaded.append((model, tok))
+            self._eos.append(appends_eos(spec.path))
+            if self._eos[-1]:
+                log.warning(legacy_warning(spec.path))
         return self
 
     @torch.no_grad()
@@ -178,8 +214,10 @@ class RewardSpec:
     ) -> torch.Tensor:
         """Rewards of (rendered prompt, response) text pairs: b prompts, b responses -> (b,) float32.
 
-        Each model reads prompt + response + EOS (the layout it was trained on), right-padded; each function
-        gets the texts and meta as they are.
+        Each model reads prompt + response as its tokenizer writes it (special tokens added unless the text
+        starts with BOS), right-padded, scored at the last token: what transformers' sequence classifiers read
+        (an old reward model, appends_eos: prompt + response + EOS, as it was trained); each function gets the
+        texts and meta as they are.
         meta: per-row dicts (default: empty); combine="llama2" reads their "unsafe" flag.
         """
         if len(prompts) != len(responses):
@@ -187,7 +225,8 @@ class RewardSpec:
         if self.models and not self._loaded:
             raise RuntimeError("RewardSpec.score before load(device)")
         meta = [dict(m or {}) for m in (meta or [{}] * len(prompts))]
-        scores = [self._model_scores(model, tok, prompts, responses) for model, tok in self._loaded]
+        scores = [self._model_scores(model, tok, prompts, responses, eos)
+                  for (model, tok), eos in zip(self._loaded, self._eos)]
         if self.combine == "llama2":  # two models, no functions (checked at construction)
             unsafe = torch.tensor([_flag(m.get("unsafe", False)) for m in meta])
             combined = llama2_combine(scores[0], scores[1], unsafe, self.safety_threshold)
@@ -200,11 +239,12 @@ class RewardSpec:
             combined = whiten_scores(combined, self.whiten_mean, self.whiten_std)
         return combined.to(device) if device is not None else combined
 
-    def _model_scores(self, model, tok, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def _model_scores(self, model, tok, prompts: list[str], responses: list[str], eos: bool) -> torch.Tensor:
         texts = [p + r for p, r in zip(prompts, responses)]
         bos = tok.bos_token
         add = not (bos and all(t.startswith(bos) for t in texts))  # a chat template may have written BOS
-        ids = [x + [tok.eos_token_id] for x in tok(texts, add_special_tokens=add)["input_ids"]]
+        end = [tok.eos_token_id] if eos else []
+        ids = [x + end for x in tok(texts, add_special_tokens=add)["input_ids"]]
         ids = [x[-self.max_length :] for x in ids]
         device = next(model.parameters()).device
         out = []

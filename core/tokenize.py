@@ -67,13 +67,15 @@ def encode_completions(
     skip_bad_rows: bool = False,
     truncation: str = "left",
     aligned: bool = False,
+    eos: bool = True,
 ) -> list[tuple[list[int], list[int]] | None]:
-    """(prompt_ids, completion_ids) per row, completion ending with EOS; aligned: None for a dropped row.
+    """(prompt_ids, completion_ids) per row, completion ending with EOS (eos=False: the text's tokens only, as a
+    reward model is trained and scored); aligned: None for a dropped row.
 
     Prompt and prompt+completion are tokenized and the first must be a prefix of the second, so the
     completion tokens are exactly what the model sees after that prompt. Over max_length, the prompt is cut
     from the left, never below its last max_prompt_length tokens; then the completion is cut from the
-    right (losing its EOS); `truncation` (Cuts) decides whether such rows are cut, dropped or an error, and
+    right (losing its EOS, if any); `truncation` (Cuts) decides whether such rows are cut, dropped or an error, and
     cuts are reported once per call. A row that breaks raises DataError naming it, or is skipped and counted.
     """
     skipped: Counter = Counter()
@@ -83,7 +85,7 @@ def encode_completions(
             raise DataError(where, reason, detail)
         skipped[reason] += 1
 
-    eos, cuts = tokenizer.eos_token_id, Cuts(truncation)
+    end, cuts = [tokenizer.eos_token_id] if eos else [], Cuts(truncation)
     prompt_ids = _encode(tokenizer, list(prompts))
     full_ids = _encode(tokenizer, [p + c for p, c in zip(prompts, completions)])
     out = []
@@ -93,8 +95,8 @@ def encode_completions(
             bad(where, "the prompt's tokens are not a prefix of prompt+completion's tokens", "a token merges "
                 "across the boundary: end the prompt before whitespace or start the completion with a space")
             continue
-        c = f[len(p) :] + [eos]
-        if len(c) == 1:
+        c = f[len(p) :] + end
+        if len(c) == len(end):
             bad(where, "empty completion after tokenization")
             continue
         keep = max(max_length - len(c), min(len(p), max_prompt_length))
@@ -105,9 +107,9 @@ def encode_completions(
         if len(p) >= max_length:  # only when max_prompt_length >= max_length (check_lengths forbids it)
             bad(where, "row too long to keep any completion token", f"max_length {max_length}")
             continue
+        side = "from the right, with its EOS" if eos else "from the right"
         if len(p) + len(c) > max_length and not cuts.keep(
-                where, f"completion longer than max_length {max_length} allows", "from the right, with its EOS",
-                len(c), max_length - len(p)):
+                where, f"completion longer than max_length {max_length} allows", side, len(c), max_length - len(p)):
             continue
         out[-1] = (p, c[: max_length - len(p)])
     if skipped:

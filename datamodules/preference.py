@@ -36,7 +36,7 @@ from datamodules.resumable import eval_loader, held_out, train_loader
 from datamodules.unpaired import collate_unpaired, read_judgements
 
 log = logging.getLogger(__name__)
-Encoded = list[tuple[list[int], list[int]]]  # (prompt_ids, completion_ids ending in EOS) per response
+Encoded = list[tuple[list[int], list[int]]]  # (prompt_ids, completion_ids: EOS-ended; a reward model's not)
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -50,7 +50,7 @@ class PreferenceDataModule(LightningDataModule):
             completion, label (true = desirable; see datamodules/unpaired.py).
         val_file: same formats; None holds out `val_fraction` of the training prompts.
         tokenizer: tokenizer path (linked to the model's path by the recipe).
-        max_length: tokens per row (prompt + response + EOS).
+        max_length: tokens per row (prompt + response + EOS; a reward model's rows have no EOS).
         max_prompt_length: over max_length, the prompt is cut from the left but keeps this many tokens.
         batch_size: pairs (layout pairs: 2 * batch_size rows) or prompts (layout rankings) per device per step.
         layout: "pairs": every non-tied pair of a record (better first) is its own example; "rankings":
@@ -123,6 +123,7 @@ class PreferenceDataModule(LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.bootstrap, self.bootstrap_seed = bootstrap, bootstrap_seed
         self.tokenizer = None
+        self.completion_eos = True  # responses end with EOS; a reward model's module says otherwise at setup
         self.train_rows: list = []
         self.val_rows: list = []
         self.predict_rows: list[dict] | None = None
@@ -130,6 +131,9 @@ class PreferenceDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_path, padding_side="right")
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if hasattr(module, "completion_eos") and not self.val_rows:  # a reward model: the text alone (see its doc)
+            self.completion_eos = module.completion_eos(stage or "fit")
         need_train = stage in (None, "fit") or not self.val_file  # evaluating a val_file needs no train data
         if self.val_rows and (self.train_rows or not need_train):
             return
@@ -168,6 +172,7 @@ class PreferenceDataModule(LightningDataModule):
             self.tokenizer, [p for p, r in zip(prompts, records) for _ in r.responses],
             [x for r in records for x in r.responses], [r.where for r in records for _ in r.responses],
             self.max_length, self.max_prompt_length, self.skip_bad_rows, self.truncation, aligned=True,
+            eos=self.completion_eos,
         )
         groups, start = [], 0
         for r in records:  # skip modes: a record with a dropped response is dropped whole

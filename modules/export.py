@@ -36,10 +36,12 @@ class HFExport(Callback):
         model: the module attribute holding what fit saves.
         name: what that model is called in messages.
         best: the module's export_best weights (modules/overoptimisation.py), or None.
+        info: more fields for the export's lightning_rlhf.json (a reward model: where it is scored).
     """
 
     def __init__(self, stage: str, save_dir: str | None = None, merge_lora: bool = True, overwrite: bool = False,
-                 model: str = "policy", name: str = "policy", best: BestWeights | None = None):
+                 model: str = "policy", name: str = "policy", best: BestWeights | None = None,
+                 info: dict | None = None):
         self.stage = stage
         self.save_dir = save_dir
         self.merge_lora = merge_lora
@@ -47,6 +49,7 @@ class HFExport(Callback):
         self.model = model
         self.name = name
         self.best = best
+        self.info = dict(info or {})
 
     def path(self, trainer) -> Path:
         """Where fit saves the Hugging Face model."""
@@ -70,7 +73,7 @@ class HFExport(Callback):
         if bad:
             stop_nonfinite(trainer, self.stage, f"weights ({', '.join(bad)})",
                            f"after optimizer step {trainer.global_step}")
-        info = {"stage": self.stage, "config_hash": config_hash(dict(pl_module.hparams))}
+        info = {"stage": self.stage, "config_hash": config_hash(dict(pl_module.hparams)), **self.info}
         path = save_hf(model, pl_module.tokenizer, self.path(trainer), self.merge_lora, self.overwrite, info)
         print(f"saved {self.name} (Hugging Face format) to {path}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import Literal
 
@@ -13,17 +14,26 @@ from torchmetrics.aggregation import MeanMetric
 from core.batches import PreferenceBatch, RankingBatch
 from core.forward import sequence_scores
 from core.losses.reward import RewardLossOutput, pairwise_loss, ranking_loss
-from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
+from core.models import PAD_TOKEN, ModelSpec, as_spec, distinct_pad, load_sequence_classifier, load_tokenizer
 from core.ops import IGNORE_INDEX
 from core.optim import OPTIM_ARGS, OptimSpec, adamw
+from core.reward_spec import SCORE_AT, appends_eos, legacy_warning
 from modules.export import EXPORT_ARGS, HFExport
 from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.stage import StageHooks, output_path, root_device, shared_args
 
+log = logging.getLogger(__name__)
+
 
 @shared_args(OPTIM_ARGS, EXPORT_ARGS)
 class RewardModule(StageHooks, LightningModule):
-    """Reward model: r(prompt, response) read at the response's last real token (its EOS).
+    """Reward model: r(prompt, response) read at the response's last token, as transformers reads it.
+
+    Trained on prompt + response as the tokenizer writes them, no EOS appended (the data's rows, `completion_eos`),
+    and saved with a pad token no text can end with (core.models.distinct_pad: a tokenizer whose pad is EOS or an
+    end-of-turn token gets a new <|pad|> token and one more embedding row), its lightning_rlhf.json marked with
+    score_at (core.reward_spec.SCORE_AT): AutoModelForSequenceClassification, a text-classification pipeline and
+    TRL's reward_funcs then score the saved model as RewardSpec does.
 
     Pairs (InstructGPT, arXiv 2203.02155; Llama 2 margin, arXiv 2307.09288 eq. 2): -log sigmoid(r_w - r_l - m).
     Rankings: every non-tied pair of a prompt's K responses, averaged per prompt, then over prompts.
@@ -64,7 +74,8 @@ class RewardModule(StageHooks, LightningModule):
         self.backbone_spec = as_spec(backbone)
         self.hparams["backbone"] = asdict(self.backbone_spec)  # plain data: checkpoints load with weights_only=True
         self.optim = OptimSpec(optimizer, scheduler, warmup_steps, decay)
-        self.export = HFExport(self.stage, save_dir, merge_lora, overwrite, model="backbone", name="reward model")
+        self.export = HFExport(self.stage, save_dir, merge_lora, overwrite, model="backbone", name="reward model",
+                               info={"score_at": SCORE_AT})
         self.center_coef, self.predict_file = center_coef, predict_file
         self.backbone = None
         self.tokenizer = None
@@ -77,9 +88,26 @@ class RewardModule(StageHooks, LightningModule):
         if self.backbone is not None:
             return
         self.tokenizer = load_tokenizer(self.backbone_spec)
+        if distinct_pad(self.tokenizer):
+            spec = self.backbone_spec
+            if spec.lora is not None and (not self.export.merge_lora or spec.quantization != "none"):
+                raise ValueError(f"reward model: the pad token of {spec.path} could end a text, so the saved model "
+                                 f"gets a new pad token {PAD_TOKEN} and one more embedding row, which a LoRA adapter "
+                                 "saved unmerged (merge_lora false, or a quantised base) cannot carry: set "
+                                 "merge_lora true on a full-precision base, or give the tokenizer a pad token of "
+                                 "its own")
+            log.info(f"reward model: pad token {PAD_TOKEN} added (the tokenizer's pad could end a text)")
         device = root_device(self)
         self.backbone = load_sequence_classifier(self.backbone_spec, pad_token_id=self.tokenizer.pad_token_id,
-                                                 device=device)
+                                                 device=device, vocab_size=len(self.tokenizer))
+
+    def completion_eos(self, stage: str) -> bool:
+        """Whether the data's responses end with an appended EOS (PreferenceDataModule asks at setup): never in
+        fit; validate, test and predict of an old reward model (core.reward_spec.appends_eos) keep its layout."""
+        if stage == "fit" or not appends_eos(self.backbone_spec.path):
+            return False
+        log.warning(legacy_warning(self.backbone_spec.path))
+        return True
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

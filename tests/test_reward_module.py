@@ -217,7 +217,7 @@ def test_reward_spec_scores_as_the_module_trained(reward_dirs):
     module.backbone.eval()
     tok = load_tokenizer(str(reward_dirs[0]))
     p = tok(PROMPT)["input_ids"]
-    rows = [(p, tok(PROMPT + r)["input_ids"][len(p) :] + [tok.eos_token_id]) for r in RESPONSES]
+    rows = [(p, tok(PROMPT + r)["input_ids"][len(p) :]) for r in RESPONSES]  # the text alone, as trained now
     batch = collate_rankings([(rows, [0.0, 1.0, 2.0], 0.0)], tok.pad_token_id)
     with torch.no_grad():
         expected = module(batch)
