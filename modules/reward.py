@@ -89,8 +89,8 @@ class RewardModule(StageHooks, LightningModule):
             return
         self.tokenizer = load_tokenizer(self.backbone_spec)
         if distinct_pad(self.tokenizer):
-            spec = self.backbone_spec
-            if spec.lora is not None and (not self.export.merge_lora or spec.quantization != "none"):
+            spec, fitting = self.backbone_spec, getattr(getattr(self._trainer, "state", None), "fn", None) == "fit"
+            if fitting and spec.lora is not None and (not self.export.merge_lora or spec.quantization != "none"):
                 raise ValueError(f"reward model: the pad token of {spec.path} could end a text, so the saved model "
                                  f"gets a new pad token {PAD_TOKEN} and one more embedding row, which a LoRA adapter "
                                  "saved unmerged (merge_lora false, or a quantised base) cannot carry: set "

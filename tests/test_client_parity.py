@@ -232,3 +232,14 @@ def test_old_reward_model_still_scores_text_plus_eos_and_warns(saved, tmp_path, 
     module = RewardModule(ModelSpec(path=str(old)))  # `rlhf reward validate` of it keeps its layout; fit retrains
     assert module.completion_eos("validate") and not module.completion_eos("fit")
     assert not RewardModule(ModelSpec(path=str(saved.rm))).completion_eos("validate")
+
+
+def test_an_added_pad_with_an_unmerged_lora_reward_model_stops_fit_before_weights_load(saved):
+    from core.models import LoraSpec
+    from modules.reward import RewardModule
+
+    module = RewardModule(ModelSpec(path=str(saved.base), lora=LoraSpec(r=2)), merge_lora=False)
+    module._trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    with pytest.raises(ValueError, match="merge_lora true"):
+        module.configure_model()
+    assert module.backbone is None
