@@ -119,11 +119,13 @@ def preference_parser() -> argparse.ArgumentParser:
 
 
 def run_preference(name: str, args: argparse.Namespace, make_module: Callable[[str, Path], object],
-                   unpaired: bool = False) -> None:
+                   unpaired: bool = False, train_rss: bool = False) -> None:
     """The standard workload as pairs through PreferenceDataModule + `make_module(model_dir, out_dir)` + a
     Lightning Trainer: pairs/s over `args.steps` steps after `args.warmup`, whole-fit seconds, peak RSS.
     `unpaired`: KTO's rows instead (`unpaired_rows`, layout "unpaired", batch 8 rows), read in file order like
-    TRL's KTOTrainer reads them, and counted as rows (rows_timed, rows_per_s)."""
+    TRL's KTOTrainer reads them, and counted as rows (rows_timed, rows_per_s). peak_rss_gib is the whole
+    process's (fit's export included); `train_rss` adds peak_rss_train_gib, the peak at the end of training, the one
+    to set beside the TRL scripts' (they export nothing)."""
     setup_threads(2)
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
@@ -148,6 +150,7 @@ def run_preference(name: str, args: argparse.Namespace, make_module: Callable[[s
 
         def on_train_end(self, trainer, module):
             clock["end"] = time.perf_counter()
+            clock["rss"] = peak_rss_gib()
 
     class InOrder(PreferenceDataModule):  # KTO: the rows in file order, as KTOTrainer's sequential sampler
         def train_dataloader(self):
@@ -169,7 +172,8 @@ def run_preference(name: str, args: argparse.Namespace, make_module: Callable[[s
     unit = "rows" if unpaired else "pairs"
     report(name + ("-packed" if args.packing else "") + ("-shared-prompt" if args.share_prompt else ""), {
         f"{unit}_timed": clock["n"], "seconds": round(seconds, 2), f"{unit}_per_s": round(clock["n"] / seconds, 2),
-        "fit_seconds_total": round(clock["end"] - started, 1), "peak_rss_gib": round(peak_rss_gib(), 2)})
+        "fit_seconds_total": round(clock["end"] - started, 1), "peak_rss_gib": round(peak_rss_gib(), 2),
+        **({"peak_rss_train_gib": round(clock["rss"], 2)} if train_rss else {})})
 
 
 def hf_step_timer(warmup: int, clock: dict):

@@ -14,6 +14,8 @@ kto reads the 512 pairs as 1,024 unpaired rows {prompt, completion, label} (each
 rejected undesirable, as TRL's unpair_preference_dataset; shuffled once with seed 0 and read in that order, as
 benchmarks/trl_kto.py hands them to KTOTrainer), batch 8 rows plus their 8 mismatched rows for the KL estimate,
 and reports rows/s (a row = one labelled sequence; a pair/s of the paired losses is two sequences/s).
+simpo, orpo and kto also report peak_rss_train_gib (the peak before fit's export), the one to set beside the TRL
+scripts' peak RSS.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def main() -> None:
                          save_dir=str(out))
 
     name = f"dpo-{reference}" if args.loss == "sigmoid" else f"{args.loss}-{reference}"
-    run_preference(name, args, make_module, unpaired=args.loss == "kto")
+    run_preference(name, args, make_module, unpaired=args.loss == "kto", train_rss=args.loss != "sigmoid")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ rloo as in trl_grpo.py and trl_rloo.py). An episode = one completion generated, 
 `--episodes E` (default 128) runs E / 16 rounds: the first half warms up, the second half is timed, exactly as
 benchmarks/trl_online.py times TRL's trainers: the clock starts when the first timed round's batch starts (its
 generation, scoring and 4 optimizer steps happen inside it) and stops at the end of training; episodes_timed counts
-the completions of the timed rounds (E / 2). For gae (group 1, 16 prompts a round) the default is two passes over
+the completions of the timed rounds (E / 2). peak_rss_gib is the whole process's (the policy export after fit
+included); grpo and rloo also report peak_rss_train_gib, the peak at the end of training, the one to set beside
+TRL's (its scripts export nothing). For gae (group 1, 16 prompts a round) the default is two passes over
 the 64 prompts with the second timed, as before; its prompts come in the loader's seeded shuffled order. grpo and
 rloo read the prompts in file order (TRL's shuffle_dataset False in the TRL scripts), so with E = 128 and group 2
 both sides train on prompts 0-31 in the warm-up rounds and prompts 32-63 in the timed ones, 8 per round.
@@ -95,6 +97,7 @@ def main() -> None:
 
         def on_train_end(self, trainer, module):
             clock["end"] = time.perf_counter()
+            clock["rss"] = peak_rss_gib()  # before fit's export, which TRL's scripts do not do
 
     class InOrder(PromptDataModule):  # grpo/rloo: prompts in file order, as the TRL scripts read them
         def train_dataloader(self):
@@ -127,8 +130,8 @@ def main() -> None:
     result = {"episodes_timed": clock["episodes"], "seconds": round(seconds, 2),
               "episodes_per_s": round(clock["episodes"] / seconds, 3), "peak_rss_gib": round(peak_rss_gib(), 2)}
     if not critic:
-        result |= {"group": group, "loss_agg": args.loss_agg, "rounds_timed": clock["rounds"],
-                   "optimizer_steps_timed": clock["rounds"] * UPDATES}
+        result |= {"peak_rss_train_gib": round(clock["rss"], 2), "group": group, "loss_agg": args.loss_agg,
+                   "rounds_timed": clock["rounds"], "optimizer_steps_timed": clock["rounds"] * UPDATES}
     report(name, result)
 
 
