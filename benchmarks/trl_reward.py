@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     build_standard_model,
+    cut_to_fit,
     hf_step_timer,
     hh_pairs,
     peak_rss_gib,
@@ -42,12 +43,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = []
     for p in pairs:
-        prompt, chosen, rejected = (tok(p[k])["input_ids"] for k in ("prompt", "chosen", "rejected"))
-        room = MAX_LENGTH - 1 - max(len(chosen), len(rejected))  # 1 for the EOS TRL appends
-        prompt = prompt[-max(room, MAX_PROMPT):] if len(prompt) > room else prompt
-        keep = MAX_LENGTH - 1 - len(prompt)
-        rows.append({k: tok.decode(v) for k, v in (("prompt", prompt), ("chosen", chosen[:keep]),
-                                                   ("rejected", rejected[:keep]))})
+        prompt, (chosen, rejected) = cut_to_fit(tok, p["prompt"], [p["chosen"], p["rejected"]], MAX_LENGTH, MAX_PROMPT)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
     pairs_per_step: list[int] = []
