@@ -54,6 +54,10 @@ class PromptDataModule(LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # kept in checkpoints and the CLI's config.yaml, but not merged into the logger's hparams: there this
+        # `seed` (held-out split, batch order) would meet PPOModule's rollout `seed`, and Lightning stops a run
+        # whose module and datamodule log one key with two values (`--data.seed 3` alone would never start)
+        self._log_hyperparams = False
         self.train_file, self.val_file, self.tokenizer_path = train_file, val_file, tokenizer
         self.max_prompt_length, self.batch_size = max_prompt_length, batch_size
         self.val_batch_size = val_batch_size or batch_size

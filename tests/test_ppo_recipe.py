@@ -51,6 +51,15 @@ def test_fit_tiny_trains_and_saves_policy(monkeypatch, tmp_path):
     assert set(ckpt["ppo_state"]) == {"kl_ctl", "generator"}
 
 
+def test_data_seed_and_rollout_seed_may_differ(monkeypatch, tmp_path):
+    """data.seed (split, batch order) and model.seed (rollout sampler) are separate knobs: a run with only one of
+    them changed starts and trains (Lightning used to refuse the module's and datamodule's `seed` hparams)."""
+    _run(monkeypatch, tmp_path, "--data.seed=3", "--trainer.max_steps=2")
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert ckpt["hyper_parameters"]["seed"] == 0 and ckpt["datamodule_hyper_parameters"]["seed"] == 3
+
+
 @pytest.mark.parametrize("where", ["mid_epoch", "epoch_boundary"])
 def test_killed_and_resumed_run_logs_the_same_metrics(monkeypatch, tmp_path, where):
     from datamodules.prompts import PromptDataModule
