@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,26 +37,30 @@ def _fit(stage: str, monkeypatch, tmp_path, *args: str) -> None:
         ["fit", "--config", f"configs/{stage}/tiny.yaml", f"--trainer.default_root_dir={tmp_path}", *args])
 
 
-@pytest.mark.parametrize("stage", sorted(UNSAFE))
-def test_checkpoint_hparams_match_their_config_and_a_changed_one_is_refused(stage, monkeypatch, tmp_path):
-    """The module's stored hparams (specs normalised to dicts) compare equal to the config they came from; no
-    weights load (models are built in configure_model, after these hooks)."""
+def _hparams_checkpoint(stage: str, monkeypatch, tmp_path, *args: str) -> Path:
+    """A file holding what a checkpoint of `rlhf STAGE fit ARGS` stores as hyper_parameters (no weights load:
+    models are built in configure_model, after these hooks). Afterwards a run stops with _Stop once it gets past
+    the resume check."""
     from recipes.common import StageCLI
 
     ckpt = tmp_path / "hparams.ckpt"
 
-    def save_hparams(cli):  # what a checkpoint of this run stores as hyper_parameters
+    def save_hparams(cli):
         torch.save({"hyper_parameters": dict(cli.model.hparams)}, ckpt)
         raise _Stop
 
     monkeypatch.setattr(StageCLI, "after_instantiate_classes", save_hparams)
     with pytest.raises(_Stop):
-        _fit(stage, monkeypatch, tmp_path)
+        _fit(stage, monkeypatch, tmp_path, *args)
+    monkeypatch.setattr(StageCLI, "before_instantiate_classes", lambda cli: (_ for _ in ()).throw(_Stop()))
+    return ckpt
 
-    def reached(cli):
-        raise _Stop
 
-    monkeypatch.setattr(StageCLI, "before_instantiate_classes", reached)
+@pytest.mark.parametrize("stage", sorted(UNSAFE))
+def test_checkpoint_hparams_match_their_config_and_a_changed_one_is_refused(stage, monkeypatch, tmp_path):
+    """The module's stored hparams (specs normalised to dicts) compare equal to the config they came from; no
+    weights load (models are built in configure_model, after these hooks)."""
+    ckpt = _hparams_checkpoint(stage, monkeypatch, tmp_path)
     with pytest.raises(_Stop):  # same config, safe keys changed: passes the check
         _fit(stage, monkeypatch, tmp_path, f"--ckpt_path={ckpt}", f"--model.save_dir={tmp_path / 'new'}",
              "--model.overwrite=true", "--model.merge_lora=false")
@@ -102,18 +107,7 @@ def test_sft_resume_honours_a_new_save_dir_and_refuses_a_new_warmup(run_recipe, 
 
 
 def test_predict_from_a_checkpoint_may_sample_otherwise_but_fit_may_not(monkeypatch, tmp_path):
-    from recipes.common import StageCLI
-
-    ckpt = tmp_path / "hparams.ckpt"
-
-    def save_hparams(cli):
-        torch.save({"hyper_parameters": dict(cli.model.hparams)}, ckpt)
-        raise _Stop
-
-    monkeypatch.setattr(StageCLI, "after_instantiate_classes", save_hparams)
-    with pytest.raises(_Stop):
-        _fit("ppo", monkeypatch, tmp_path)
-    monkeypatch.setattr(StageCLI, "before_instantiate_classes", lambda cli: (_ for _ in ()).throw(_Stop()))
+    ckpt = _hparams_checkpoint("ppo", monkeypatch, tmp_path)
     monkeypatch.setattr(sys, "argv", ["rlhf ppo"])
     from recipes.ppo import main
 
@@ -126,19 +120,8 @@ def test_predict_from_a_checkpoint_may_sample_otherwise_but_fit_may_not(monkeypa
 
 def test_ppo_resume_refuses_another_advantage_estimator(monkeypatch, tmp_path):
     """A GRPO checkpoint holds no value model: resuming it as gae (or as rloo, or with another loss_agg) is refused."""
-    from recipes.common import StageCLI
-
-    ckpt = tmp_path / "hparams.ckpt"
     grpo = ("--model.advantage=grpo", "--model.sampling.num_samples=2")
-
-    def save_hparams(cli):
-        torch.save({"hyper_parameters": dict(cli.model.hparams)}, ckpt)
-        raise _Stop
-
-    monkeypatch.setattr(StageCLI, "after_instantiate_classes", save_hparams)
-    with pytest.raises(_Stop):
-        _fit("ppo", monkeypatch, tmp_path, *grpo)
-    monkeypatch.setattr(StageCLI, "before_instantiate_classes", lambda cli: (_ for _ in ()).throw(_Stop()))
+    ckpt = _hparams_checkpoint("ppo", monkeypatch, tmp_path, *grpo)
     with pytest.raises(_Stop):  # the same options resume
         _fit("ppo", monkeypatch, tmp_path, f"--ckpt_path={ckpt}", *grpo)
     for flag, line in [("--model.advantage=rloo", "model.advantage: checkpoint 'grpo', given 'rloo'"),
@@ -161,18 +144,7 @@ def test_ppo_resume_refuses_another_advantage_estimator(monkeypatch, tmp_path):
 ])
 def test_dpo_loss_options_are_part_of_the_contract(monkeypatch, tmp_path, loss, flag, line):
     """The reference-free options are plain hparams: the same ones resume, a changed one is refused by name."""
-    from recipes.common import StageCLI
-
-    ckpt = tmp_path / "hparams.ckpt"
-
-    def save_hparams(cli):
-        torch.save({"hyper_parameters": dict(cli.model.hparams)}, ckpt)
-        raise _Stop
-
-    monkeypatch.setattr(StageCLI, "after_instantiate_classes", save_hparams)
-    with pytest.raises(_Stop):
-        _fit("dpo", monkeypatch, tmp_path, *loss)
-    monkeypatch.setattr(StageCLI, "before_instantiate_classes", lambda cli: (_ for _ in ()).throw(_Stop()))
+    ckpt = _hparams_checkpoint("dpo", monkeypatch, tmp_path, *loss)
     with pytest.raises(_Stop):
         _fit("dpo", monkeypatch, tmp_path, *loss, f"--ckpt_path={ckpt}")
     with pytest.raises(SystemExit) as refused:
