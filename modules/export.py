@@ -3,6 +3,7 @@ arguments (EXPORT_ARGS)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from lightning.pytorch import Callback
@@ -62,8 +63,13 @@ class HFExport(Callback):
                              "but trainer.limit_val_batches is 0 (drop export_best or let validation run)")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or trainer.interrupted:
+        if trainer.interrupted:
             return
+        with whole_weights(trainer):  # sharded weights (FSDP, ZeRO-3): every rank takes part in the gather
+            if trainer.is_global_zero:
+                self.export(trainer, pl_module)
+
+    def export(self, trainer, pl_module) -> None:
         model = getattr(pl_module, self.model)
         self.load_best(trainer, model)
         bad = nonfinite_names(model.named_parameters())
@@ -91,3 +97,28 @@ class HFExport(Callback):
         print(f"{self.stage}: export_best: exporting the {self.name} of step {best.step}, where {best.metric} was "
               f"{best.mode}imal ({best.score:.6g}), " + ("the last weights" if best.step == last else
                                                         f"instead of the last weights (step {last})"))
+
+
+@contextmanager
+def whole_weights(trainer):
+    """Inside, every parameter holds its whole tensor on rank 0 (the export reads them): a no-op unless the
+    strategy shards weights. FSDP: summon_full_params (on a GPU gathered into CPU memory; on a CPU, where FSDP's
+    CPU offload of gathered weights crashes, in place). DeepSpeed ZeRO-3: GatheredParameters, imported only when
+    that strategy runs (deepspeed is an optional extra)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = trainer.strategy.model
+    if model is not None and any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        gpu = trainer.strategy.root_device.type != "cpu"
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=gpu, offload_to_cpu=gpu):
+            yield
+        return
+    config = getattr(trainer.strategy, "config", None)
+    if isinstance(config, dict) and config.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+        return
+    with nullcontext():
+        yield
