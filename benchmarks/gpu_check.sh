@@ -116,6 +116,18 @@ run ppo-ddp ppo --config configs/ppo/smollm2-hh.yaml --model.policy.path "$MODEL
 run rs rs --config configs/rs/smollm2-hh.yaml --model.policy.path "$MODEL" "${PROMPT_DATA[@]}" "${REWARD[@]}" \
     --trainer.max_steps 6 --trainer.callbacks.warmup 2
 
+# DeepSpeed (the optional extra), when installed: ZeRO-2 and ZeRO-3 SFT with LoRA and the export, ZeRO-2 PPO
+if [ "$PRINT_CONFIG" = 1 ] || $PY -c "import deepspeed" 2>/dev/null; then
+  run sft-zero2 sft "${SFT[@]}" --config configs/strategies/deepspeed_zero2.yaml "${ALL[@]}" --trainer.max_steps 10
+  run sft-zero3-lora sft "${SFT[@]}" --config configs/strategies/deepspeed_zero3.yaml "${ALL[@]}" \
+      '--model.policy.lora={r: 16, alpha: 32}' --trainer.max_steps 10
+  run ppo-zero2 ppo --config configs/ppo/smollm2-hh.yaml --model.policy.path "$MODEL" "${PROMPT_DATA[@]}" \
+      "${REWARD[@]}" --config configs/strategies/deepspeed_zero2.yaml "${ALL[@]}" --trainer.max_steps 32 \
+      --trainer.callbacks.warmup 16
+else
+  echo "SKIP   deepspeed runs (pip install -e '.[deepspeed]')" | tee -a "$SUMMARY"
+fi
+
 # the tests marked gpu (FlexAttention gradients on packed and prompt-shared rows)
 if [ "$PRINT_CONFIG" != 1 ] && { [ -z "$ONLY" ] || [[ " $ONLY " == *" pytest "* ]]; }; then
   if $PY -m pytest -p no:cacheprovider -q -m gpu tests > "$OUT/pytest.log" 2>&1; then
