@@ -49,7 +49,8 @@ class ModelSpec:
         lora: train a LoRA adapter instead of the full weights (required for quantised training).
         gradient_checkpointing: recompute activations in backward to save memory.
         trust_remote_code: run modelling code shipped with the checkpoint. Off unless you trust it.
-        attn_implementation: eager, sdpa or flash_attention_2; None lets transformers choose.
+        attn_implementation: eager, sdpa, flash_attention_2 or flex_attention (packed and prompt-shared rows
+            as a BlockMask; forward-only on CPU, trains on GPUs); None lets transformers choose.
         train_top_layers: full-weight training of only the top N transformer blocks and what follows them
             (final norm, score head, an untied vocabulary head); the embeddings and lower blocks stay frozen,
             so backward stops at block L - N (faster, leaner). None trains every weight. Not with lora.

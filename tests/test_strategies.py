@@ -131,6 +131,32 @@ def test_refused_before_any_class_is_built(stage, args, says, monkeypatch, capsy
     assert message.count("\n  ") == len(says)  # one line per reason, no more
 
 
+def test_decoder_layer_policy_wraps_the_blocks_only(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from core.sharding import decoder_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    wrapped = [name for name, m in model.named_modules() if decoder_layers(m, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == ["model.layers.0", "model.layers.1"]
+    assert all(decoder_layers(m, recurse=True, nonwrapped_numel=0) for m in model.modules())  # descend everywhere
+
+
+def test_checkpoint_names_leave_wrappers_out():
+    from core.optim import unwrapped_name
+
+    name = "policy.model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.up_proj.weight"
+    assert unwrapped_name(name) == "policy.model.layers.0.mlp.up_proj.weight"
+    assert unwrapped_name("policy._orig_mod.lm_head.weight") == "policy.lm_head.weight"
+
+
+def test_a_checkpoint_folder_without_metadata_is_named(tmp_path, monkeypatch):
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    with pytest.raises(SystemExit, match="a folder, but no sharded checkpoint"):
+        _main("sft", ["fit", "--config", "configs/sft/tiny.yaml", f"--ckpt_path={folder}"], monkeypatch)
+
+
 def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
@@ -159,7 +185,10 @@ def test_fsdp_sft_on_two_cpu_processes_matches_one_and_resumes(tmp_path):
 
     step2 = next((tmp_path / "two").rglob("epoch=0-step=2.ckpt"))
     assert step2.is_dir()  # sharded: a folder, one file per rank and meta.pt
-    resumed = _finish(*_start("sft", tmp_path / "resumed", 2, *fsdp, *steps, f"--ckpt_path={step2}"), ranks=2)
+    # resumed with activation checkpointing per block too: recomputation changes no number, nor a checkpoint key
+    checkpointing = "--trainer.strategy.init_args.activation_checkpointing_policy=core.sharding.decoder_layers"
+    resumed = _finish(*_start("sft", tmp_path / "resumed", 2, *fsdp, *steps, checkpointing, f"--ckpt_path={step2}"),
+                      ranks=2)
     assert len(resumed[0]["steps"]) == 2  # steps 3 and 4
     for s in (0, 1):
         for r in (0, 1):
