@@ -3,13 +3,13 @@ arguments (EXPORT_ARGS)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch import Callback
 
 from core.guard import nonfinite_names
-from core.models import save_hf
+from core.models import is_peft, save_hf
 from core.outputs import check_writable, config_hash
 from modules.overoptimisation import BestWeights
 from modules.stage import output_path, stop_nonfinite
@@ -65,19 +65,27 @@ class HFExport(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.interrupted:
             return
-        with whole_weights(trainer):  # sharded weights (FSDP, ZeRO-3): every rank takes part in the gather
+        with whole_weights(trainer) as sharded:  # sharded weights (FSDP, ZeRO-3): every rank takes part
             if trainer.is_global_zero:
-                self.export(trainer, pl_module)
+                self.export(trainer, pl_module, sharded)
 
-    def export(self, trainer, pl_module) -> None:
+    def export(self, trainer, pl_module, sharded: bool = False) -> None:
         model = getattr(pl_module, self.model)
         self.load_best(trainer, model)
         bad = nonfinite_names(model.named_parameters())
         if bad:
             stop_nonfinite(trainer, self.stage, f"weights ({', '.join(bad)})",
                            f"after optimizer step {trainer.global_step}")
+        merge_lora, state = self.merge_lora, None
+        if sharded and is_peft(model):
+            # peft finds no adapter in a sharded module's state_dict: hand it the gathered weights by their names
+            state = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
+            if merge_lora:
+                merge_lora = False
+                print(f"{self.stage}: the {self.name} was sharded: saving its LoRA adapter unmerged (merging copies "
+                      "the model, which a sharded module cannot be)")
         info = {"stage": self.stage, "config_hash": config_hash(dict(pl_module.hparams))}
-        path = save_hf(model, pl_module.tokenizer, self.path(trainer), self.merge_lora, self.overwrite, info)
+        path = save_hf(model, pl_module.tokenizer, self.path(trainer), merge_lora, self.overwrite, info, state)
         print(f"saved {self.name} (Hugging Face format) to {path}")
 
     def load_best(self, trainer, model) -> None:
@@ -101,24 +109,23 @@ class HFExport(Callback):
 
 @contextmanager
 def whole_weights(trainer):
-    """Inside, every parameter holds its whole tensor on rank 0 (the export reads them): a no-op unless the
-    strategy shards weights. FSDP: summon_full_params (on a GPU gathered into CPU memory; on a CPU, where FSDP's
-    CPU offload of gathered weights crashes, in place). DeepSpeed ZeRO-3: GatheredParameters, imported only when
-    that strategy runs (deepspeed is an optional extra)."""
+    """Inside, every parameter holds its whole tensor on rank 0 (the export reads them); yields whether the
+    strategy shards weights (else this is a no-op). FSDP: summon_full_params (on a GPU gathered into CPU memory;
+    on a CPU, where FSDP's CPU offload of gathered weights crashes, in place). DeepSpeed ZeRO-3:
+    GatheredParameters, imported only when that strategy runs (deepspeed is an optional extra)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     model = trainer.strategy.model
     if model is not None and any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
         gpu = trainer.strategy.root_device.type != "cpu"
         with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=gpu, offload_to_cpu=gpu):
-            yield
+            yield True
         return
     config = getattr(trainer.strategy, "config", None)
     if isinstance(config, dict) and config.get("zero_optimization", {}).get("stage") == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            yield
+            yield True
         return
-    with nullcontext():
-        yield
+    yield False

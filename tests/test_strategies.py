@@ -196,3 +196,25 @@ def test_fsdp_sft_on_two_cpu_processes_matches_one_and_resumes(tmp_path):
     w3 = _weights(tmp_path / "resumed" / "hf")
     for k in w2:
         torch.testing.assert_close(w3[k], w2[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_adapter_matches_one_process(tmp_path):
+    """LoRA under FSDP (frozen base and trainable adapter in the same units): the adapter exported from 2 processes
+    x batch 16 is the one of 1 process x batch 32; a sharded model is saved unmerged, as an adapter that loads."""
+    from core.models import load_saved_causal_lm
+
+    lora, steps = '--model.policy.lora={r: 4, alpha: 8, dropout: 0.0}', ["--trainer.max_steps=4"]
+    two = _start("sft", tmp_path / "two", 2, "--config", "configs/strategies/fsdp.yaml",
+                 "--trainer.strategy.class_path=tests.cpu_fsdp.CPUFSDPStrategy", lora, *steps)
+    one = _start("sft", tmp_path / "one", 1, lora, *steps, "--data.batch_size=32", "--model.merge_lora=false")
+    for proc, log in (two, one):
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "saving its LoRA adapter unmerged" in two[1].read_text()
+    a1 = load_file(str(tmp_path / "one" / "hf" / "adapter_model.safetensors"))
+    a2 = load_file(str(tmp_path / "two" / "hf" / "adapter_model.safetensors"))
+    assert a1.keys() == a2.keys() and len(a1) == 28  # 7 projections x 2 blocks x (A, B)
+    gap = sum((a2[k] - a1[k]).double().square().sum() for k in a1)
+    size = sum(a1[k].double().square().sum() for k in a1 if "lora_B" in k)  # B starts at 0: its value is its update
+    assert float((gap / size).sqrt()) <= 1e-3
+    assert type(load_saved_causal_lm(tmp_path / "two" / "hf")).__name__ == "PeftModelForCausalLM"
