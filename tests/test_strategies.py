@@ -218,3 +218,28 @@ def test_fsdp_lora_adapter_matches_one_process(tmp_path):
     size = sum(a1[k].double().square().sum() for k in a1 if "lora_B" in k)  # B starts at 0: its value is its update
     assert float((gap / size).sqrt()) <= 1e-3
     assert type(load_saved_causal_lm(tmp_path / "two" / "hf")).__name__ == "PeftModelForCausalLM"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_fsdp_pairs_stages_match_one_process(stage, tmp_path):
+    """Reward (prompt-shared rows, score head) and DPO (a frozen reference copy, sharded with the policy) under FSDP:
+    2 processes x batch B log the losses of 1 process x batch 2B, and export the same weights."""
+    from tests.test_ddp import BATCH, TRAIN_KEYS
+
+    steps = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--data.share_prompt=true"]
+    two = _start(stage, tmp_path / "two", 2, "--config", "configs/strategies/fsdp.yaml",
+                 "--trainer.strategy.class_path=tests.cpu_fsdp.CPUFSDPStrategy", *steps)
+    one = _start(stage, tmp_path / "one", 1, *steps, f"--data.batch_size={2 * BATCH[stage]}")
+    ranks, (single,) = _finish(*two, ranks=2), _finish(*one, ranks=1)
+    assert len(single["steps"]) == len(ranks[0]["steps"]) == 3
+    for s, row in enumerate(single["steps"]):
+        for key in TRAIN_KEYS[stage]:
+            _close(sum(r["steps"][s][key] for r in ranks) / 2, row[key])
+    w1, w2 = _weights(tmp_path / "one" / "hf"), _weights(tmp_path / "two" / "hf")
+    assert w1.keys() == w2.keys()
+    start = _weights(TINY_MODEL)
+    moved = [k for k in w1 if k in start]  # the reward model's new score head has no start: left out
+    gap = sum((w2[k] - w1[k]).double().square().sum() for k in moved)
+    update = sum((w1[k] - start[k]).double().square().sum() for k in moved)
+    assert float((gap / update).sqrt()) <= 1e-3
