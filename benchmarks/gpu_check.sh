@@ -128,7 +128,7 @@ else
   echo "SKIP   deepspeed runs (pip install -e '.[deepspeed]')" | tee -a "$SUMMARY"
 fi
 
-# the tests marked gpu (FlexAttention gradients on packed and prompt-shared rows)
+# the tests marked gpu (FlexAttention gradients on packed and prompt-shared rows, FSDP full checkpoints resumed)
 if [ "$PRINT_CONFIG" != 1 ] && { [ -z "$ONLY" ] || [[ " $ONLY " == *" pytest "* ]]; }; then
   if $PY -m pytest -p no:cacheprovider -q -m gpu tests > "$OUT/pytest.log" 2>&1; then
     echo "PASS   pytest -m gpu $(tail -n 1 "$OUT/pytest.log")" | tee -a "$SUMMARY"

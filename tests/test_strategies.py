@@ -243,3 +243,20 @@ def test_fsdp_pairs_stages_match_one_process(stage, tmp_path):
     gap = sum((w2[k] - w1[k]).double().square().sum() for k in moved)
     update = sum((w1[k] - start[k]).double().square().sum() for k in moved)
     assert float((gap / update).sqrt()) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Lightning's FSDPStrategy refuses a CPU)")
+def test_fsdp_full_checkpoint_resumes_on_gpu(tmp_path):
+    """Lightning's own FSDPStrategy on up to 2 GPUs with `state_dict_type: full` (one checkpoint file gathered on rank
+    0: the path that segfaults on CPU processes): a run resumed from its step-2 file logs the uninterrupted losses."""
+    n = min(torch.cuda.device_count(), 2)
+    fsdp = ["--config", "configs/strategies/fsdp.yaml", "--trainer.accelerator=gpu", f"--trainer.devices={n}",
+            "--trainer.strategy.init_args.state_dict_type=full", "--checkpoint.every_n_train_steps=2",
+            "--checkpoint.save_top_k=-1", "--trainer.max_steps=4", "--trainer.limit_val_batches=0"]
+    full = _finish(*_start("sft", tmp_path / "full", 1, *fsdp), ranks=n)
+    step2 = next((tmp_path / "full").rglob("epoch=0-step=2.ckpt"))
+    assert step2.is_file()
+    resumed = _finish(*_start("sft", tmp_path / "resumed", 1, *fsdp, f"--ckpt_path={step2}"), ranks=n)
+    for s in (0, 1):
+        _close(resumed[0]["steps"][s]["train/loss"], full[0]["steps"][s + 2]["train/loss"], rtol=1e-4, atol=1e-5)
