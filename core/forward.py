@@ -140,19 +140,36 @@ def completion_logits(model, labels: torch.Tensor, **inputs) -> tuple[torch.Tens
     return parts[1](hidden[keep]), targets[keep]  # (n, v), (n,)
 
 
-def tree_attention_mask(model, rows: SharedPromptRows) -> torch.Tensor:
-    """The 4D mask of prompt-shared rows (core/packing.py) in the form the model's attention takes
-    (transformers passes a 4D mask through as is): boolean for sdpa, additive (0 / lowest value) for eager."""
-    allowed = prefix_tree_mask(rows.tree_ids, rows.branch_ids)  # (rows, 1, t, t)
+def tree_attention_mask(model, rows: SharedPromptRows):
+    """The mask of prompt-shared rows (core/packing.py) in the form the model's attention takes (transformers
+    passes a 4D mask or a BlockMask through as is): boolean (rows, 1, t, t) for sdpa, additive (0 / lowest value)
+    for eager, a FlexAttention BlockMask of the same rule for flex_attention (tree_block_mask)."""
     impl = str(getattr(model.config, "_attn_implementation", "eager"))
+    if impl == "flex_attention":
+        return tree_block_mask(rows.tree_ids, rows.branch_ids)
+    allowed = prefix_tree_mask(rows.tree_ids, rows.branch_ids)  # (rows, 1, t, t)
     if impl == "sdpa":
         return allowed
     if impl != "eager":
-        raise ValueError(f"share_prompt needs sdpa or eager attention (a custom 4D mask), not {impl!r}")
+        raise ValueError(f"share_prompt needs sdpa, eager or flex_attention attention, not {impl!r}")
     device = allowed.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
     return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
+
+
+def tree_block_mask(tree_ids: Tensor, branch_ids: Tensor):
+    """core.ops.prefix_tree_mask's rule as a FlexAttention BlockMask (rows, 1, t, t): the kernel skips the blocks
+    no query may see instead of reading a dense (t, t) mask. Built on the ids' device."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(b, h, q, k):  # query q of row b may see key k
+        q_tree, k_tree, q_branch, k_branch = tree_ids[b, q], tree_ids[b, k], branch_ids[b, q], branch_ids[b, k]
+        same = (q_tree == k_tree) & (q_tree >= 0) & ((k_branch == 0) | (k_branch == q_branch)) & (k <= q)
+        return same | (q == k)  # the padding tail sees only itself, so no row of the softmax is empty
+
+    rows, t = tree_ids.shape
+    return create_block_mask(allowed, B=rows, H=None, Q_LEN=t, KV_LEN=t, device=tree_ids.device)
 
 
 def tree_completion_logits(model, rows: SharedPromptRows) -> tuple[torch.Tensor, torch.Tensor]:

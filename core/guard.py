@@ -22,8 +22,19 @@ def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]], limit: int = 3) -
     """Names of the first `limit` tensors holding a NaN or inf."""
     bad = []
     for name, t in named:
-        if not torch.isfinite(t.detach()).all():
+        if not torch.isfinite(local_part(t.detach())).all():
             bad.append(name)
             if len(bad) == limit:
                 break
     return bad
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """What of a sharded tensor (an FSDP sharded checkpoint's ShardedTensor, a DTensor) this process holds; a
+    plain tensor as it is. Each process checks its own part."""
+    if hasattr(t, "to_local"):  # DTensor
+        return t.to_local()
+    if hasattr(t, "local_shards"):  # ShardedTensor
+        shards = [s.tensor.reshape(-1) for s in t.local_shards()]
+        return torch.cat(shards) if shards else torch.zeros(0)
+    return t

@@ -49,7 +49,8 @@ class ModelSpec:
         lora: train a LoRA adapter instead of the full weights (required for quantised training).
         gradient_checkpointing: recompute activations in backward to save memory.
         trust_remote_code: run modelling code shipped with the checkpoint. Off unless you trust it.
-        attn_implementation: eager, sdpa or flash_attention_2; None lets transformers choose.
+        attn_implementation: eager, sdpa, flash_attention_2 or flex_attention (packed and prompt-shared rows
+            as a BlockMask; forward-only on CPU, trains on GPUs); None lets transformers choose.
         train_top_layers: full-weight training of only the top N transformer blocks and what follows them
             (final norm, score head, an untied vocabulary head); the embeddings and lower blocks stay frozen,
             so backward stops at block L - N (faster, leaner). None trains every weight. Not with lora.
@@ -279,10 +280,11 @@ def unwrap_peft(model):
 
 
 def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = True, overwrite: bool = False,
-            info: dict | None = None) -> Path:
+            info: dict | None = None, state_dict: dict | None = None) -> Path:
     """Save in Hugging Face format (safetensors) so `from_pretrained(out_dir)` loads it, with our marker file
     (outputs.py: `info` goes into it). Written to a sibling temp dir first and swapped in, so an existing output
-    is never half-overwritten; a folder we did not write is replaced only with overwrite.
+    is never half-overwritten; a folder we did not write is replaced only with overwrite. `state_dict`: a LoRA
+    model's gathered weights by named_parameters names (a sharded model), saved as its adapter.
 
     A LoRA model is merged into its base (merge_lora) or saved as an adapter; a quantised base cannot be
     merged losslessly and is always saved as an adapter. An adapter records its base as an absolute path
@@ -301,11 +303,32 @@ def save_hf(model, tokenizer, out_dir: str | os.PathLike, merge_lora: bool = Tru
                 config.base_model_name_or_path = str(Path(base).expanduser().resolve())
 
     def write(tmp: Path) -> None:
-        to_save.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is not None and is_peft(to_save):
+            save_gathered_adapter(to_save, state_dict, tmp)
+        else:
+            to_save.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
     return write_dir(out_dir, write, info or {}, overwrite)
+
+
+def save_gathered_adapter(model, named: dict, out_dir: Path) -> None:
+    """A LoRA adapter from weights gathered out of a sharded module (FSDP): peft picks the adapter's entries by
+    the module names it sees, which carry the wrapper modules' names, so the entries are taken with those names and
+    saved without them, as peft's own save_pretrained writes an adapter (adapter_model.safetensors + config)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from core.optim import unwrapped_name
+
+    adapter = get_peft_model_state_dict(model, state_dict=named)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_file({unwrapped_name(k): v.detach().cpu().contiguous() for k, v in adapter.items()},
+              str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.copy(model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(out_dir))
 
 
 def _untie_output(peft_model):

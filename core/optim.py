@@ -65,11 +65,26 @@ class OptimSpec:
 
 def keep_trainable(module, checkpoint: dict) -> None:
     """Drop frozen weights (references, quantised or LoRA bases) from a checkpoint: they come back from the
-    ModelSpec on resume. Pair with `module.strict_loading = False`. Non-finite trainable weights raise
-    NonFiniteError, so the last checkpoint written stays the last finite one."""
-    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    ModelSpec on resume (a sharded checkpoint keeps them: each rank writes its own shard). Pair with
+    `module.strict_loading = False`. Non-finite trainable weights raise NonFiniteError, so the last checkpoint
+    written stays the last finite one."""
+    trainable = {unwrapped_name(name) for name, p in module.named_parameters() if p.requires_grad}
     bad = nonfinite_names((k, v) for k, v in checkpoint["state_dict"].items() if k in trainable)
     if bad:  # the last good checkpoint stays the last one
         raise NonFiniteError(f"{type(module).__name__}: non-finite weights ({', '.join(bad)}) at step "
                              f"{checkpoint.get('global_step')}: checkpoint not written")
+    if any(hasattr(v, "local_shards") or hasattr(v, "to_local") for v in checkpoint["state_dict"].values()):
+        return  # a sharded checkpoint (FSDP): torch's distributed checkpoint loads every key the module has
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+# wrappers that sharding strategies and torch.compile put around submodules (FSDP units, activation checkpointing);
+# their state dicts leave these names out, named_parameters keeps them
+WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the model's own state dict writes it, wrapper modules left out."""
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name

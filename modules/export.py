@@ -3,12 +3,13 @@ arguments (EXPORT_ARGS)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch import Callback
 
 from core.guard import nonfinite_names
-from core.models import save_hf
+from core.models import is_peft, save_hf
 from core.outputs import check_writable, config_hash
 from modules.overoptimisation import BestWeights
 from modules.stage import output_path, stop_nonfinite
@@ -65,16 +66,29 @@ class HFExport(Callback):
                              "but trainer.limit_val_batches is 0 (drop export_best or let validation run)")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or trainer.interrupted:
+        if trainer.interrupted:
             return
+        with whole_weights(trainer) as sharded:  # sharded weights (FSDP, ZeRO-3): every rank takes part
+            if trainer.is_global_zero:
+                self.export(trainer, pl_module, sharded)
+
+    def export(self, trainer, pl_module, sharded: bool = False) -> None:
         model = getattr(pl_module, self.model)
         self.load_best(trainer, model)
         bad = nonfinite_names(model.named_parameters())
         if bad:
             stop_nonfinite(trainer, self.stage, f"weights ({', '.join(bad)})",
                            f"after optimizer step {trainer.global_step}")
+        merge_lora, state = self.merge_lora, None
+        if sharded and is_peft(model):
+            # peft finds no adapter in a sharded module's state_dict: hand it the gathered weights by their names
+            state = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
+            if merge_lora:
+                merge_lora = False
+                print(f"{self.stage}: the {self.name} was sharded: saving its LoRA adapter unmerged (merging copies "
+                      "the model, which a sharded module cannot be)")
         info = {"stage": self.stage, "config_hash": config_hash(dict(pl_module.hparams)), **self.info}
-        path = save_hf(model, pl_module.tokenizer, self.path(trainer), self.merge_lora, self.overwrite, info)
+        path = save_hf(model, pl_module.tokenizer, self.path(trainer), merge_lora, self.overwrite, info, state)
         print(f"saved {self.name} (Hugging Face format) to {path}")
 
     def load_best(self, trainer, model) -> None:
@@ -94,3 +108,27 @@ class HFExport(Callback):
         print(f"{self.stage}: export_best: exporting the {self.name} of step {best.step}, where {best.metric} was "
               f"{best.mode}imal ({best.score:.6g}), " + ("the last weights" if best.step == last else
                                                         f"instead of the last weights (step {last})"))
+
+
+@contextmanager
+def whole_weights(trainer):
+    """Inside, every parameter holds its whole tensor on rank 0 (the export reads them); yields whether the
+    strategy shards weights (else this is a no-op). FSDP: summon_full_params (on a GPU gathered into CPU memory;
+    on a CPU, where FSDP's CPU offload of gathered weights crashes, in place). DeepSpeed ZeRO-3:
+    GatheredParameters, imported only when that strategy runs (deepspeed is an optional extra)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    model = trainer.strategy.model
+    if model is not None and any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        gpu = trainer.strategy.root_device.type != "cpu"
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=gpu, offload_to_cpu=gpu):
+            yield True
+        return
+    config = getattr(trainer.strategy, "config", None)
+    if isinstance(config, dict) and config.get("zero_optimization", {}).get("stage") == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield True
+        return
+    yield False

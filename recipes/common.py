@@ -19,6 +19,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from recipes.strategies import strategy_refusals
+
 RUNS = "runs"  # the default logger's save_dir, relative to trainer.default_root_dir (the run root)
 # model keys a resume may change: where the output goes and how (rs `rounds` only sets trainer.max_epochs,
 # the run's length, which every resume may change; ppo/rs held-out judging only reads validation samples and
@@ -119,10 +121,10 @@ def last_checkpoint(config: Namespace, prog: str) -> str:
     found, where = [], ""
     if dirpath:
         where = os.path.join(dirpath, "last.ckpt")
-        found = [where] if os.path.isfile(where) else []
+        found = [where] if os.path.exists(where) else []
     elif logger is None or logger is False:  # no logger: Lightning checkpoints to <root>/checkpoints
         where = os.path.join(root, "checkpoints", "last.ckpt")
-        found = [where] if os.path.isfile(where) else []
+        found = [where] if os.path.exists(where) else []
     else:
         if isinstance(logger, Namespace) and logger.get("init_args") and "save_dir" in logger.init_args:
             base = os.path.join(logger.init_args.save_dir or root, logger.init_args.get("name") or "")
@@ -136,6 +138,21 @@ def last_checkpoint(config: Namespace, prog: str) -> str:
         raise SystemExit(f"{prog}: --ckpt_path last: no checkpoint found at {where}; give the checkpoint file "
                          "(--ckpt_path PATH) or drop --ckpt_path to start a new run")
     return found[-1]
+
+
+def load_checkpoint_meta(ckpt_path: str, prog: str) -> dict:
+    """A checkpoint file, or what a sharded checkpoint folder (FSDP `state_dict_type: sharded`, DeepSpeed) holds
+    besides the weights: its hyperparameters and our `stage` mark, for the resume contract."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        meta = next((m for m in (path / "meta.pt", path / "checkpoint" / "mp_rank_00_model_states.pt")
+                     if m.is_file()), None)
+        if meta is None:
+            raise SystemExit(f"{prog}: --ckpt_path {ckpt_path}: a folder, but no sharded checkpoint (no meta.pt)")
+        return torch.load(meta, weights_only=False, map_location="cpu")
+    if not path.is_file():
+        raise SystemExit(f"{prog}: --ckpt_path {ckpt_path}: no such file")
+    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _diff(saved, given, key: str = "") -> list[tuple[str, object, object]]:
@@ -206,6 +223,16 @@ class StageCLI(LightningCLI):
         if self.config.get("subcommand"):
             root_logger_dirs(self.config[self.config.subcommand])
 
+    def before_instantiate_classes(self) -> None:
+        """Strategy combinations that cannot run (recipes/strategies.py) stop here, before any class is built."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        refusals = strategy_refusals(self.stage, self.config[subcommand])
+        if refusals:
+            lines = "\n".join(f"  {r}" for r in refusals)
+            raise SystemExit(f"rlhf {self.stage}: this strategy cannot run this config (nothing was loaded):\n{lines}")
+
     def _parse_ckpt_path(self) -> None:
         """Lightning's version re-parses the checkpoint's hparams over the config, silently replacing
         `--model.*` given now; this one resolves `last` and applies the contract above instead."""
@@ -221,9 +248,7 @@ class StageCLI(LightningCLI):
         if (not ckpt_path or ckpt_path in LIGHTNING_CKPT_PATHS or ckpt_path.startswith("registry:")
                 or "://" in ckpt_path):
             return  # Lightning's own values and remote files: as Lightning
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"{prog}: --ckpt_path {ckpt_path}: no such file")
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        ckpt = load_checkpoint_meta(ckpt_path, prog)
         saved_stage = ckpt.get("stage")  # written by StageHooks.on_save_checkpoint
         if saved_stage is not None and saved_stage != self.stage:
             raise SystemExit(f"{prog}: --ckpt_path {ckpt_path} is a checkpoint of `rlhf {saved_stage}`, not of "
