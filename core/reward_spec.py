@@ -26,7 +26,7 @@ from core.batches import PaddedRows
 from core.forward import sequence_scores
 from core.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
 from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
-from core.outputs import MARKER
+from core.outputs import MARKER, is_ours
 from core.tokenize import pad_right
 
 log = logging.getLogger(__name__)
@@ -264,8 +264,7 @@ def _expand_members(spec: ModelSpec) -> list[ModelSpec]:
     root = Path(spec.path)
     if spec.gguf_file or not root.is_dir() or (root / "config.json").exists():
         return [spec]
-    members = sorted(d for d in root.iterdir()
-                     if (d / "lightning_rlhf.json").is_file() and (d / "config.json").is_file())
+    members = sorted(d for d in root.iterdir() if is_ours(d) and (d / "config.json").is_file())
     return [replace(spec, path=str(d)) for d in members] or [spec]
 
 
