@@ -32,6 +32,14 @@ from pathlib import Path
 PROG = "rlhf relabel"
 
 
+def _flag(text: str) -> bool:
+    """true / false as a pipeline writes a flag's value (--keep_unfinished=true), or 1 / 0, yes / no."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The flags alone (rlhf pipeline checks a relabel stage's args with it before anything runs)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
@@ -44,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge", default=None,
                         help="scores each sample for the function: RewardSpec as YAML/JSON text or a file, or a "
                              "reward-model folder (default: none, score None)")
-    parser.add_argument("--keep_unfinished", action="store_true",
+    parser.add_argument("--keep_unfinished", type=_flag, nargs="?", const=True, default=False, metavar="BOOL",
                         help="keep samples cut at max_new_tokens (finish_reason length); default: dropped")
     parser.add_argument("--mix", type=Path, default=None, help="an SFT file to draw extra demonstrations from")
     parser.add_argument("--mix_ratio", type=float, default=None,

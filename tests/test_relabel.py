@@ -152,6 +152,10 @@ def test_the_judge_scores_each_sample_and_unfinished_ones_can_be_kept(tmp_path, 
         (" b f a c", 1.0, False), (" c a f b", 0.0, True), (" b f a c", 1.0, False)]
     assert "4 samples: 1 relabelled, 2 kept as is, 1 dropped (1 by the function, 0 unfinished, 0 blank)" in (
         capsys.readouterr().out)
+    parse = relabel.build_parser().parse_args  # as a pipeline passes it: --keep_unfinished=true / false
+    base = ["--samples", "s.jsonl", "--relabel", "m:f", "--out", "o.jsonl"]
+    assert parse([*base, "--keep_unfinished=true"]).keep_unfinished is True
+    assert parse([*base, "--keep_unfinished=false"]).keep_unfinished is False and parse(base).keep_unfinished is False
 
 
 def test_mix_adds_demonstrations_per_row_kept(tmp_path, capsys):
