@@ -21,6 +21,7 @@ SET_BY_PIPELINE = ("model.save_dir", "trainer.default_root_dir", "ckpt_path", "m
 TOOLS = {
     "generate": ("recipes.cli", ["generate"], "recipes.generate"),  # K samples per prompt -> OUT/<name>.jsonl
     "label": ("datamodules.labelling", [], "datamodules.labelling"),  # samples -> rankings, data so far + new
+    "relabel": ("recipes.cli", ["relabel"], "recipes.relabel"),  # samples -> SFT rows of the prompts they fulfil
     "eval": ("recipes.cli", ["eval"], "recipes.eval"),  # win rate / judge score / KL -> OUT/<name>/eval.json
 }
 # ${name}, ${round}, ${out}, ${name|fallback} (fallback may hold ${out})
@@ -92,9 +93,9 @@ class Stage:
 
     @property
     def artifact(self) -> str:
-        """Its output, relative to the run folder: a model folder, a .jsonl file (generate, label) or an eval
-        folder; what ${name} stands for."""
-        return f"{self.name}.jsonl" if self.stage in ("generate", "label") else self.name
+        """Its output, relative to the run folder: a model folder, a .jsonl file (generate, label, relabel) or an
+        eval folder; what ${name} stands for."""
+        return f"{self.name}.jsonl" if self.stage in ("generate", "label", "relabel") else self.name
 
 
 @dataclass
