@@ -171,7 +171,8 @@ class DPOModule(StageHooks, LightningModule):
         if loss_type == "kto" and nll_weight:
             raise ValueError("nll_weight applies to the pairs losses, not kto: drop it")
         if loss_type in (*REFERENCE_FREE, "kto") and label_smoothing:
-            raise ValueError(f"label_smoothing applies to sigmoid and robust only, not {loss_type!r}")
+            raise ValueError(f"label_smoothing applies to sigmoid and robust only, not {loss_type!r}: set it to 0 "
+                             "(--model.label_smoothing 0; configs/dpo/synthetic.yaml sets 0.1)")
         if loss_type == "orpo" and nll_weight:
             raise ValueError("orpo's loss has its own NLL term on the chosen completions: drop nll_weight")
         # the loss checks its own arguments: run it once on zeros so a bad combination fails here

@@ -118,8 +118,12 @@ def test_cpl_bad_config_fails_before_loading(run_recipe, tmp_path, monkeypatch):
         run_recipe("dpo", "fit", *cpl)  # tiny.yaml's default reference (copy)
     with pytest.raises(ValueError, match=r"cpl_lambda must be in \(0, 1\], got 0.0"):
         run_recipe("dpo", "fit", *cpl, "--model.reference=none", "--model.cpl_lambda=0")
-    with pytest.raises(ValueError, match="label_smoothing applies to sigmoid and robust only, not 'cpl'"):
+    with pytest.raises(ValueError, match="not 'cpl': set it to 0 \\(--model.label_smoothing 0"):
         run_recipe("dpo", "fit", *cpl, "--model.reference=none", "--model.label_smoothing=0.1")
+    # synthetic.yaml's conservative-DPO label smoothing is refused by name, before its (absent) SFT policy loads
+    with pytest.raises(ValueError, match="label_smoothing 0"):
+        run_recipe("dpo", "fit", "--config", "configs/dpo/synthetic.yaml", "--model.loss_type=cpl",
+                   "--model.reference=none")
     assert not (tmp_path / "runs").exists()
 
 
