@@ -23,7 +23,6 @@ periodic checkpoints fall at round ends; a mid-round one comes from `trainer.sav
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import zlib
 from typing import Literal
@@ -49,8 +48,6 @@ from modules.export import EXPORT_ARGS, HFExport
 from modules.overoptimisation import JUDGE_ARGS, BestWeights, OveroptimisationMonitor
 from modules.predict import JsonlPredictionWriter, batch_indexes
 from modules.stage import StageHooks, output_path, root_device, shared_args
-
-log = logging.getLogger(__name__)
 
 
 def select_best(scores: Tensor, min_score: float | None = None, by: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -346,19 +343,22 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         scores, valid, examples = torch.cat(buf["scores"]), torch.cat(buf["valid"]), buf["examples"]  # (n, k)
         opt, scheduler, epoch = self.optimizers(), self.lr_schedulers(), self.current_epoch
         losses = []
+        # once a round: logged at the epoch's end (a step-logged value of the last batch would fall between
+        # log_every_n_steps and be lost)
+        once = {"on_step": False, "on_epoch": True, "batch_size": 1}
         for t, tau in enumerate(self.thresholds, start=1):
             keep = threshold_keep(scores, tau, self.threshold_kind, valid, self.reward_norm)  # (n, k)
             kept = keep.flatten().nonzero().squeeze(1)  # rows of examples
             n_kept = torch.tensor(float(len(kept)), device=self.device)
             fraction = self.global_mean(n_kept, torch.tensor(float(keep.numel()), device=self.device))[1]
-            self.log(f"train/t{t}_kept_fraction", fraction, batch_size=1)  # of all ranks' samples
+            self.log(f"train/t{t}_kept_fraction", fraction, **once)  # of all ranks' samples
             steps = math.ceil(self._max_over_ranks(len(kept)) / self.sft_batch_size)
             if steps == 0:
                 rank_zero_warn(f"rs (ReST): round {epoch}, threshold {t} ({tau}) kept no sample: Improve step skipped")
                 scheduler.step()
                 continue
             kept_score = masked_sum(scores.to(self.device), keep.to(self.device))  # raw scores, not z-scored
-            self.log(f"train/t{t}_kept_score", self.global_mean(kept_score, n_kept)[1], batch_size=1)
+            self.log(f"train/t{t}_kept_score", self.global_mean(kept_score, n_kept)[1], **once)
             shuffle = self._generator("improve", epoch, t, device="cpu")
             step_losses = []
             for _ in range(self.sft_epochs):
@@ -375,12 +375,14 @@ class RejectionSamplingModule(StageHooks, LightningModule):
                     opt.step()
                     step_losses.append(loss.detach())
             scheduler.step()
-            self.log(f"train/t{t}_loss", torch.stack(step_losses).mean(), batch_size=1)
-            log.info("rs (ReST): round %d, threshold %d (%s): %d samples kept of %d, %d optimizer steps", epoch, t,
-                     tau, len(kept), keep.numel(), steps * self.sft_epochs)
+            self.log(f"train/t{t}_loss", torch.stack(step_losses).mean(), **once)
+            if self.global_rank == 0:
+                print(f"rs (ReST): round {epoch}, threshold {t} ({tau}): kept {len(kept)} of {keep.numel()} samples "
+                      f"(mean score {kept_score.item() / max(len(kept), 1):.4g}), {steps * self.sft_epochs} optimizer "
+                      f"steps, mean loss {torch.stack(step_losses).mean().item():.4g}")
             losses += step_losses
         if losses:
-            self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=1)
+            self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, **once)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

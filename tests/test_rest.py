@@ -189,3 +189,19 @@ def test_a_run_resumed_mid_round_ends_with_the_same_weights(synthetic_dir, tiny_
     torch.save(saved, tmp_path / "no_buffer.ckpt")
     with pytest.raises(RuntimeError, match="prompt batch 2 of epoch 1, but the round's buffer holds none"):
         run(ckpt_path=str(tmp_path / "no_buffer.ckpt"))
+
+
+def test_tiny_recipe_in_rest_mode_logs_each_threshold(run_recipe, tmp_path):
+    """`rlhf rs fit --config configs/rs/tiny.yaml --model.thresholds [...]`: the per-threshold metrics reach
+    metrics.csv once per round (logged on the epoch, not on a step that log_every_n_steps could skip)."""
+    import csv
+
+    run_recipe("rs", "fit", "--config", "configs/rs/tiny.yaml", "--model.thresholds=[0.0, 0.5]",
+               "--model.threshold_kind=quantile", "--model.sft_batch_size=8", "--trainer.max_steps=-1",
+               "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=50",
+               f"--model.save_dir={tmp_path / 'hf'}")
+    rows = list(csv.DictReader(next((tmp_path / "runs").rglob("metrics.csv")).open()))
+    logged = {k: float(v) for r in rows for k, v in r.items() if v and k.startswith("train/t")}
+    assert set(logged) == {f"train/t{t}_{m}" for t in (1, 2) for m in ("kept_fraction", "kept_score", "loss")}
+    assert logged["train/t1_kept_fraction"] >= logged["train/t2_kept_fraction"] > 0
+    assert (tmp_path / "hf" / "model.safetensors").exists()
