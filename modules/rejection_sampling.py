@@ -102,7 +102,7 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         reward_norm: select on each prompt's K scores standardised (minus their mean, over their std), so kl_coef
             counts standard deviations per nat whatever the reward model's scale (min_score still reads raw scores).
         sft_epochs: passes over each batch's kept samples (gradient steps reuse one sampling pass).
-        sft_batch_size: kept samples per gradient step (None: the whole prompt batch in one step).
+        sft_batch_size: kept samples per gradient step (None: the whole prompt batch in one step; ReST needs one).
         max_grad_norm: clip the gradient norm to this before each step (None: no clipping).
         sampling_seed: seed of the sampling streams (each batch's depends on it, split, epoch, batch, rank).
         thresholds: ReST mode (see the module docstring): the Improve steps' non-decreasing, finite thresholds
@@ -112,7 +112,8 @@ class RejectionSamplingModule(StageHooks, LightningModule):
             prompt's K scores are z-scored first, so a threshold counts standard deviations above the prompt's
             mean. Blank responses are never kept. A threshold that keeps nothing is skipped, with a warning.
         threshold_kind: "score" (default): keep scores >= tau; "quantile": tau in [0, 1] is a quantile of the
-            round's scores (core/losses/rejection_sampling.py threshold_keep), e.g. 0.75 keeps the top quarter.
+            round's scores (core/losses/rejection_sampling.py threshold_keep), e.g. 0.75 keeps the top quarter
+            (under DDP: of each process's share of the round).
         predict_file: where `predict` writes best-of-K jsonl rows {prompt, completion, score, mean_score, index
             (the prompt's row)}, one file from all processes (default: <log dir>/best_of_k.jsonl); `rlhf sft fit`
             reads it as prompt/completion data. Rows below min_score or with a blank best completion are left out.
