@@ -9,11 +9,21 @@ are the offline flow: `rlhf rs predict` writes best-of-K jsonl, `rlhf sft fit` t
 Manual optimization: `trainer.max_steps`/`global_step` count optimizer steps (sft_epochs x minibatches per
 prompt batch, 1 by default); clip with `max_grad_norm`, not trainer.gradient_clip_val; no
 accumulate_grad_batches.
+
+ReST mode (`thresholds`; Gulcehre et al. 2023, arXiv 2308.08998, Reinforced Self-Training): one epoch is one
+round. Grow: every prompt batch of the epoch samples K responses from the policy as the round began and scores
+them into a buffer, training nothing. Improve, after the epoch's last batch: for each threshold tau_1 <= tau_2 <=
+..., every buffered sample scoring at least tau (not only each prompt's best) is kept and the policy, continuing
+from the previous Improve step, takes `sft_epochs` shuffled passes over them in minibatches of `sft_batch_size`
+with the SFT loss. The buffer travels in checkpoints (`rest_buffer`), so a run resumed from a checkpoint taken
+mid-round continues the round exactly. ModelCheckpoint saves by optimizer step and Grow takes none, so its
+periodic checkpoints fall at round ends; a mid-round one comes from `trainer.save_checkpoint` or a SIGTERM save.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from typing import Literal
 
@@ -21,13 +31,14 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from core.batches import PaddedRows
 from core.forward import completion_logps, response_logits
 from core.generation import Rollout, SamplingSpec, decode_responses, generate
-from core.losses.rejection_sampling import kl_penalised_scores
+from core.losses.rejection_sampling import ThresholdKind, check_thresholds, kl_penalised_scores, threshold_keep
 from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 from core.ops import masked_sum, token_logprobs
 from core.optim import OPTIM_ARGS, OptimSpec, adamw
@@ -71,7 +82,9 @@ class RejectionSamplingModule(StageHooks, LightningModule):
     """Rejection-sampling fine-tuning of a causal LM (full weights or LoRA) against a reward.
 
     The LR schedule steps once per prompt batch, over trainer.estimated_stepping_batches: warmup_steps counts
-    prompt batches.
+    prompt batches. In ReST mode (thresholds) the optimizer steps of a round depend on what each threshold keeps,
+    so the schedule steps once per Improve step (threshold) instead, over rounds x len(thresholds): every optimizer
+    step of one Improve step runs at one LR, warmup_steps counts Improve steps, and `decay: constant` keeps one LR.
 
     Args:
         policy: the model to sample from and fine-tune (usually the SFT policy).
@@ -89,9 +102,18 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         reward_norm: select on each prompt's K scores standardised (minus their mean, over their std), so kl_coef
             counts standard deviations per nat whatever the reward model's scale (min_score still reads raw scores).
         sft_epochs: passes over each batch's kept samples (gradient steps reuse one sampling pass).
-        sft_batch_size: kept samples per gradient step (None: the whole prompt batch in one step).
+        sft_batch_size: kept samples per gradient step (None: the whole prompt batch in one step; ReST needs one).
         max_grad_norm: clip the gradient norm to this before each step (None: no clipping).
         sampling_seed: seed of the sampling streams (each batch's depends on it, split, epoch, batch, rank).
+        thresholds: ReST mode (see the module docstring): the Improve steps' non-decreasing, finite thresholds
+            tau_1 <= tau_2 <= ...; None (default): online best-of-K. Needs sft_batch_size; refuses min_score
+            (each threshold is the floor) and kl_coef > 0 (a threshold is in the score's units, not nats; Grow
+            samples the round's starting policy, so the anchor is the number of rounds). With reward_norm each
+            prompt's K scores are z-scored first, so a threshold counts standard deviations above the prompt's
+            mean. Blank responses are never kept. A threshold that keeps nothing is skipped, with a warning.
+        threshold_kind: "score" (default): keep scores >= tau; "quantile": tau in [0, 1] is a quantile of the
+            round's scores (core/losses/rejection_sampling.py threshold_keep), e.g. 0.75 keeps the top quarter
+            (under DDP: of each process's share of the round).
         predict_file: where `predict` writes best-of-K jsonl rows {prompt, completion, score, mean_score, index
             (the prompt's row)}, one file from all processes (default: <log dir>/best_of_k.jsonl); `rlhf sft fit`
             reads it as prompt/completion data. Rows below min_score or with a blank best completion are left out.
@@ -120,6 +142,8 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         save_dir: str | None = None,
         merge_lora: bool = True,
         overwrite: bool = False,
+        thresholds: list[float] | None = None,
+        threshold_kind: ThresholdKind = "score",
         predict_file: str | None = None,
         val_reward: RewardSpec | None = None,
         overopt_patience: int = 3,
@@ -140,6 +164,9 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.optim = OptimSpec(optimizer, scheduler, warmup_steps, decay)
         self.sft_epochs, self.sft_batch_size, self.max_grad_norm = sft_epochs, sft_batch_size, max_grad_norm
         self.sampling_seed, self.predict_file = sampling_seed, predict_file
+        self.thresholds = self._check_rest(thresholds, threshold_kind)
+        self.threshold_kind = threshold_kind
+        self._buffer: dict | None = None  # ReST: the round's grown samples (grow / improve)
         self.policy = None
         self.tokenizer = None
         self.val_reward = MeanMetric()
@@ -151,6 +178,23 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.best_weights = BestWeights(export_best, export_best_mode, logged) if export_best else None
         self.export = HFExport(self.stage, save_dir, merge_lora, overwrite, best=self.best_weights)
         self.strict_loading = False  # checkpoints hold trainable weights only
+
+    def _check_rest(self, thresholds: list[float] | None, kind: str) -> list[float] | None:
+        """ReST's arguments, refused before any model loads when they make no sense together."""
+        if thresholds is None:
+            return None
+        values = check_thresholds(thresholds, kind)
+        if self.min_score is not None:
+            raise ValueError(f"min_score ({self.min_score}) is best-of-K's floor; with thresholds each Improve step's "
+                             "threshold is the floor: drop min_score or put it in the thresholds")
+        if self.kl_coef > 0:
+            raise ValueError(f"kl_coef ({self.kl_coef}) with thresholds: ReST keeps samples whose score reaches a "
+                             "threshold in the score's units, and a KL penalty in nats would shift every bar; Grow "
+                             "samples the round's starting policy, so fewer rounds is the anchor: set kl_coef 0")
+        if self.sft_batch_size is None:
+            raise ValueError("thresholds need sft_batch_size: Improve trains on the whole round's kept samples, "
+                             "in minibatches of that many")
+        return values
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -224,6 +268,8 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         return self.global_mean(masked_sum(-logps.sums, keep), masked_sum(logps.counts, keep))[0]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        if self.thresholds is not None:
+            return self.grow(batch, batch_idx)
         epoch = self.current_epoch
         rollout, _, scores, best, keep, kl = self.best_of_k(batch, self._generator("train", epoch, batch_idx))
         b, k = scores.shape
@@ -258,6 +304,99 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.lr_schedulers().step()
         self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=b)
 
+    # ----- ReST (thresholds): Grow during the epoch, Improve after its last batch -----
+
+    def grow(self, batch: dict, batch_idx: int) -> None:
+        """K samples per prompt from the policy as the round began, scored, appended to the round's buffer (prompt
+        ids, response ids with EOS as rollout_examples gives them, score (b, k), not blank (b, k)); trains nothing
+        until the round's last batch, then runs Improve."""
+        epoch = self.current_epoch
+        buf = self._buffer
+        if batch_idx == 0:
+            buf = self._buffer = {"epoch": epoch, "batches": 0, "examples": [], "scores": [], "valid": []}
+        elif buf is None or buf["epoch"] != epoch or buf["batches"] != batch_idx:
+            held = "none" if buf is None else f"epoch {buf['epoch']}, {buf['batches']} batches"
+            raise RuntimeError(f"rs (ReST): prompt batch {batch_idx} of epoch {epoch}, but the round's buffer holds "
+                               f"{held}: was the run resumed from a mid-round checkpoint without its rest_buffer?")
+        rollout, responses, scores = self.sample(batch, self.sampling, self._generator("train", epoch, batch_idx))
+        scores = scores.view(-1, self.sampling.num_samples)  # (b, k); rows i*k .. i*k+k-1 answer prompt i
+        b, k = scores.shape
+        buf["examples"] += rollout_examples(rollout, torch.arange(b * k))
+        buf["scores"].append(scores.detach().float().cpu())
+        buf["valid"].append(torch.tensor([bool(r.strip()) for r in responses]).view(b, k))  # blank: never kept
+        buf["batches"] += 1
+        for name, value in [("train/reward", scores.mean()), ("train/best_reward", scores.max(-1).values.mean())]:
+            self.log(name, value, on_step=True, on_epoch=True, batch_size=b, prog_bar=name == "train/best_reward")
+        if self.trainer.is_last_batch or batch_idx + 1 >= self.trainer.num_training_batches:
+            self.improve()
+
+    def _max_over_ranks(self, n: int) -> int:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return n
+        return int(self.all_gather(torch.tensor(n, device=self.device)).max().item())
+
+    def improve(self) -> None:
+        """ReST's Improve steps on the round's buffer, one per threshold: keep every sample reaching it
+        (threshold_keep), then sft_epochs shuffled passes in minibatches of sft_batch_size with the SFT loss,
+        continuing from the previous step. Under DDP every rank takes the steps of the rank that kept the most
+        (a rank out of kept samples steps on a zero-weight row). The buffer is emptied."""
+        buf, self._buffer = self._buffer, None
+        scores, valid, examples = torch.cat(buf["scores"]), torch.cat(buf["valid"]), buf["examples"]  # (n, k)
+        opt, scheduler, epoch = self.optimizers(), self.lr_schedulers(), self.current_epoch
+        losses = []
+        # once a round: logged at the epoch's end (a step-logged value of the last batch would fall between
+        # log_every_n_steps and be lost)
+        once = {"on_step": False, "on_epoch": True, "batch_size": 1}
+        for t, tau in enumerate(self.thresholds, start=1):
+            keep = threshold_keep(scores, tau, self.threshold_kind, valid, self.reward_norm)  # (n, k)
+            kept = keep.flatten().nonzero().squeeze(1)  # rows of examples
+            n_kept = torch.tensor(float(len(kept)), device=self.device)
+            fraction = self.global_mean(n_kept, torch.tensor(float(keep.numel()), device=self.device))[1]
+            self.log(f"train/t{t}_kept_fraction", fraction, **once)  # of all ranks' samples
+            steps = math.ceil(self._max_over_ranks(len(kept)) / self.sft_batch_size)
+            if steps == 0:
+                rank_zero_warn(f"rs (ReST): round {epoch}, threshold {t} ({tau}) kept no sample: Improve step skipped")
+                scheduler.step()
+                continue
+            kept_score = masked_sum(scores.to(self.device), keep.to(self.device))  # raw scores, not z-scored
+            self.log(f"train/t{t}_kept_score", self.global_mean(kept_score, n_kept)[1], **once)
+            shuffle = self._generator("improve", epoch, t, device="cpu")
+            step_losses = []
+            for _ in range(self.sft_epochs):
+                chunks = kept[torch.randperm(len(kept), generator=shuffle)].split(self.sft_batch_size)
+                for i in range(steps):
+                    rows, weight = (chunks[i], True) if i < len(chunks) else (torch.zeros(1, dtype=torch.long), False)
+                    mb = pad_completions([examples[j] for j in rows.tolist()], self.tokenizer.pad_token_id)
+                    mb = move_data_to_device(mb, self.device)
+                    loss = self.sft_loss(mb, torch.full((len(rows),), weight, device=self.device))
+                    opt.zero_grad()
+                    self.manual_backward(loss)
+                    if self.max_grad_norm is not None:
+                        self.clip_gradients(opt, self.max_grad_norm, gradient_clip_algorithm="norm")
+                    opt.step()
+                    step_losses.append(loss.detach())
+            scheduler.step()
+            self.log(f"train/t{t}_loss", torch.stack(step_losses).mean(), **once)
+            if self.global_rank == 0:
+                print(f"rs (ReST): round {epoch}, threshold {t} ({tau}): kept {len(kept)} of {keep.numel()} samples "
+                      f"(mean score {kept_score.item() / max(len(kept), 1):.4g}), {steps * self.sft_epochs} optimizer "
+                      f"steps, mean loss {torch.stack(step_losses).mean().item():.4g}")
+            losses += step_losses
+        if losses:
+            self.log("train/loss", torch.stack(losses).mean(), prog_bar=True, **once)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._buffer is not None:  # mid-round: what Grow has sampled so far (rank 0's, as the checkpoint is)
+            checkpoint["rest_buffer"] = self._buffer
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._buffer = checkpoint.get("rest_buffer")
+        if self._buffer is not None and self._trainer is not None and self.trainer.world_size > 1:
+            raise RuntimeError("rs (ReST): this checkpoint was taken mid-round and holds one process's grown samples; "
+                               "resume it in one process, or from a checkpoint taken at a round's end")
+
     # `test` evaluates the DataModule's validation file, reported under test/
     def test_step(self, batch, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -281,7 +420,10 @@ class RejectionSamplingModule(StageHooks, LightningModule):
         self.log_judged("test" if self.trainer.testing else "val", metrics)
 
     def configure_optimizers(self):
-        return self.optim.configure(self.parameters(), self.trainer.estimated_stepping_batches)
+        if self.thresholds is None:
+            return self.optim.configure(self.parameters(), self.trainer.estimated_stepping_batches)
+        rounds = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else self.rounds
+        return self.optim.configure(self.parameters(), rounds * len(self.thresholds))  # one step per Improve step
 
     def configure_callbacks(self):
         if self._trainer is None or not self.trainer.predicting:

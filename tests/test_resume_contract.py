@@ -152,3 +152,18 @@ def test_dpo_loss_options_are_part_of_the_contract(monkeypatch, tmp_path, loss, 
     with pytest.raises(SystemExit) as refused:
         _fit("dpo", monkeypatch, tmp_path, *loss, f"--ckpt_path={ckpt}", flag)
     assert f"  {line}\n" in str(refused.value) and str(refused.value).count(": checkpoint ") == 1
+
+
+def test_rs_rest_checkpoint_resumes_only_with_its_thresholds(monkeypatch, tmp_path):
+    """ReST's buffer was grown for its thresholds: the same ones resume, others (or best-of-K) are refused by name."""
+    rest = ("--model.thresholds=[0, 0.5]", "--model.sft_batch_size=4")
+    ckpt = _hparams_checkpoint("rs", monkeypatch, tmp_path, *rest)
+    with pytest.raises(_Stop):
+        _fit("rs", monkeypatch, tmp_path, f"--ckpt_path={ckpt}", *rest)
+    for flags, line in [(("--model.thresholds=[0, 1]", "--model.sft_batch_size=4"),
+                         "model.thresholds: checkpoint [0.0, 0.5], given [0.0, 1.0]"),
+                        ((*rest, "--model.threshold_kind=quantile"),
+                         "model.threshold_kind: checkpoint 'score', given 'quantile'")]:
+        with pytest.raises(SystemExit) as refused:
+            _fit("rs", monkeypatch, tmp_path, f"--ckpt_path={ckpt}", *flags)
+        assert f"  {line}\n" in str(refused.value) and str(refused.value).count(": checkpoint ") == 1
