@@ -22,6 +22,8 @@ TOOLS = {
     "generate": ("recipes.cli", ["generate"], "recipes.generate"),  # K samples per prompt -> OUT/<name>.jsonl
     "label": ("datamodules.labelling", [], "datamodules.labelling"),  # samples -> rankings, data so far + new
     "eval": ("recipes.cli", ["eval"], "recipes.eval"),  # win rate / judge score / KL -> OUT/<name>/eval.json
+    # answers critiqued and revised under a constitution -> OUT/<name>.jsonl of SFT rows (Constitutional AI)
+    "critique-revise": ("recipes.cli", ["critique-revise"], "recipes.critique_revise"),
 }
 # ${name}, ${round}, ${out}, ${name|fallback} (fallback may hold ${out})
 REF = re.compile(r"\$\{((?:[^{}]|\$\{[^{}]*\})*)\}")
@@ -94,7 +96,7 @@ class Stage:
     def artifact(self) -> str:
         """Its output, relative to the run folder: a model folder, a .jsonl file (generate, label) or an eval
         folder; what ${name} stands for."""
-        return f"{self.name}.jsonl" if self.stage in ("generate", "label") else self.name
+        return f"{self.name}.jsonl" if self.stage in ("generate", "label", "critique-revise") else self.name
 
 
 @dataclass
