@@ -26,8 +26,8 @@ revision, "index": the prompt's row, "meta": {"initial", "critiques", "revisions
 "row": the prompt row's other columns}}. A revision that comes back blank keeps the previous answer (counted in
 blank_revisions and reported); a prompt whose answer and revisions are all blank has no row (reported).
 --eval_rows DIR also writes DIR/initial.jsonl and DIR/revised.jsonl, `rlhf generate` rows of the first answers and
-of the last revisions (prompt = the rendered prompt), for `rlhf eval --policy DIR/revised.jsonl --baseline
-DIR/initial.jsonl --judge RM`.
+of the last revisions (the prompt as `rlhf generate` renders it, without the critique turns), for
+`rlhf eval --policy DIR/revised.jsonl --baseline DIR/initial.jsonl --judge RM`.
 
 Each step (the answers, each critique, each revision) samples the prompts in batches of --batch_size, batch i of
 step s from a generator seeded by (--seed, s, i). The output is written whole when every prompt is done (a tmp
@@ -223,6 +223,7 @@ def critique_revise(model, tokenizer, records, constitution, args, device, chat:
     """(output rows, stats) for the prompt records: answers, then per revision a critique and a revision each,
     every step batched over all prompts."""
     from core.generation import SamplingSpec
+    from core.tokenize import render_prompt
 
     stops = list(args.stop)
     if not chat:
@@ -233,7 +234,7 @@ def critique_revise(model, tokenizer, records, constitution, args, device, chat:
                         stop_strings=stops)
     principles = constitution.principles
     conversations = [Conversation(r.prompt, tokenizer, chat) for r in records]
-    rendered_prompts = [c.render() for c in conversations]
+    rendered_prompts = [render_prompt(r.prompt, tokenizer) for r in records]  # as `rlhf generate` writes them
     chosen = [choose_principles(args.seed, i, len(principles), args.num_revisions) for i in range(len(records))]
     stats = {"blank_answers": 0, "blank_critiques": 0, "blank_revisions": 0, "dropped": 0}
 

@@ -212,7 +212,8 @@ def test_chat_conversation_is_messages(chat_model, files, tmp_path, monkeypatch)
     revised = [json.loads(x) for x in (tmp_path / "ev/revised.jsonl").read_text().splitlines()]
     assert [r["response"] for r in initial] == ["answer-0", "answer-1", ""]
     assert [r["response"] for r in revised] == ["revision1-0", "revision1-1", ""]
-    assert revised[1]["prompt"] == history + "<assistant>" and revised[1]["index"] == 1
+    # the prompt as `rlhf generate` writes it (a string prompt as it is), so a judge scores what SFT will see
+    assert revised[1]["prompt"] == rows[1]["prompt"] and revised[1]["index"] == 1
 
 
 # ---- real sampling with the tiny model ----
