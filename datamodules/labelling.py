@@ -8,6 +8,10 @@ model is trained where the policy now samples. This module is the labeller of th
   configurable: a share of groups in which two responses of different rank swap ranks (`--flip`), and scores
   closer than `--tie_tolerance` share a rank. Empty responses are left out; groups whose responses all tie (or
   are all the same text) teach nothing and are left out too.
+- `--labeller ai`: an AI judge (core/judge.py's JudgeSpec, `--ai_judge`: a causal LM asked which of two responses
+  is better, optionally by the principles of a constitution: RLAIF, arXiv 2309.00267; Constitutional AI, arXiv
+  2212.08073) compares all C(K, 2) pairs of a group, each in both orders; response i scores the mean over j != i
+  of P(i beats j) and the ranks follow from the scores as for the judge (`--tie_tolerance`, `--flip` apply).
 - `--labeller human`: the groups go to a queue file that people label (docs/labelling-queue.md: the queue and
   labels formats); the labels file is read back. Short of `--min_labelled` items labelled, it prints one
   `waiting for labels: ...` line to stderr and exits with code 7, writing no --out; rerun once labels are in.
@@ -18,6 +22,8 @@ With `--add_to`, the rows of an existing preference .jsonl come first, so each r
 
     python -m datamodules.labelling --samples=SAMPLES.jsonl --out=OUT.jsonl [--add_to=PREVIOUS.jsonl] \\
         [--judge='{oracle: synthetic}'] [--flip=0.1] [--seed=0]
+    python -m datamodules.labelling --samples=SAMPLES.jsonl --out=OUT.jsonl --labeller=ai \\
+        --ai_judge='{model: runs/sft, constitution: configs/constitution/harmless.yaml}' [--tie_tolerance=0.05]
     python -m datamodules.labelling --samples=SAMPLES.jsonl --out=OUT.jsonl --labeller=human [--min_labelled=0.8]
 """
 
@@ -106,6 +112,25 @@ def label_groups(groups: list[dict], score: ScoreFn, flip: float = 0.0, tie_tole
         rows.append({"prompt": g["prompt"], "responses": list(g["responses"]), "ranks": ranks})
         stats["kept"] += 1
     return rows, stats
+
+
+def pairwise_scores(groups: list[dict], prefer: Callable[[list[str], list[str], list[str]], Sequence[float]]
+                    ) -> list[float]:
+    """Each group's responses scored by pairwise comparisons: score_i = mean over j != i of P(i beats j), with
+    P(j beats i) = 1 - P(i beats j); one `prefer(prompts, a, b)` call asks every pair (i < j) of every group.
+    -> the scores flattened in group and response order (a group of one response scores 0.5)."""
+    pairs = [(g, i, j) for g, group in enumerate(groups) for i in range(len(group["responses"]))
+             for j in range(i + 1, len(group["responses"]))]
+    probs = [float(p) for p in prefer([groups[g]["prompt"] for g, _, _ in pairs],
+                                      [groups[g]["responses"][i] for g, i, _ in pairs],
+                                      [groups[g]["responses"][j] for g, _, j in pairs])]
+    if len(probs) != len(pairs):
+        raise ValueError(f"the AI judge returned {len(probs)} probabilities for {len(pairs)} pairs")
+    wins = [[0.0] * len(group["responses"]) for group in groups]  # sum over j of P(i beats j)
+    for (g, i, j), p in zip(pairs, probs):
+        wins[g][i] += p
+        wins[g][j] += 1.0 - p
+    return [w / (len(row) - 1) if len(row) > 1 else 0.5 for row in wins for w in row]
 
 
 def item_id(prompt: str, responses: list[str]) -> str:
@@ -225,13 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rankings .jsonl for `rlhf reward fit --data.layout rankings` (written whole, atomically)")
     parser.add_argument("--add_to", type=Path, default=None,
                         help="an existing preference .jsonl whose rows --out starts with (the data so far)")
-    parser.add_argument("--labeller", choices=["judge", "human"], default="judge")
+    parser.add_argument("--labeller", choices=["judge", "ai", "human"], default="judge")
     parser.add_argument("--judge", default="{oracle: synthetic}",
                         help="judge: a RewardSpec as YAML (models, functions, oracle)")
+    parser.add_argument("--ai_judge", default=None,
+                        help="ai: a JudgeSpec (core/judge.py) as YAML text or a file, e.g. '{model: runs/sft, "
+                             "constitution: configs/constitution/harmless.yaml}', or a causal LM's folder")
     parser.add_argument("--flip", type=float, default=None,
-                        help="judge: share of groups where two ranks swap (default 0)")
+                        help="judge, ai: share of groups where two ranks swap (default 0)")
     parser.add_argument("--tie_tolerance", type=float, default=None,
-                        help="judge: scores closer than this share a rank (default 0)")
+                        help="judge, ai: scores closer than this share a rank (default 0)")
     parser.add_argument("--queue", type=Path, default=None,
                         help="human: the queue to write (default: the --out path with suffix .queue.jsonl)")
     parser.add_argument("--labels", type=Path, default=None,
@@ -256,9 +284,19 @@ def main(argv: list[str] | None = None) -> None:
     human_only = [f"--{n}" for n in ("queue", "labels", "min_labelled") if getattr(args, n) is not None]
     judge_only = [f"--{n}" for n in ("flip", "tie_tolerance") if getattr(args, n) is not None]
     if args.labeller == "human" and judge_only:
-        parser.error(f"{' and '.join(judge_only)}: for --labeller judge only (a simulated labeller's mistakes)")
-    if args.labeller == "judge" and human_only:
+        parser.error(f"{' and '.join(judge_only)}: for --labeller judge or ai only (a simulated labeller's mistakes)")
+    if args.labeller != "human" and human_only:
         parser.error(f"{' and '.join(human_only)}: for --labeller human only")
+    if (args.labeller == "ai") != (args.ai_judge is not None):
+        parser.error("--labeller ai needs --ai_judge (a JudgeSpec), and --ai_judge needs --labeller ai")
+    ai_judge = None
+    if args.ai_judge is not None:
+        from core.judge import as_judge_spec
+
+        try:
+            ai_judge = as_judge_spec(args.ai_judge)  # a bad spec fails before any model loads
+        except ValueError as err:
+            parser.error(f"--ai_judge: {err}")
     share_or_count = args.min_labelled is None or 0 <= args.min_labelled <= 1 or args.min_labelled.is_integer()
     if not share_or_count:
         parser.error(f"--min_labelled is a share in [0, 1] or a whole count above 1, got {args.min_labelled:g}")
@@ -283,9 +321,11 @@ def main(argv: list[str] | None = None) -> None:
         said = (f"{stats['labelled']} of {stats['items']} items labelled by hand ({stats['all_tied']} all tied, "
                 f"{stats['items'] - stats['labelled']} unlabelled: left out)")
     else:
-        rows, stats = judge_rows(groups, args)
+        rows, stats = judge_rows(groups, args) if ai_judge is None else ai_rows(groups, ai_judge, args)
         said = (f"labelled {stats['kept']} of {stats['groups']} prompts ({stats['all_tied']} all tied, left out; "
                 f"{stats['flipped']} flipped)")
+        if "position_bias" in stats:
+            said += f"; AI judge: {stats['pairs']} pairs, position bias {stats['position_bias']:.3f}"
     write_jsonl(args.out, kept + rows)
     added = f"{len(kept)} rows of {args.add_to} + " if args.add_to is not None else ""
     print(f"{said} -> {args.out}: {added}{len(rows)} new rows")
@@ -303,6 +343,26 @@ def judge_rows(groups: list[dict], args) -> tuple[list[dict], dict]:
         return judge.score(prompts, responses, metas, args.device).tolist()
 
     return label_groups(groups, score, args.flip or 0.0, args.tie_tolerance or 0.0, args.seed)
+
+
+def ai_rows(groups: list[dict], judge, args) -> tuple[list[dict], dict]:
+    """label_groups with the AI judge's pairwise scores (pairwise_scores); stats add the pairs asked and the
+    judge's position bias (mean P(first option), 0.5 = none)."""
+    from core.judge import position_bias
+
+    judge.load(args.device)
+    asked = []
+
+    def prefer(prompts, a, b):
+        asked.append(judge.compare(prompts, a, b))
+        return asked[-1].prob.tolist()
+
+    scores = pairwise_scores(groups, prefer)
+    rows, stats = label_groups(groups, lambda p, r, m: scores, args.flip or 0.0, args.tie_tolerance or 0.0,
+                               args.seed)
+    stats["pairs"] = asked[0].prob.numel()
+    stats["position_bias"] = position_bias(asked[0])
+    return rows, stats
 
 
 if __name__ == "__main__":

@@ -17,10 +17,17 @@ baseline rows are paired by (prompt, sample) (no sample field: the row's rank am
 prompt's row in the prompt file (`index`) when every row of both files has one, as a prompt may appear twice.
 --judge is a RewardSpec as YAML/JSON text or a file holding it (`{oracle: synthetic}`, `{models: [runs/rm]}`,
 `{functions: ["pkg.mod:fn"]}`), or a reward-model folder. Both files are scored in one call, so a judge that
-whitens with batch statistics puts them on one scale. Writes OUT/eval.json (every number, interval and
+whitens with batch statistics puts them on one scale. --pairwise_judge is a JudgeSpec
+(core/judge.py: a causal LM asked which response is better, both orders averaged) as YAML/JSON text or a file
+(`{model: runs/sft}`, `{model: M, constitution: configs/constitution/harmless.yaml}`), or a causal LM's folder; it
+needs --baseline and may come with --judge. Writes OUT/eval.json (every number, interval and
 count) and OUT/eval.md (a table, also printed). Methods (core/losses/eval.py):
   win rate    (wins + ties/2) / pairs, Wilson 95% score interval over the pairs (conservative with ties);
               a tie is |policy - baseline| <= --tie_tolerance
+  pairwise    win rate = mean over pairs of P(policy beats baseline) from --pairwise_judge, with mean -/+ 1.96
+              standard errors of the per-pair probabilities (the judge's own uncertainty counts, no threshold);
+              also its hard decisions (a win where P > 0.5, a tie within --tie_tolerance of 0.5) with the
+              Wilson interval as above, and the judge's position bias (mean P(first option), 0.5 = none)
   judge score mean of each file with mean -/+ 1.96 standard errors
   KL          nats per response, mean over the policy file's samples of
               log pi(response|prompt) - log ref(response|prompt) (k1, unbiased when the file was sampled
@@ -63,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", required=True, help="the policy's generation file (.jsonl), or a model to sample")
     parser.add_argument("--baseline", help="the baseline's generation file on the same prompts, or a model (win rate)")
     parser.add_argument("--judge", help="RewardSpec as YAML/JSON text or a file, or a reward-model folder")
+    parser.add_argument("--pairwise_judge",
+                        help="JudgeSpec (an LM asked which response is better) as YAML/JSON text or a file, or a "
+                             "causal LM's folder: the pairwise win rate")
     parser.add_argument("--out", type=Path, required=True, help="folder for eval.json and eval.md")
     parser.add_argument("--policy_model", help="the model that wrote --policy (for the KL; default: a model --policy)")
     parser.add_argument("--reference_model", help="the reference model of the KL (e.g. the SFT policy)")
@@ -94,13 +104,23 @@ def parse_args(argv: list[str] | None = None):
         args.policy_model = args.policy  # the KL's policy is the model that writes the samples
     if (args.policy_model is None) != (args.reference_model is None):
         parser.error("--policy_model and --reference_model come together (the KL needs both)")
-    if args.baseline and not args.judge:
-        parser.error("--baseline needs --judge: the win rate compares judge scores")
+    if args.baseline and not (args.judge or args.pairwise_judge):
+        parser.error("--baseline needs --judge or --pairwise_judge: the win rate compares judge scores")
+    if args.pairwise_judge and not args.baseline:
+        parser.error("--pairwise_judge needs --baseline: it compares the policy's responses with the baseline's")
     if args.temperature <= 0:
         parser.error("--temperature must be > 0: greedy samples have no Monte-Carlo KL")
     if args.tie_tolerance < 0:
         parser.error("--tie_tolerance must be >= 0")
     args.models = {name: getattr(args, name) for name in models}
+    args.pairwise = None
+    if args.pairwise_judge:
+        from core.judge import as_judge_spec
+
+        try:
+            args.pairwise = as_judge_spec(args.pairwise_judge)
+        except ValueError as err:
+            parser.error(f"--pairwise_judge: {err}")
     return args, read_judge(parser, args.judge) if args.judge else None
 
 
@@ -195,6 +215,7 @@ def evaluate(args, judge, device: str) -> dict:
     result = {"policy": {"file": args.policy, **model_of(models, "policy"), **describe(policy)}, "confidence": 0.95}
     if baseline:
         result["baseline"] = {"file": args.baseline, **model_of(models, "baseline"), **describe(baseline)}
+    pairs = pair_rows(policy, baseline, args) if baseline else []  # (policy row, baseline row)
     if judge is not None:
         judge.load(device)
         both = policy + baseline  # one call: batch whitening puts both files on one scale
@@ -204,26 +225,57 @@ def evaluate(args, judge, device: str) -> dict:
         result["policy"]["score"] = mean_interval(mine)._asdict()
         if baseline:
             result["baseline"]["score"] = mean_interval(theirs)._asdict()
-            indexed = all(r["index"] is not None for r in both)
-            index = {pair_key(r, indexed): i for i, r in enumerate(baseline)}
-            keys = [pair_key(r, indexed) for r in policy]
-            pairs = [(i, index[key]) for i, key in enumerate(keys) if key in index]  # (policy row, baseline row)
-            if not pairs:
-                from datamodules.formats import DataError
-
-                raise DataError(args.baseline, "no (prompt, sample) in common with --policy", args.policy)
             mine_i, theirs_i = torch.tensor([p for p, _ in pairs]), torch.tensor([b for _, b in pairs])
             won = win_tie_loss(mine[mine_i], theirs[theirs_i], args.tie_tolerance)
             result["win_rate"] = {**won._asdict(), "method": "(wins + ties/2) / n, Wilson score interval",
                                   "unpaired_policy": len(policy) - len(pairs),
                                   "unpaired_baseline": len(baseline) - len(pairs)}
-            if len(pairs) < max(len(policy), len(baseline)):
-                print(f"{PROG}: {len(pairs)} pairs; unpaired rows: {len(policy) - len(pairs)} policy, "
-                      f"{len(baseline) - len(pairs)} baseline", file=sys.stderr)
+    if baseline and getattr(args, "pairwise", None) is not None:
+        result["pairwise"] = pairwise_win_rate(policy, baseline, pairs, args, device)
     if args.policy_model:
         result["kl"] = {**policy_kl(policy, args, device)._asdict(), "policy_model": args.policy_model,
                         "reference_model": args.reference_model, "temperature": args.temperature}
     return result
+
+
+def pair_rows(policy: list[dict], baseline: list[dict], args) -> list[tuple[int, int]]:
+    """(policy row, baseline row) of each (prompt, sample) both files hold; none: DataError."""
+    indexed = all(r["index"] is not None for r in policy + baseline)
+    index = {pair_key(r, indexed): i for i, r in enumerate(baseline)}
+    keys = [pair_key(r, indexed) for r in policy]
+    pairs = [(i, index[key]) for i, key in enumerate(keys) if key in index]
+    if not pairs:
+        from datamodules.formats import DataError
+
+        raise DataError(args.baseline, "no (prompt, sample) in common with --policy", args.policy)
+    if len(pairs) < max(len(policy), len(baseline)):
+        print(f"{PROG}: {len(pairs)} pairs; unpaired rows: {len(policy) - len(pairs)} policy, "
+              f"{len(baseline) - len(pairs)} baseline", file=sys.stderr)
+    return pairs
+
+
+def pairwise_win_rate(policy: list[dict], baseline: list[dict], pairs: list[tuple[int, int]], args,
+                      device: str) -> dict:
+    """--pairwise_judge over the pairs: the mean of P(policy beats baseline) with mean -/+ z standard errors, its
+    hard decisions (P > 0.5 wins, within --tie_tolerance of 0.5 ties) with the Wilson interval, position bias."""
+    import torch
+
+    from core.judge import position_bias
+    from core.losses.eval import mean_interval, win_tie_loss
+
+    judge = args.pairwise.load(device)
+    pref = judge.compare([policy[p]["prompt"] for p, _ in pairs], [policy[p]["response"] for p, _ in pairs],
+                         [baseline[b]["response"] for _, b in pairs])
+    mean = mean_interval(pref.prob)
+    decided = win_tie_loss(pref.prob, torch.full_like(pref.prob, 0.5), args.tie_tolerance)
+    return {"spec": args.pairwise_judge, "win_rate": mean.mean, "low": max(0.0, mean.low),
+            "high": min(1.0, mean.high), "stderr": mean.stderr, "n": mean.n,
+            "method": "mean over pairs of P(policy beats baseline), both orders averaged; mean -/+ z * stderr",
+            "decisions": {**decided._asdict(), "method": "P > 0.5 a win, |P - 0.5| <= tie_tolerance a tie; "
+                          "(wins + ties/2) / n, Wilson score interval"},
+            "position_bias": position_bias(pref), "policy_first_mean": float(pref.p1.mean()),
+            "policy_second_mean": float(pref.p2.mean()), "unpaired_policy": len(policy) - len(pairs),
+            "unpaired_baseline": len(baseline) - len(pairs)}
 
 
 def pair_key(row: dict, indexed: bool) -> tuple:
@@ -350,6 +402,12 @@ def markdown(result: dict) -> str:
         text += (f"\nWin rate of policy vs baseline: **{num(w['win_rate'])}** [{num(w['low'])}, {num(w['high'])}] "
                  f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses of {w['n']} pairs; ties count half; "
                  f"Wilson 95% interval)\n")
+    if "pairwise" in result:
+        w, d = result["pairwise"], result["pairwise"]["decisions"]
+        text += (f"\nPairwise judge: P(policy beats baseline) **{num(w['win_rate'])}** [{num(w['low'])}, "
+                 f"{num(w['high'])}] (mean of {w['n']} pairs, both orders averaged, mean -/+ 1.96 SE); decisions "
+                 f"{num(d['win_rate'])} [{num(d['low'])}, {num(d['high'])}] ({d['wins']} wins, {d['ties']} ties, "
+                 f"{d['losses']} losses; Wilson); position bias {num(w['position_bias'])}\n")
     if "kl" in result:
         k = result["kl"]
         text += (f"\nKL(policy || reference): **{num(k['kl'])}** nats per response, standard error "

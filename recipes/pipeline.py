@@ -52,7 +52,7 @@ done | failed | waiting), artifact and run_dir (relative to OUT), config_hash (o
 written `${out}`, and of the contents of its --config files; data files are not hashed), inputs (run_id of each stage
 it references when it started), run_id (new at each finish), command, started, wall_s, exit_code, resumed,
 round (of a round's stage), and metrics (the last value of each val/ metric in its metrics.csv; a tool's: rows
-of its file, or an eval's win_rate, score and kl).
+of its file, or an eval's win_rate, pairwise_win_rate, score and kl).
 
 A re-run skips a stage that is done with the same config_hash and inputs whose artifact holds lightning_rlhf.json
 (every member does, for an ensemble). A stage whose config changed runs again, and then so does every stage
@@ -209,13 +209,14 @@ def read_manifest(out: Path) -> dict[str, dict]:
 
 
 def tool_metrics(out: Path, stage: Stage) -> dict:
-    """generate / label: the rows of its file; eval: win rate, the policy's mean judge score, KL."""
+    """generate / label: the rows of its file; eval: win rate, pairwise win rate, the policy's mean judge score, KL."""
     artifact = out / stage.artifact
     if stage.stage != "eval":
         with artifact.open("rb") as f:
             return {"rows": sum(1 for line in f if line.strip())}
     result = json.loads((artifact / "eval.json").read_text())
     found = {"win_rate": (result.get("win_rate") or {}).get("win_rate"),
+             "pairwise_win_rate": (result.get("pairwise") or {}).get("win_rate"),
              "score": ((result.get("policy") or {}).get("score") or {}).get("mean"),
              "kl": (result.get("kl") or {}).get("kl")}
     return {k: v for k, v in found.items() if v is not None}

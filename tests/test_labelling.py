@@ -225,8 +225,8 @@ def test_min_labelled_is_a_share_or_a_count():
 
 
 @pytest.mark.parametrize("extra, says", [
-    (["--labeller=human", "--flip=0.1"], "--flip: for --labeller judge only"),
-    (["--labeller=human", "--tie_tolerance=0.1"], "--tie_tolerance: for --labeller judge only"),
+    (["--labeller=human", "--flip=0.1"], "--flip: for --labeller judge or ai only"),
+    (["--labeller=human", "--tie_tolerance=0.1"], "--tie_tolerance: for --labeller judge or ai only"),
     (["--queue=q.jsonl"], "--queue: for --labeller human only"),
     (["--labeller=human", "--min_labelled=2.5"], "a whole count above 1, got 2.5"),
     (["--labeller=human", "--min_labelled=3"], "asks for more items than the queue's 2"),
