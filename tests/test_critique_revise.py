@@ -251,3 +251,91 @@ def test_pipeline_checks_critique_revise_flags(tmp_path):
     with pytest.raises(pipeline.PipelineConfigError) as err:
         pipeline.check_tools(loaded)
     assert f"{path}:2: stage cai: critique-revise refuses its args" in str(err.value)
+
+
+# ---- SL-CAI -> RL-CAI as one pipeline, on the tiny model ----
+
+TINY_CAI = """stages:
+  - name: revisions
+    stage: critique-revise
+    args: {{model: tests/fixtures/tiny-llama, prompts: tests/fixtures/synthetic/prompts_val.jsonl, limit: 8,
+           constitution: {constitution}, max_new_tokens: 6, batch_size: 4, device: cpu}}
+  - name: sl_cai
+    stage: sft
+    config: [configs/sft/tiny.yaml]
+    args: {{data.train_file: "${{revisions}}", trainer.max_steps: 2, trainer.limit_val_batches: 0}}
+  - name: samples
+    stage: generate
+    args: {{model: "${{sl_cai}}", prompts: tests/fixtures/synthetic/prompts_val.jsonl, part: 2, parts: 4,
+           num_samples: 2, max_new_tokens: 6, device: cpu}}
+  - name: labels
+    stage: label
+    args: {{samples: "${{samples}}", labeller: ai,
+           ai_judge: "{{model: tests/fixtures/tiny-llama, constitution: {constitution}, max_length: 128}}"}}
+  - name: reward
+    stage: reward
+    config: [configs/reward/tiny.yaml]
+    args: {{model.backbone.path: "${{sl_cai}}", data.train_file: "${{labels}}", trainer.max_steps: 2,
+           trainer.limit_val_batches: 0}}
+  - name: rl_cai
+    stage: rs
+    config: [configs/rs/tiny.yaml]
+    args: {{model.policy.path: "${{sl_cai}}", model.reward.models: [{{path: "${{reward}}"}}], trainer.max_steps: 2,
+           trainer.limit_val_batches: 0}}
+"""
+
+
+@pytest.mark.slow
+def test_sl_cai_then_rl_cai_pipeline_on_the_tiny_model(tmp_path):
+    """critique-revise -> SFT on the revisions -> samples of the SL-CAI policy -> AI-judge rankings under the
+    constitution -> a reward model on them -> rejection sampling against it, as real processes."""
+    import subprocess
+    import sys
+
+    from core.outputs import MARKER
+
+    constitution = tmp_path / "c.yaml"
+    constitution.write_text(CONSTITUTION + "    comparison: Which is truer?\n")  # the judge asks every principle's
+    config = tmp_path / "cai.yaml"
+    config.write_text(TINY_CAI.format(constitution=constitution))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "recipes.cli", "pipeline", "--config", str(config), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert [(e["name"], e["status"]) for e in stages] == [(n, "done") for n in ("revisions", "sl_cai", "samples",
+                                                                                "labels", "reward", "rl_cai")]
+    revisions = [json.loads(x) for x in (out / "revisions.jsonl").read_text().splitlines()]
+    assert revisions and all(r["completion"].strip() and len(r["meta"]["principles"]) == 1 for r in revisions)
+    assert f"--data.train_file={out / 'revisions.jsonl'}" in stages[1]["command"]
+    labels = [json.loads(x) for x in (out / "labels.jsonl").read_text().splitlines()]
+    assert labels and all(len(r["responses"]) == 2 and sorted(r["ranks"]) == [0, 1] for r in labels)
+    assert (out / "reward" / MARKER).is_file() and (out / "rl_cai" / MARKER).is_file()
+    again = subprocess.run([sys.executable, "-m", "recipes.cli", "pipeline", "--config", str(config), "--out",
+                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("skipped (done, unchanged)") == 6
+
+
+def test_the_cai_pipeline_stages_parse_against_their_recipes(monkeypatch, capsys):
+    """configs/pipeline/cai.yaml: its tools' flags and every training stage's command (--print_config exits before
+    any model loads)."""
+    import sys
+
+    from recipes import pipeline
+    from recipes.cli import STAGES
+
+    monkeypatch.chdir(ROOT)
+    loaded = pipeline.load("configs/pipeline/cai.yaml")
+    pipeline.check_tools(loaded)
+    assert [s.stage for s in loaded.stages] == ["critique-revise", "sft", "generate", "label", "reward", "rs",
+                                                "generate", "generate", "eval"]
+    for stage in (s for s in loaded.stages if not s.tool):
+        monkeypatch.setattr(sys, "argv", [f"rlhf {stage.stage}"])
+        module = __import__(STAGES[stage.stage], fromlist=["main"])
+        with pytest.raises(SystemExit) as exit_:
+            module.main([*pipeline.stage_args(loaded, stage, "/tmp/out")[1:], "--print_config"])
+        assert exit_.value.code in (0, None), stage.name
+        printed = capsys.readouterr().out
+        assert "/tmp/out/" + stage.name in printed and "accelerator: cpu" in printed
+    sft = next(s for s in loaded.stages if s.name == "sl_cai")
+    assert "--data.train_file=/tmp/out/revisions.jsonl" in pipeline.stage_args(loaded, sft, "/tmp/out")
