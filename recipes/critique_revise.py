@@ -37,8 +37,6 @@ file renamed), so a killed run leaves no partial file; it then starts again from
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import sys
 import time
@@ -93,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from core.constitution import load_constitution
+    from core.outputs import write_jsonl
     from datamodules.formats import read_prompts
     from recipes.generate import check_model_arg, load_policy
 
@@ -279,28 +278,25 @@ def critique_revise(model, tokenizer, records, constitution, args, device, chat:
         meta = {"initial": initial[i][0], "critiques": critiques[i], "revisions": revisions[i],
                 "principles": [principles[p].name for p in chosen[i]], "blank_revisions": blanks[i],
                 "row": dict(record.meta)}
-        evals.append({name: {"prompt": rendered_prompts[i], "response": text, "sample": 0, "finish_reason": reason,
-                             "tokens": tokens, "index": i, "meta": {"principles": meta["principles"]}}
+        evals.append({name: {"prompt": rendered_prompts[i], "response": reply_text(rendered_prompts[i], text),
+                             "sample": 0, "finish_reason": reason, "tokens": tokens, "index": i,
+                             "meta": {"principles": meta["principles"]}}
                       for name, (text, reason, tokens) in (("initial", initial[i]), ("final", last[i]))})
         if not current[i]:
             stats["dropped"] += 1
             continue
-        completion = current[i]
-        if isinstance(record.prompt, str) and not record.prompt[-1:].isspace():
-            completion = " " + completion  # "Assistant:" + " reply", as HH-RLHF writes it
+        completion = reply_text(record.prompt, current[i])
         rows.append({"prompt": record.prompt, "completion": completion, "index": i, "meta": meta})
     stats["eval"] = evals
     return rows, stats
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """All rows at once: a tmp file beside `path`, renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
+def reply_text(prompt, text: str) -> str:
+    """A reply as it follows its prompt in a file: after a text prompt ending in a non-space (HH-RLHF's
+    "Assistant:") it starts with a space, as HH-RLHF writes replies and a tokenizer sees them in training."""
+    if text and isinstance(prompt, str) and not prompt[-1:].isspace() and not text[:1].isspace():
+        return " " + text
+    return text
 
 
 if __name__ == "__main__":

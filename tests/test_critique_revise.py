@@ -210,8 +210,9 @@ def test_chat_conversation_is_messages(chat_model, files, tmp_path, monkeypatch)
     assert rows[1]["completion"] == " revision1-1"
     initial = [json.loads(x) for x in (tmp_path / "ev/initial.jsonl").read_text().splitlines()]
     revised = [json.loads(x) for x in (tmp_path / "ev/revised.jsonl").read_text().splitlines()]
-    assert [r["response"] for r in initial] == ["answer-0", "answer-1", ""]
-    assert [r["response"] for r in revised] == ["revision1-0", "revision1-1", ""]
+    # replies after "Assistant:" start with a space, as in HH-RLHF (and as `rlhf generate` decodes them)
+    assert [r["response"] for r in initial] == [" answer-0", " answer-1", ""]
+    assert [r["response"] for r in revised] == [" revision1-0", " revision1-1", ""]
     # the prompt as `rlhf generate` writes it (a string prompt as it is), so a judge scores what SFT will see
     assert revised[1]["prompt"] == rows[1]["prompt"] and revised[1]["index"] == 1
 
