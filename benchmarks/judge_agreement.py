@@ -10,7 +10,8 @@
         --hh /work/shared/data/hh-rlhf-harmless/validation.jsonl \\
         --policy /work/runs/alt/0/sft --prompts /work/runs/alt/0/data/prompts_val.jsonl --out runs/judge_agreement
 
-Writes OUT/agreement.json (every number and each pair's probabilities) and prints a markdown table; the task's
+Writes OUT/agreement_<part>.json (every number and each pair's probabilities; --parts plain,principle,task, which
+may run as separate processes into one OUT) and prints a markdown table of the parts in OUT; the task's
 samples go to OUT/task_samples.jsonl (`rlhf generate --num_samples 2`, reused when present).
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from core.judge import JudgeSpec, position_bias
+from core.judge import JudgeSpec, Preference, position_bias
 from core.losses.eval import wilson_interval
 
 HARMLESS = """principles:
@@ -51,6 +52,16 @@ def agreement(pref) -> dict:
             "order_preferred_second": share(pref.p2), "position_bias": position_bias(pref),
             "mean_prob": float(pref.prob.mean()), "prob": pref.prob.tolist(), "p1": pref.p1.tolist(),
             "p2": pref.p2.tolist()}
+
+
+def compare(judge, prompts, a, b, part: str, chunk: int = 32) -> Preference:
+    """judge.compare in chunks of pairs, printing progress."""
+    done = []
+    for start in range(0, len(prompts), chunk):
+        end = start + chunk
+        done.append(judge.compare(prompts[start:end], a[start:end], b[start:end]))
+        print(f"{part}: {min(end, len(prompts))}/{len(prompts)} pairs", file=sys.stderr, flush=True)
+    return Preference(*(torch.cat([getattr(p, f) for p in done]) for f in Preference._fields))
 
 
 def hh_pairs(path: str, limit: int | None):
@@ -120,27 +131,26 @@ def main(argv=None) -> None:
         constitution = str(Path(tempfile.mkdtemp()) / "harmless.yaml")
         Path(constitution).write_text(HARMLESS)
     common = dict(model=args.judge, max_length=args.max_length, batch_size=args.batch_size)
-    result_path = args.out / "agreement.json"
-    results = json.loads(result_path.read_text()) if result_path.exists() else {}
     parts = args.parts.split(",")
     if {"plain", "principle"} & set(parts):
         prompts, chosen, rejected, skipped = hh_pairs(args.hh, args.limit)
-        results["hh_skipped"] = skipped
-    for part in parts:
+    for part in parts:  # each part's numbers in OUT/agreement_<part>.json: parts may run as separate processes
         if part == "task":
             prompts_t, better, worse, groups, gaps = task_pairs(args, args.out)
             judge = JudgeSpec(template=TASK_TEMPLATE, **common).load("cpu")
-            results["task"] = {**agreement(judge.compare(prompts_t, better, worse)), "prompts": groups,
-                               "mean_oracle_gap": sum(gaps) / max(len(gaps), 1)}
+            result = {**agreement(compare(judge, prompts_t, better, worse, part)), "prompts": groups,
+                      "mean_oracle_gap": sum(gaps) / max(len(gaps), 1)}
         else:
             spec = dict(constitution=constitution) if part == "principle" else {}
             judge = JudgeSpec(**spec, **common).load("cpu")
-            results[part] = agreement(judge.compare(prompts, chosen, rejected))
-        results.setdefault("settings", {}).update({k: str(v) for k, v in vars(args).items()})
-        tmp = result_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        tmp.replace(result_path)
-        print(f"{part}: done", file=sys.stderr, flush=True)
+            result = {**agreement(compare(judge, prompts, chosen, rejected, part)), "hh_left_out": skipped}
+        result["settings"] = {k: str(v) for k, v in vars(args).items()}
+        path = args.out / f"agreement_{part}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)
+        print(f"{part}: done -> {path}", file=sys.stderr, flush=True)
+    results = {p.stem.removeprefix("agreement_"): json.loads(p.read_text()) for p in args.out.glob("agreement_*.json")}
     print(table(results))
 
 

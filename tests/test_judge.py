@@ -243,3 +243,15 @@ def test_eval_pairwise_judge_needs_a_baseline_and_a_good_spec(tmp_path):
         with pytest.raises(SystemExit) as err:
             rlhf(["eval", "--policy", str(policy), "--out", str(tmp_path / "x"), *extra])
         assert err.value.code == 2
+
+
+def test_a_pipeline_label_stage_takes_the_ai_labeller(tmp_path):
+    from recipes import pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text("out: runs/x\nstages:\n  - name: labels\n    stage: label\n    args: {samples: s.jsonl, "
+                    "add_to: a.jsonl, labeller: ai, ai_judge: '{model: runs/sft, seed: 1}', tie_tolerance: 0.05}\n")
+    pipeline.check_tools(pipeline.load(str(path)))
+    path.write_text(path.read_text().replace("ai_judge", "ai_judges"))
+    with pytest.raises(pipeline.PipelineConfigError, match="unrecognized arguments: --ai_judges"):
+        pipeline.check_tools(pipeline.load(str(path)))
