@@ -64,6 +64,16 @@ def compare(judge, prompts, a, b, part: str, chunk: int = 32) -> Preference:
     return Preference(*(torch.cat([getattr(p, f) for p in done]) for f in Preference._fields))
 
 
+def length_stats(prob: list[float], chosen: list[str], rejected: list[str]) -> dict:
+    """How often the chosen response is the longer (characters), and how often the judge prefers the longer one."""
+    longer = [len(c) > len(r) for c, r in zip(chosen, rejected)]
+    picks = [(p > 0.5) == chosen_longer for p, chosen_longer in zip(prob, longer)]
+    n = len(prob)
+    low, high = wilson_interval(sum(picks) / n, n)
+    return {"chosen_longer": sum(longer) / n, "judge_picks_longer": {"share": sum(picks) / n, "low": low,
+                                                                      "high": high}}
+
+
 def hh_pairs(path: str, limit: int | None):
     from datamodules.formats import iter_rows, split_hh
 
@@ -119,11 +129,14 @@ def main(argv=None) -> None:
     parser.add_argument("--constitution", default=None, help="default: the harmlessness principle written here")
     parser.add_argument("--policy", default="/work/runs/alt/0/sft")
     parser.add_argument("--prompts", default="/work/runs/alt/0/data/prompts_val.jsonl")
-    parser.add_argument("--parts", default="plain,principle,task")
+    parser.add_argument("--parts", default="plain,principle,task", help="which to run; '' prints the table")
     parser.add_argument("--max_length", type=int, default=384)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("runs/judge_agreement"))
     args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]  # none: only the table of what OUT holds
+    if set(parts) - {"plain", "principle", "task"}:
+        parser.error(f"--parts: plain, principle and task, comma-separated; got {args.parts!r}")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     constitution = args.constitution
@@ -131,7 +144,6 @@ def main(argv=None) -> None:
         constitution = str(Path(tempfile.mkdtemp()) / "harmless.yaml")
         Path(constitution).write_text(HARMLESS)
     common = dict(model=args.judge, max_length=args.max_length, batch_size=args.batch_size)
-    parts = args.parts.split(",")
     if {"plain", "principle"} & set(parts):
         prompts, chosen, rejected, skipped = hh_pairs(args.hh, args.limit)
     for part in parts:  # each part's numbers in OUT/agreement_<part>.json: parts may run as separate processes
@@ -144,6 +156,7 @@ def main(argv=None) -> None:
             spec = dict(constitution=constitution) if part == "principle" else {}
             judge = JudgeSpec(**spec, **common).load("cpu")
             result = {**agreement(compare(judge, prompts, chosen, rejected, part)), "hh_left_out": skipped}
+            result.update(length_stats(result["prob"], chosen, rejected))
         result["settings"] = {k: str(v) for k, v in vars(args).items()}
         path = args.out / f"agreement_{part}.json"
         tmp = path.with_suffix(".tmp")
