@@ -64,23 +64,24 @@ def _flag(value) -> bool:
 ORACLES = {"synthetic": "core.tasks:oracle_reward"}  # short name -> reward function path
 
 
-def import_reward_function(path: str) -> Callable:
+def import_reward_function(path: str, what: str = "reward function") -> Callable:
     """"package.module:name" (name may be dotted, e.g. "mod:Class.method") -> the callable; else ValueError
-    naming the path. Imported lazily from the string, so a function's module loads only when a spec names it."""
+    naming the path (as `what`, e.g. "relabel function"). Imported lazily from the string, so a function's module
+    loads only when a spec names it."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {path!r}: expected 'package.module:name'")
+        raise ValueError(f"{what} {path!r}: expected 'package.module:name'")
     try:
         obj = importlib.import_module(module_name)
     except Exception as err:  # missing module or dependency, or the module failed while importing
         hint = " (is its folder on PYTHONPATH?)" if isinstance(err, ModuleNotFoundError) else ""
-        raise ValueError(f"reward function {path!r}: cannot import module {module_name!r}: {err!r}{hint}") from err
+        raise ValueError(f"{what} {path!r}: cannot import module {module_name!r}: {err!r}{hint}") from err
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward function {path!r}: {module_name!r} has no attribute {attr!r}")
+            raise ValueError(f"{what} {path!r}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"reward function {path!r} is a {type(obj).__name__}, not a callable")
+        raise ValueError(f"{what} {path!r} is a {type(obj).__name__}, not a callable")
     return obj
 
 

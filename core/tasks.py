@@ -12,11 +12,14 @@ Pure functions, stdlib only; the tasks' data (prompts, simulated labellers, file
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 REVERSE_PREFIX = "Reverse:"
 SORT_PREFIX = "Sort:"
+LETTERS = "abcdefgh"  # the letters both tasks' prompts are drawn from (datamodules/synthetic.py)
+MIN_LEN, MAX_LEN = 3, 6  # letters per prompt
 
 
 def positional_score(target: list[str], items: list[str]) -> float:
@@ -78,15 +81,22 @@ def format_answer(letters: Sequence[str]) -> str:
     return " " + " ".join(letters)
 
 
-def _parse(prompt: str) -> tuple[Task, list[str]]:
-    # the task whose prefix occurs last (prompts may be wrapped in chat text) and the letters after it
+def _locate(prompt: str) -> tuple[Task, int, int]:
+    # the task whose prefix occurs last (prompts may be wrapped in chat text) and where its letters are:
+    # prompt[start:end] is the prefix and the letters, up to the next newline (or the end)
     task = max(TASKS.values(), key=lambda t: prompt.rfind(t.prefix))
     start = prompt.rfind(task.prefix)
     if start < 0:
         kinds = " nor ".join(f"a {t.noun} task prompt" for t in TASKS.values())
         prefixes = ", ".join(repr(t.prefix) for t in TASKS.values())
         raise ValueError(f"not {kinds} (known prefixes: {prefixes}): {prompt[:80]!r}")
-    letters = prompt[start + len(task.prefix) :].split("\n", 1)[0].split()
+    end = prompt.find("\n", start)
+    return task, start, len(prompt) if end < 0 else end
+
+
+def _parse(prompt: str) -> tuple[Task, list[str]]:
+    task, start, end = _locate(prompt)
+    letters = prompt[start + len(task.prefix) : end].split()
     if not letters:
         raise ValueError(f"not a {task.noun} task prompt: {prompt[:80]!r}")
     return task, letters
@@ -131,3 +141,68 @@ def mean_oracle_score(prompts: list[str], responses: list[str]) -> float:
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need equally many (> 0) prompts and responses: {len(prompts)}, {len(responses)}")
     return sum(oracle_score(p, r) for p, r in zip(prompts, responses, strict=True)) / len(prompts)
+
+
+def _answer_items(response: str) -> list[str] | None:
+    """The response's letters when it is an answer exactly as ``format_answer`` writes it (a leading space,
+    letters joined by single spaces, nothing after them: no newline, no trailing space) of MIN_LEN..MAX_LEN
+    letters of LETTERS; else None."""
+    items = response.split()
+    if response != format_answer(items) or not MIN_LEN <= len(items) <= MAX_LEN:
+        return None
+    return items if all(len(x) == 1 and x in LETTERS for x in items) else None
+
+
+def _nearest_order(items: list[str], letters: list[str]) -> list[str]:
+    """`items` in the order nearest the prompt's `letters`: each prompt letter that `items` still holds stays in
+    its place (matched left to right); every other prompt letter is replaced, left to right, by the next of the
+    items left over (in their order in `items`), or deleted when none is left; items still left are appended.
+    ``items`` a b c e, ``letters`` d a c b -> e a c b; the same multiset in any order -> ``letters`` itself."""
+    need = Counter(items)
+    slots = []  # per prompt letter: itself when matched, else None (a slot for a left-over item)
+    for x in letters:
+        slots.append(x if need[x] else None)
+        need[x] -= bool(need[x])
+    extra = iter([x for x in dict.fromkeys(items) for _ in range(need[x])])  # what the prompt lacks, in order
+    placed = [x if x is not None else next(extra, None) for x in slots]
+    return [x for x in placed if x is not None] + list(extra)
+
+
+def hindsight_prompt(prompt: str, response: str, score: float | None = None) -> str | None:
+    """The task prompt ``response`` is a correct answer to (Hindsight Instruction Relabelling, Zhang et al. 2023,
+    arXiv 2302.05206), as ``rlhf relabel --relabel core.tasks:hindsight_prompt`` calls it; None drops the sample.
+
+    The response must be a well-formed answer: exactly ``format_answer(items)`` (a leading space, single spaces,
+    nothing after the letters), MIN_LEN..MAX_LEN items, each one letter of LETTERS; else None. Then:
+
+    - a perfect ``score`` (>= 1, the judge's score of the sample, when one is given) keeps the original prompt;
+    - reverse: a response is the correct reversal of its own reverse, so the prompt's letters become the
+      response's reversed: ``"Reverse: c a f b\\nAnswer:"``, ``" c a f b"`` -> ``"Reverse: b f a c\\nAnswer:"``;
+    - sort: a sorted response (non-decreasing) answers a prompt of its letters in any order; the order taken is
+      the one nearest the original prompt (``_nearest_order``: the prompt's letters the response holds stay in
+      place, the rest are replaced by the response's left-over letters, then deleted or appended), so a response
+      with the prompt's letters keeps the prompt; ``"Sort: d a c b\\nAnswer:"``, ``" a b c e"`` ->
+      ``"Sort: e a c b\\nAnswer:"``. A response that is not sorted: None.
+
+    Only the letters between the prefix and the next newline change: chat text around them (as ``_parse`` finds
+    the prompt in it) is kept. A response that answers the prompt as it stands returns ``prompt`` unchanged.
+    Raises ValueError if ``prompt`` is not a task prompt.
+    """
+    task, start, end = _locate(prompt)
+    letters = prompt[start + len(task.prefix) : end].split()
+    if not letters:
+        raise ValueError(f"not a {task.noun} task prompt: {prompt[:80]!r}")
+    items = _answer_items(response)
+    if items is None:
+        return None
+    if score is not None and score >= 1.0:
+        return prompt
+    if task.prefix == REVERSE_PREFIX:
+        fulfilled = items[::-1]
+    elif items == sorted(items):
+        fulfilled = _nearest_order(items, letters)
+    else:
+        return None
+    if fulfilled == letters:
+        return prompt
+    return f"{prompt[:start]}{task.prefix} {' '.join(fulfilled)}{prompt[end:]}"

@@ -28,6 +28,9 @@ from pathlib import Path
 
 from core.outputs import write_jsonl
 from core.tasks import (
+    LETTERS,
+    MAX_LEN,
+    MIN_LEN,
     TASKS,
     format_answer,
     format_prompt,
@@ -37,7 +40,6 @@ from core.tasks import (
 )
 from datamodules import synthetic_sort
 
-LETTERS = "abcdefgh"
 P_CORRECT = 0.3  # share of pairs/rankings that include the exact answer: "perfect beats near-perfect"
 VAL_SEED_OFFSET = 1_000_000  # write_task: val seed = seed + this (prompts are also made disjoint)
 _MAX_TRIES = 10_000
@@ -118,7 +120,7 @@ def _draw(
 
 def make_prompts(
     n: int, seed: int,
-    *, task: str = "reverse", min_len: int = 3, max_len: int = 6, exclude: Collection[str] = (),
+    *, task: str = "reverse", min_len: int = MIN_LEN, max_len: int = MAX_LEN, exclude: Collection[str] = (),
 ) -> list[dict]:
     """``n`` rows ``{"prompt", "target"}`` (target: the correct completion, for reference only)."""
     draws = _draw(task, "prompts", n, seed, min_len, max_len, exclude)
@@ -128,7 +130,7 @@ def make_prompts(
 
 def make_demonstrations(
     n: int, seed: int, copy_prob: float = 0.25, error_rate: float = 0.1,
-    *, task: str = "reverse", min_len: int = 3, max_len: int = 6, exclude: Collection[str] = (),
+    *, task: str = "reverse", min_len: int = MIN_LEN, max_len: int = MAX_LEN, exclude: Collection[str] = (),
 ) -> list[dict]:
     """``n`` imperfect demonstrations ``{"prompt", "completion"}`` from the task's noisy labeller."""
     noisy = _labeller(task)
@@ -140,7 +142,7 @@ def make_demonstrations(
 
 def make_pairs(
     n: int, seed: int, label_noise: float = 0.1,
-    *, task: str = "reverse", min_len: int = 3, max_len: int = 6, exclude: Collection[str] = (),
+    *, task: str = "reverse", min_len: int = MIN_LEN, max_len: int = MAX_LEN, exclude: Collection[str] = (),
 ) -> list[dict]:
     """``n`` comparisons ``{"prompt", "chosen", "rejected"}`` whose oracle scores always differ.
 
@@ -167,7 +169,7 @@ def make_pairs(
 
 def make_rankings(
     n: int, seed: int, k: int = 4, label_noise: float = 0.0,
-    *, task: str = "reverse", min_len: int = 3, max_len: int = 6, exclude: Collection[str] = (),
+    *, task: str = "reverse", min_len: int = MIN_LEN, max_len: int = MAX_LEN, exclude: Collection[str] = (),
 ) -> list[dict]:
     """``n`` K-wise rankings ``{"prompt", "responses": [k str], "ranks": [k int]}``; rank 0 = best.
 
@@ -188,7 +190,7 @@ def make_rankings(
 
 def make_ratings(
     n: int, seed: int, k: int = 4,
-    *, task: str = "reverse", min_len: int = 3, max_len: int = 6, exclude: Collection[str] = (),
+    *, task: str = "reverse", min_len: int = MIN_LEN, max_len: int = MAX_LEN, exclude: Collection[str] = (),
 ) -> list[dict]:
     """``n`` rows ``{"prompt", "responses": [k str], "ratings": [k int]}``, rating = round(1 + 6 * score)
     on a 1-7 Likert scale (Python's round: halves go to the even integer; ties happen)."""

@@ -1,5 +1,5 @@
 """DPOModule: direct preference optimisation on chosen/rejected pairs (Rafailov et al. 2023,
-arXiv 2305.18290), its reference-free relatives SimPO and ORPO, and KTO on unpaired labelled completions."""
+arXiv 2305.18290), its reference-free relatives SimPO, ORPO and CPL, and KTO on unpaired labelled completions."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from core.forward import completion_logps
 from core.generation import SamplingSpec
 from core.losses.dpo import LOSS_TYPES, dpo_loss, uses_average_logprobs
 from core.losses.kto import kto_loss
-from core.losses.reference_free import REFERENCE_FREE, orpo_loss, simpo_loss
+from core.losses.reference_free import AVERAGED, REFERENCE_FREE, cpl_loss, orpo_loss, simpo_loss
 from core.models import ModelSpec, as_spec, is_peft, load_causal_lm, load_tokenizer
 from core.optim import OPTIM_ARGS, OptimSpec, adamw
 from modules.export import EXPORT_ARGS, HFExport
@@ -37,8 +37,8 @@ SPLITS = ("train", "val")
 
 @shared_args(OPTIM_ARGS, EXPORT_ARGS)
 class DPOModule(StageHooks, LightningModule):
-    """DPO and its variants (IPO, SLiC hinge, robust DPO, RPO's NLL term) and the reference-free SimPO and ORPO
-    on a `PreferenceDataModule` with layout "pairs": one forward pass over the (2b, t) batch scores chosen rows
+    """DPO and its variants (IPO, SLiC hinge, robust DPO, RPO's NLL term) and the reference-free SimPO, ORPO and
+    CPL on a `PreferenceDataModule` with layout "pairs": one forward pass over the (2b, t) batch scores chosen rows
     [0, b) and rejected rows [b, 2b). Sequence log-probs are sums over completion tokens (per-token means for ipo,
     simpo and orpo). KTO trains on layout "unpaired" instead: b labelled completions (chosen = desirable,
     rejected = undesirable in its metrics) and b mismatched prompt/completion rows for its KL estimate.
@@ -49,24 +49,32 @@ class DPOModule(StageHooks, LightningModule):
             "adapter": the policy with its LoRA adapter switched off (needs `policy.lora`; one model).
             "precomputed": one no-grad pass over the train and val pairs before the first step stores
             them (and checkpoints keep them), so training holds one model. "none": no reference at all; the
-            reference-free losses (simpo, orpo) need it and only they accept it. kto takes copy or adapter (its
+            reference-free losses (simpo, orpo, cpl) need it and only they accept it. kto takes copy or adapter (its
             KL estimate reads mismatched rows that change with every batch, so they cannot be precomputed).
         reference_model: the reference's weights; None means the policy's weights before training
             (its spec without LoRA). For "precomputed" with None, the untrained policy itself is the
             reference, so no second model is ever loaded. Not allowed with "adapter".
         beta: strength of the implicit KL penalty towards the reference (> 0). simpo: the reward scale (the
-            paper's is ~2-2.5, not DPO's 0.1); orpo: the weight lambda of the odds-ratio term (paper 0.1-0.25).
+            paper's is ~2-2.5, not DPO's 0.1); orpo: the weight lambda of the odds-ratio term (paper 0.1-0.25);
+            cpl: the temperature alpha.
         loss_type: sigmoid (DPO), ipo, hinge (SLiC), robust (robust DPO); reference-free, with reference none:
             simpo (Meng et al. 2024: -log sigmoid(beta (avg logp_w - avg logp_l) - simpo_gamma)) or orpo (Hong et
-            al. 2024: chosen NLL + beta * -log sigmoid(log odds_w - log odds_l), on per-token-average log-probs);
+            al. 2024: chosen NLL + beta * -log sigmoid(log odds_w - log odds_l), on per-token-average log-probs)
+            or cpl (Hejna et al. 2023, Contrastive Preference Learning: -log sigmoid(beta S_w - cpl_lambda beta
+            S_l), S a completion's SUMMED log-prob, so it favours short completions; simpo is the length-normalised
+            choice);
             on unpaired data (data.layout unpaired): kto (Ethayarajh et al. 2024, core/losses/kto.py: desirable
             rows cost desirable_weight (1 - sigmoid(beta (r - z0))), undesirable ones undesirable_weight
             (1 - sigmoid(beta (z0 - r))), r the summed log-ratio to the reference, z0 = max(0, the batch's mean
             log-ratio of mismatched prompt/completion pairs), detached).
         label_smoothing: assumed preference-flip rate, sigmoid (conservative DPO) and robust only.
-        nll_weight: weight of an NLL (SFT) term on the chosen completions (RPO; CPO's with simpo); 0 turns it
-            off. Not for orpo, whose loss has its own NLL term.
+        nll_weight: weight of an NLL (SFT) term on the chosen completions (RPO; CPO's with simpo; CPL's
+            behaviour-cloning term "CPL + BC" with cpl); 0 turns it off. Not for orpo, whose loss has its own NLL
+            term.
         simpo_gamma: simpo's target reward margin gamma (paper range (0, 1.5]); other losses ignore it.
+        cpl_lambda: cpl's conservative bias lambda in (0, 1] (CPL(lambda)): below 1 the rejected completion weighs
+            less, so the loss also raises the chosen one's likelihood; 1 is DPO's sigmoid loss with no reference.
+            Other losses ignore it.
         desirable_weight: kto's lambda_D; the paper advises desirable_weight * n_desirable /
             (undesirable_weight * n_undesirable) in [1, 4/3]. Other losses ignore it.
         undesirable_weight: kto's lambda_U. Other losses ignore it.
@@ -86,10 +94,11 @@ class DPOModule(StageHooks, LightningModule):
         reference: Literal["copy", "adapter", "precomputed", "none"] = "copy",
         reference_model: ModelSpec | None = None,
         beta: float = 0.1,
-        loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = "sigmoid",
+        loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "cpl", "kto"] = "sigmoid",
         label_smoothing: float = 0.0,
         nll_weight: float = 0.0,
         simpo_gamma: float = 0.5,
+        cpl_lambda: float = 1.0,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         optimizer: OptimizerCallable = adamw,
@@ -110,7 +119,7 @@ class DPOModule(StageHooks, LightningModule):
                 self.hparams[key] = dataclasses.asdict(self.hparams[key])
         self.policy_spec = as_spec(policy)
         self._check_config(reference, reference_model, beta, loss_type, label_smoothing, nll_weight, simpo_gamma,
-                           (desirable_weight, undesirable_weight))
+                           (desirable_weight, undesirable_weight), cpl_lambda)
         # the policy's weights before training: its own spec minus the adapter
         default_ref = dataclasses.replace(self.policy_spec, lora=None, gradient_checkpointing=False)
         self.reference_spec = as_spec(reference_model) if reference_model is not None else default_ref
@@ -118,8 +127,8 @@ class DPOModule(StageHooks, LightningModule):
         self.reference_mode = reference
         self.beta, self.loss_type = beta, loss_type
         self.label_smoothing, self.nll_weight, self.simpo_gamma = label_smoothing, nll_weight, simpo_gamma
-        self.kto_weights = (desirable_weight, undesirable_weight)
-        self.average = loss_type in REFERENCE_FREE or (loss_type in LOSS_TYPES and uses_average_logprobs(loss_type))
+        self.kto_weights, self.cpl_lambda = (desirable_weight, undesirable_weight), cpl_lambda
+        self.average = loss_type in AVERAGED or (loss_type in LOSS_TYPES and uses_average_logprobs(loss_type))
         self.optim = OptimSpec(optimizer, scheduler, warmup_steps, decay)
         self.export = HFExport(self.stage, save_dir, merge_lora, overwrite)
         self.sampling = sampling if isinstance(sampling, SamplingSpec) else SamplingSpec(**dict(sampling))
@@ -137,7 +146,7 @@ class DPOModule(StageHooks, LightningModule):
         self.strict_loading = False  # checkpoints hold trainable weights (and ref_* buffers) only
 
     def _check_config(self, reference, reference_model, beta, loss_type, label_smoothing, nll_weight,
-                      simpo_gamma, kto_weights) -> None:
+                      simpo_gamma, kto_weights, cpl_lambda=1.0) -> None:
         """Fail on a bad combination before any model loads."""
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
@@ -162,13 +171,16 @@ class DPOModule(StageHooks, LightningModule):
         if loss_type == "kto" and nll_weight:
             raise ValueError("nll_weight applies to the pairs losses, not kto: drop it")
         if loss_type in (*REFERENCE_FREE, "kto") and label_smoothing:
-            raise ValueError(f"label_smoothing applies to sigmoid and robust only, not {loss_type!r}")
+            raise ValueError(f"label_smoothing applies to sigmoid and robust only, not {loss_type!r}: set it to 0 "
+                             "(--model.label_smoothing 0; configs/dpo/synthetic.yaml sets 0.1)")
         if loss_type == "orpo" and nll_weight:
             raise ValueError("orpo's loss has its own NLL term on the chosen completions: drop nll_weight")
         # the loss checks its own arguments: run it once on zeros so a bad combination fails here
         z = torch.zeros(1)
         if loss_type == "simpo":
             simpo_loss(z, z, beta, simpo_gamma, chosen_nll=z, nll_weight=nll_weight)
+        elif loss_type == "cpl":
+            cpl_loss(z, z, beta, cpl_lambda, chosen_nll=z, nll_weight=nll_weight)
         elif loss_type == "orpo":
             orpo_loss(z - 1, z - 1, beta)
         elif loss_type == "kto":
@@ -205,8 +217,8 @@ class DPOModule(StageHooks, LightningModule):
                              + (" (unpaired data: loss_type kto)" if layout == "unpaired" else ""))
 
     def sequence_logps(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence log-probs for the loss (sums; per-token means for ipo, simpo, orpo) and mean token log-probs:
-        (2b,) each."""
+        """Sequence log-probs for the loss (sums, cpl's too; per-token means for ipo, simpo, orpo) and mean token
+        log-probs: (2b,) each."""
         # the vocabulary head runs on completion positions only: (n, v) logits, not (2b, t, v)
         logps = completion_logps(model, batch)
         return (logps.means if self.average else logps.sums), logps.means
@@ -240,6 +252,9 @@ class DPOModule(StageHooks, LightningModule):
             return out, policy_logps.detach()
         if self.loss_type == "orpo":
             return orpo_loss(*policy_logps.chunk(2), self.beta), policy_logps.detach()
+        if self.loss_type == "cpl":  # summed log-probs, as the paper's segment scores
+            out = cpl_loss(*policy_logps.chunk(2), self.beta, self.cpl_lambda, chosen_nll, self.nll_weight)
+            return out, policy_logps.detach()
         ref_logps = self.reference_logps(batch, split)  # (2b,)
         out = dpo_loss(
             *policy_logps.chunk(2),

@@ -27,6 +27,7 @@ TOOLS = {
     "quickstart": ("recipes.quickstart", "the whole pipeline on the built-in task, offline, in minutes"),
     "convert-gguf": ("recipes.convert", "dequantise a GGUF checkpoint into a Hugging Face folder"),
     "generate": ("recipes.generate", "sample responses from a saved policy or checkpoint into a jsonl file"),
+    "relabel": ("recipes.relabel", "hindsight relabelling: samples paired with the prompt they fulfil, as SFT rows"),
     "eval": ("recipes.eval", "win rate vs a baseline, judge scores, KL to a reference, from generation files"),
     "report": ("recipes.report", "plots of runs' metrics.csv and eval.json files in report.md / report.html"),
     "pipeline": ("recipes.pipeline", "stages chained from one YAML, with a manifest; re-runs skip or resume stages"),

@@ -87,6 +87,15 @@ def _sgd_step(module, batch, lr=0.1):
         (dict(loss_type="orpo", reference="none", nll_weight=0.5), "own NLL term"),
         (dict(loss_type="simpo", reference="none", label_smoothing=0.1), "label_smoothing applies"),
         (dict(loss_type="simpo", reference="none", simpo_gamma=-1.0), "simpo_gamma must be >= 0"),
+        (dict(loss_type="cpl"), "loss_type='cpl' uses no reference model: set reference='none'"),
+        (dict(loss_type="cpl", reference="precomputed"), "uses no reference model: set reference='none'"),
+        (dict(loss_type="cpl", reference="adapter", spec={"lora": LoraSpec()}), "set reference='none'"),
+        (dict(loss_type="cpl", reference="none", reference_model=ModelSpec(path="x")), "drop reference_model"),
+        (dict(loss_type="cpl", reference="none", label_smoothing=0.1), "label_smoothing applies"),
+        (dict(loss_type="cpl", reference="none", cpl_lambda=0.0), r"cpl_lambda must be in \(0, 1\], got 0.0"),
+        (dict(loss_type="cpl", reference="none", cpl_lambda=1.5), r"cpl_lambda must be in \(0, 1\], got 1.5"),
+        (dict(loss_type="cpl", reference="none", beta=-0.1), "beta must be > 0"),
+        (dict(loss_type="cpl", reference="none", nll_weight=-1.0), "nll_weight must be >= 0"),
         (dict(loss_type="kto", reference="precomputed"), "cannot be precomputed"),
         (dict(loss_type="kto", reference="none"), "loss_type='kto' needs one"),
         (dict(loss_type="kto", nll_weight=0.5), "not kto"),
@@ -105,6 +114,13 @@ def test_good_config_loads_nothing_at_init(monkeypatch):
     monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
     module = DPOModule(ModelSpec(path="/no/such/model", lora=LoraSpec()), reference="adapter", loss_type="ipo")
     assert module.policy is None and module.reference is None and module.average
+
+
+def test_cpl_config_with_bc_term_loads_nothing_at_init(monkeypatch):
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    module = DPOModule(ModelSpec(path="/no/such/model"), reference="none", loss_type="cpl", cpl_lambda=0.5,
+                       nll_weight=0.1)
+    assert module.policy is None and not module.average and module.cpl_lambda == 0.5
 
 
 def test_copy_reference_step(pairs):
@@ -392,3 +408,38 @@ def test_kto_step(pairs, reference):
     undesirable = after.rewards[~batch.desirable]
     assert desirable.min() > undesirable.max()  # the step raised the desirable rows against the undesirable ones
     torch.testing.assert_close(logps, module.sequence_logps(module.policy, batch)[0])
+
+
+def test_cpl_holds_one_model_and_uses_sums(monkeypatch, pairs):
+    from core.losses.reference_free import cpl_loss
+
+    loads = []
+    real_load = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    module = _module(reference="none", loss_type="cpl", beta=0.1, cpl_lambda=0.5, nll_weight=0.2)
+    assert len(loads) == 1 and module.reference is None and _n_models(module) == 1
+    batch, padded = _collate(pairs[:3], [0, 1, 2]), _collate(pairs[:3], [0, 1, 2], extra_pad=5)
+    with torch.no_grad():
+        logps, means = module.sequence_logps(module.policy, batch)
+        # sums by hand: the completion tokens' log-probs added up, padding excluded; means divide by their number
+        logits = module.policy(input_ids=batch.tokens.input_ids, attention_mask=batch.tokens.attention_mask).logits
+        targets = batch.tokens.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        token = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        sums, n = (token * keep).sum(-1), keep.sum(-1)
+    torch.testing.assert_close(logps, sums, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(means, sums / n, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        tight_out, _ = module(batch)
+        padded_out, _ = module(padded)
+    torch.testing.assert_close(tight_out.loss, padded_out.loss, rtol=1e-5, atol=1e-5)
+    # the loss on the sums plus 0.2 * the chosen rows' mean token NLL (the BC term)
+    expected = cpl_loss(*sums.chunk(2), 0.1, 0.5, chosen_nll=-(sums / n)[:3], nll_weight=0.2)
+    assert tight_out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    torch.testing.assert_close(tight_out.chosen_rewards, 0.1 * sums[:3], rtol=1e-5, atol=1e-5)
+
+    out = _sgd_step(module, batch, lr=0.05)
+    assert torch.isfinite(out.loss)
+    after, logps_after = module(batch)
+    assert after.loss < out.loss
+    assert logps_after[:3].sum() > logps[:3].sum()  # lambda < 1 and the BC term: the chosen completions gain

@@ -1,11 +1,12 @@
-"""Hand-computed checks of core/losses/reference_free.py (SimPO, ORPO)."""
+"""Hand-computed checks of core/losses/reference_free.py (SimPO, ORPO, CPL)."""
 
 import math
 
 import pytest
 import torch
 
-from core.losses.reference_free import log1mexp, orpo_loss, simpo_loss
+from core.losses.dpo import dpo_loss
+from core.losses.reference_free import cpl_loss, log1mexp, orpo_loss, simpo_loss
 
 
 def f64(*xs, requires_grad=False):
@@ -100,3 +101,73 @@ def test_log1mexp_is_stable_where_the_naive_form_is_not():
 def test_orpo_validation():
     with pytest.raises(ValueError, match="beta"):
         orpo_loss(f64(-1.0), f64(-2.0), beta=-1.0)
+
+
+# ---- CPL: -log sigmoid(alpha S_w - lambda alpha S_l), S = SUMMED log-prob, alpha = beta ----
+
+
+def test_cpl_by_hand():
+    # row 0: S_w = -2, S_l = -3, alpha 0.5, lambda 0.5: 0.5 * -2 - 0.5 * 0.5 * -3 = -1 + 0.75 = -0.25
+    #   -log sigmoid(-0.25) = log(1 + e^0.25) = 0.825939
+    # row 1: S_w = -4, S_l = -1: 0.5 * -4 - 0.25 * -1 = -2 + 0.25 = -1.75 -> log(1 + e^1.75) = log(6.754603) = 1.910224
+    out = cpl_loss(f64(-2.0, -4.0), f64(-3.0, -1.0), beta=0.5, cpl_lambda=0.5)
+    row0 = -math.log(1 / (1 + math.exp(-(-1 + 0.75))))
+    row1 = -math.log(1 / (1 + math.exp(-(-2 + 0.25))))
+    assert row0 == pytest.approx(0.825939, abs=1e-6) and row1 == pytest.approx(1.910224, abs=1e-6)
+    assert out.loss.item() == pytest.approx((row0 + row1) / 2)
+    # rewards are beta * S (lambda is not in them): 0.5 * [-2, -4] and 0.5 * [-3, -1]
+    assert out.chosen_rewards.tolist() == [-1.0, -2.0] and out.rejected_rewards.tolist() == [-1.5, -0.5]
+    assert out.accuracy.item() == 0.5  # row 0 wins (-1 > -1.5), row 1 loses (-2 < -0.5)
+    assert out.margin.item() == pytest.approx((0.5 + -1.5) / 2)
+    assert all(not m.requires_grad for m in out[1:])
+
+
+def test_cpl_lambda_one_is_dpo_sigmoid_with_zero_reference():
+    chosen, rejected, zeros = f64(-2.0, -4.0, -0.5), f64(-3.0, -1.0, -7.0), f64(0.0, 0.0, 0.0)
+    cpl = cpl_loss(chosen, rejected, beta=0.1, cpl_lambda=1.0)
+    dpo = dpo_loss(chosen, rejected, zeros, zeros, beta=0.1, loss_type="sigmoid")
+    for a, b in zip(cpl, dpo):
+        torch.testing.assert_close(a, b)
+    # row 0 by hand: 0.1 * (-2 - -3) = 0.1 -> log(1 + e^-0.1) = 0.644397
+    assert cpl_loss(f64(-2.0), f64(-3.0), beta=0.1).loss.item() == pytest.approx(math.log(1 + math.exp(-0.1)))
+
+
+def test_cpl_gradient_signs_and_lambda():
+    # d/dS_w of -log sigmoid(z), z = a S_w - l a S_l: -a sigmoid(-z); d/dS_l: +l a sigmoid(-z)
+    # S_w = -2, S_l = -3, a 0.5, l 0.5: z = -0.25, sigmoid(0.25) = 1 / (1 + e^-0.25) = 0.562177
+    chosen, rejected = f64(-2.0, requires_grad=True), f64(-3.0, requires_grad=True)
+    cpl_loss(chosen, rejected, beta=0.5, cpl_lambda=0.5).loss.backward()
+    s = 1 / (1 + math.exp(-0.25))
+    assert chosen.grad.item() == pytest.approx(-0.5 * s) and chosen.grad.item() < 0  # descent raises S_w
+    assert rejected.grad.item() == pytest.approx(0.5 * 0.5 * s) and rejected.grad.item() > 0  # and lowers S_l
+    # the rejected side pushes lambda times as hard as the chosen side: |dS_l| / |dS_w| = 0.5
+    assert abs(rejected.grad.item() / chosen.grad.item()) == pytest.approx(0.5)
+    # equal scores S_w = S_l = -2 (a 1): lambda 1 gives log 2; lambda 0.5 gives z = -2 + 1 = -1 -> log(1 + e^1),
+    # so CPL(lambda < 1) still has a gradient to raise both when the pair is tied
+    assert cpl_loss(f64(-2.0), f64(-2.0), beta=1.0).loss.item() == pytest.approx(math.log(2))
+    assert cpl_loss(f64(-2.0), f64(-2.0), beta=1.0, cpl_lambda=0.5).loss.item() == pytest.approx(
+        math.log(1 + math.exp(1)))
+
+
+def test_cpl_nll_term():
+    base = cpl_loss(f64(-2.0, -4.0), f64(-3.0, -1.0), beta=0.5, cpl_lambda=0.5).loss.item()
+    with_nll = cpl_loss(f64(-2.0, -4.0), f64(-3.0, -1.0), beta=0.5, cpl_lambda=0.5, chosen_nll=f64(1.0, 3.0),
+                        nll_weight=0.2)
+    assert with_nll.loss.item() == pytest.approx(base + 0.2 * (1.0 + 3.0) / 2)
+    with pytest.raises(ValueError, match="chosen_nll"):
+        cpl_loss(f64(-1.0), f64(-2.0), nll_weight=0.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(beta=0.0), "beta must be > 0"),
+    (dict(cpl_lambda=0.0), r"cpl_lambda must be in \(0, 1\], got 0.0"),
+    (dict(cpl_lambda=-0.5), r"cpl_lambda must be in \(0, 1\]"),
+    (dict(cpl_lambda=1.5), r"cpl_lambda must be in \(0, 1\], got 1.5"),
+    (dict(cpl_lambda=float("nan")), r"cpl_lambda must be in \(0, 1\]"),
+    (dict(nll_weight=-1.0), "nll_weight must be >= 0"),
+])
+def test_cpl_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cpl_loss(f64(-1.0), f64(-2.0), **kwargs)
+    with pytest.raises(ValueError, match="same n"):
+        cpl_loss(f64(-1.0, -2.0), f64(-2.0))

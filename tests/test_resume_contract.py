@@ -139,6 +139,8 @@ def test_ppo_resume_refuses_another_advantage_estimator(monkeypatch, tmp_path):
      "model.simpo_gamma: checkpoint 0.5, given 1.0"),
     (["--model.loss_type=orpo", "--model.reference=none"], "--model.loss_type=simpo",
      "model.loss_type: checkpoint 'orpo', given 'simpo'"),
+    (["--model.loss_type=cpl", "--model.reference=none", "--model.cpl_lambda=0.5"], "--model.cpl_lambda=1.0",
+     "model.cpl_lambda: checkpoint 0.5, given 1.0"),
     (["--config=configs/dpo/tiny-kto.yaml"], "--model.undesirable_weight=1.5",
      "model.undesirable_weight: checkpoint 1.0, given 1.5"),
 ])

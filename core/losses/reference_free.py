@@ -1,5 +1,5 @@
-"""Reference-free preference losses (SimPO, ORPO): no reference model, per-token-AVERAGED sequence log-probs.
-Imports torch and the standard library only."""
+"""Reference-free preference losses: no reference model. SimPO and ORPO score a completion by its per-token-AVERAGED
+log-prob, CPL by its SUMMED log-prob. Imports torch and the standard library only."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from core.losses.dpo import DPOLossOutput
 
-REFERENCE_FREE = ("simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo", "cpl")
+AVERAGED = ("simpo", "orpo")  # take per-token-averaged sequence log-probs; cpl takes sums
 
 
 def _check(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> None:
@@ -84,4 +85,44 @@ def orpo_loss(
     _check(policy_chosen, policy_rejected, beta)
     log_odds = (policy_chosen - log1mexp(policy_chosen)) - (policy_rejected - log1mexp(policy_rejected))  # (n,)
     loss = (-policy_chosen - beta * F.logsigmoid(log_odds)).mean()
+    return _output(loss, beta * policy_chosen.detach(), beta * policy_rejected.detach())
+
+
+def cpl_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    beta: float = 0.1,
+    cpl_lambda: float = 1.0,
+    chosen_nll: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
+) -> DPOLossOutput:
+    """Contrastive Preference Learning (Hejna et al. 2023, arXiv 2310.13639) for a language model: a completion's
+    score is S = sum over its response tokens of log pi(y_t | x, y_<t) (the paper's discounted sum of alpha log pi
+    with gamma = 1), and P(y_w > y_l) = exp(alpha S_w) / (exp(alpha S_w) + exp(lambda alpha S_l)), so the loss is
+    the mean over rows of -log sigmoid(alpha S_w - lambda alpha S_l), alpha = beta. lambda = 1 is DPO's sigmoid loss
+    with zero reference log-probs; lambda < 1 is the paper's conservative CPL(lambda): the rejected segment weighs
+    less, so the loss also pushes up the likelihood of the preferred, in-distribution one. Rewards are beta * S.
+    nll_weight > 0 adds nll_weight * mean(chosen_nll), the paper's behaviour-cloning term (CPL + BC).
+
+    The scores are SUMS over tokens, as the paper's: a shorter completion has fewer negative terms, so sums favour
+    short completions; simpo is the length-normalised (per-token-average) choice.
+
+    Args:
+        policy_chosen: summed log-probs of the chosen completions, (n,).
+        policy_rejected: summed log-probs of the rejected completions, (n,).
+        beta: the temperature alpha (> 0).
+        cpl_lambda: the conservative bias lambda, in (0, 1].
+        chosen_nll: per-row mean token NLL of the chosen completion, (n,); needed when nll_weight > 0.
+        nll_weight: weight of the NLL term; 0 turns it off.
+    """
+    _check(policy_chosen, policy_rejected, beta)
+    if not 0 < cpl_lambda <= 1:
+        raise ValueError(f"cpl_lambda must be in (0, 1], got {cpl_lambda}")
+    if nll_weight < 0:
+        raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
+    loss = -F.logsigmoid(beta * policy_chosen - cpl_lambda * beta * policy_rejected).mean()
+    if nll_weight > 0:
+        if chosen_nll is None:
+            raise ValueError("nll_weight > 0 needs chosen_nll (per-row mean token NLL of the chosen completion)")
+        loss = loss + nll_weight * chosen_nll.mean()
     return _output(loss, beta * policy_chosen.detach(), beta * policy_rejected.detach())
