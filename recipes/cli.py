@@ -32,6 +32,8 @@ TOOLS = {
     "report": ("recipes.report", "plots of runs' metrics.csv and eval.json files in report.md / report.html"),
     "pipeline": ("recipes.pipeline", "stages chained from one YAML, with a manifest; re-runs skip or resume stages"),
     "label": ("recipes.label", "the human-feedback web app: annotators, serve a labelling queue, export labels"),
+    "critique-revise": ("recipes.critique_revise", "Constitutional AI: answers critiqued and revised under a "
+                        "constitution, as SFT data"),
 }
 
 USAGE = """usage: rlhf <command> [args]
@@ -51,7 +53,7 @@ tools:
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE.format(tools="\n".join(f"  {k:<13}{v[1]}" for k, v in TOOLS.items())))
+        print(USAGE.format(tools="\n".join(f"  {k:<16}{v[1]}" for k, v in TOOLS.items())))
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in STAGES:

@@ -23,6 +23,8 @@ TOOLS = {
     "label": ("datamodules.labelling", [], "datamodules.labelling"),  # samples -> rankings, data so far + new
     "relabel": ("recipes.cli", ["relabel"], "recipes.relabel"),  # samples -> SFT rows of the prompts they fulfil
     "eval": ("recipes.cli", ["eval"], "recipes.eval"),  # win rate / judge score / KL -> OUT/<name>/eval.json
+    # answers critiqued and revised under a constitution -> OUT/<name>.jsonl of SFT rows (Constitutional AI)
+    "critique-revise": ("recipes.cli", ["critique-revise"], "recipes.critique_revise"),
 }
 # ${name}, ${round}, ${out}, ${name|fallback} (fallback may hold ${out})
 REF = re.compile(r"\$\{((?:[^{}]|\$\{[^{}]*\})*)\}")
@@ -93,9 +95,9 @@ class Stage:
 
     @property
     def artifact(self) -> str:
-        """Its output, relative to the run folder: a model folder, a .jsonl file (generate, label, relabel) or an
-        eval folder; what ${name} stands for."""
-        return f"{self.name}.jsonl" if self.stage in ("generate", "label", "relabel") else self.name
+        """Its output, relative to the run folder: a model folder, a .jsonl file (generate, label, relabel,
+        critique-revise) or an eval folder; what ${name} stands for."""
+        return f"{self.name}.jsonl" if self.stage in ("generate", "label", "relabel", "critique-revise") else self.name
 
 
 @dataclass
