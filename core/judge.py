@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from core.constitution import ConstitutionError, Principle, load_constitution
 from core.models import ModelSpec, as_spec, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -59,39 +60,15 @@ def check_template(template: str, principle: bool, where: str = "template") -> N
         raise ValueError(f"{where}: has {{principle}} but no constitution is given to fill it")
 
 
-@dataclass(frozen=True)
-class Principle:
-    name: str
-    comparison: str
-    critique: str = ""
-    revision: str = ""
-
-
 def read_constitution(path: str | Path) -> tuple[list[Principle], str | None]:
-    """A constitution YAML -> (principles, its judge_template or None). Each principle needs a name and a
-    comparison question; critique and revision (for critique-and-revise data) are optional here."""
-    import yaml
-
-    path = Path(path).expanduser()
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"constitution {path}: cannot read it: {' '.join(str(err).split())}") from err
-    if not isinstance(data, dict) or not isinstance(data.get("principles"), list) or not data["principles"]:
-        raise ValueError(f"constitution {path}: expected a mapping with a non-empty list `principles`")
-    principles = []
-    for i, p in enumerate(data["principles"]):
-        if not isinstance(p, dict) or not all(isinstance(p.get(k), str) and p[k].strip()
-                                              for k in ("name", "comparison")):
-            raise ValueError(f"constitution {path}: principles[{i}] needs text fields `name` and `comparison`")
-        extra = set(p) - {"name", "comparison", "critique", "revision"}
-        if extra:
-            raise ValueError(f"constitution {path}: principles[{i}] has unknown fields {sorted(extra)}")
-        principles.append(Principle(p["name"], p["comparison"].strip(), p.get("critique", ""), p.get("revision", "")))
-    template = data.get("judge_template")
-    if template is not None and not isinstance(template, str):
-        raise ValueError(f"constitution {path}: judge_template must be text")
-    return principles, template
+    """The judge's view of a constitution file (read and checked by core.constitution, the one reader): its
+    principles, each of which must hold a `comparison` question, and its judge_template or None."""
+    constitution = load_constitution(path)
+    missing = [p.name for p in constitution.principles if not p.comparison]
+    if missing:
+        raise ConstitutionError(f"{constitution.path}: the AI judge asks each principle's `comparison` question; "
+                                f"principles {missing} have none")
+    return list(constitution.principles), constitution.judge_template
 
 
 def pick_principle(count: int, seed: int, prompt: str, a: str, b: str) -> int:

@@ -21,7 +21,8 @@ The pipeline file:
       count: 2
       stages:                             # each round's stages run as r<k>.<name> (r1.samples, r1.labels, ...)
         - name: samples                   # K samples per prompt from the current policy on a fresh slice
-          stage: generate                 # a tool: generate | label | eval, its options as args (no config)
+          stage: generate                 # a tool: generate | label | eval | relabel |
+                                          # critique-revise, its options as args (no config)
           args: {model: "${rs|sft}", prompts: data/prompts.jsonl, part: "${round}", parts: 4, num_samples: 4}
         - name: labels                    # ranked by a labeller; the file is the data so far plus the new
           stage: label

@@ -81,7 +81,7 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequen
 @dataclass
 class Stage:
     name: str  # a round's stage: r<round>.<name>
-    stage: str  # sft | reward | dpo | ppo | rs | generate | label | eval
+    stage: str  # sft | reward | dpo | ppo | rs | generate | label | eval | relabel | critique-revise
     configs: list[str]
     args: list[tuple[str, object]]  # (key, value as written, ${name} unresolved; a round's: names made concrete)
     members: int | None = None

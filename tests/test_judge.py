@@ -103,10 +103,10 @@ def test_templates_and_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="no constitution"):
         JudgeSpec(model="m", template="{prompt} {a} {b} {principle}")
     constitution = tmp_path / "c.yaml"
-    constitution.write_text("principles:\n  - {name: h, comparison: 'Less harmful?'}\n")
+    constitution.write_text("principles:\n  - {name: h, critique: c, revision: r, comparison: 'Less harmful?'}\n")
     with pytest.raises(ValueError, match=r"\{principle\}"):
         JudgeSpec(model="m", template="{prompt} {a} {b}", constitution=str(constitution))
-    constitution.write_text("principles:\n  - {name: h}\n")
+    constitution.write_text("principles:\n  - {name: h, critique: c, revision: r}\n")
     with pytest.raises(ValueError, match="comparison"):
         JudgeSpec(model="m", constitution=str(constitution))
     with pytest.raises(ValueError, match="two different"):
