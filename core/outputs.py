@@ -127,3 +127,108 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class Journal:
+    """A run's finished units of work, one JSON line each, next to its output, so a killed run continues.
+
+    Line 1 is {"journal": kind, "settings": {...}}: what the saved work depends on. Then one
+    {"key": [...], "value": ...} line per unit, flushed and fsynced as it finishes. `open()` reads what an
+    earlier run left: with other settings it raises OutputExistsError naming them (the saved work is not this
+    run's; nothing is changed), a line cut by a kill at the end is dropped, a bad line elsewhere is a DataError.
+    The file is written with the first unit (a journal of other settings that saved no unit is replaced then);
+    `remove()` deletes it once the output is written whole; a file whose first line is not a journal of this kind
+    is never read past nor deleted.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str, settings: dict):
+        self.path, self.kind = Path(path), kind
+        self.settings = json.loads(json.dumps(settings, default=str))  # as it reads back from the file
+        self.units: dict[tuple, object] = {}
+        self._file = None
+
+    def open(self, restart: bool = False) -> int:
+        """Load the units an earlier run saved (none when `restart` or none saved); returns how many."""
+        from core.sources import DataError
+
+        if self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            header = _json_or_none(lines[0]) if lines else None
+            if not (isinstance(header, dict) and header.get("journal") == self.kind):
+                raise OutputExistsError(f"{self.path} exists and is not a {self.kind} progress file; nothing was "
+                                        "changed: move it, or choose another --out")
+            if restart:
+                self.path.unlink()
+            else:
+                saved = header.get("settings") or {}
+                differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
+                if differ and not any(line.strip() for line in lines[1:]):  # no work saved: nothing to lose
+                    self.path.unlink()
+                elif differ:
+                    raise OutputExistsError(
+                        f"{self.path} holds the progress of a run with other {', '.join(differ)}; nothing was "
+                        "changed: run again with those settings to continue it, or pass --restart to discard it")
+                keep = lines[:1]
+                for number, line in enumerate(lines[1:], 2):
+                    unit = _json_or_none(line) if line.endswith("\n") else None
+                    if not (isinstance(unit, dict) and isinstance(unit.get("key"), list) and "value" in unit):
+                        if number == len(lines):  # the last line, cut by a kill mid-write
+                            break
+                        raise DataError(f"{self.path}:{number}", "not a progress line",
+                                        "the file is damaged: pass --restart to discard it")
+                    self.units[tuple(unit["key"])] = unit["value"]
+                    keep.append(line)
+                if len(keep) < len(lines):
+                    self._replace("".join(keep))
+        return len(self.units)
+
+    def _replace(self, text: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def get(self, *key):
+        """The saved value of unit `key`, or None."""
+        return self.units.get(tuple(key))
+
+    def put(self, key: tuple, value) -> None:
+        """Save a finished unit (appended, flushed and fsynced before this returns)."""
+        if self._file is None:
+            if not self.path.exists():  # written with the first unit: a run that saved nothing leaves no file
+                self._replace(json.dumps({"journal": self.kind, "settings": self.settings}) + "\n")
+            self._file = self.path.open("a", encoding="utf-8")
+        key = list(key)
+        self._file.write(json.dumps({"key": key, "value": value}, default=str) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.units[tuple(key)] = json.loads(json.dumps(value, default=str))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def remove(self) -> None:
+        """Delete the journal (the output it was for is written whole)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def files_stamp(path: str | os.PathLike) -> list | str:
+    """What a model path's files are now: [name, size, mtime_ns] of a file, or of each file in a folder (sorted, not
+    recursing), so a journal notices a model retrained in place; the path itself when it is not local."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return [[p.name, st.st_size, st.st_mtime_ns]]
+    if p.is_dir():
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir()) if f.is_file()]
+    return str(path)

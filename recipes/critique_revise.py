@@ -30,13 +30,18 @@ of the last revisions (the prompt as `rlhf generate` renders it, without the cri
 `rlhf eval --policy DIR/revised.jsonl --baseline DIR/initial.jsonl --judge RM`.
 
 Each step (the answers, each critique, each revision) samples the prompts in batches of --batch_size, batch i of
-step s from a generator seeded by (--seed, s, i). The output is written whole when every prompt is done (a tmp
-file renamed), so a killed run leaves no partial file; it then starts again from the beginning.
+step s from a generator seeded by (--seed, s, i). Each finished batch is saved to OUT.progress as it ends; a killed
+run (or one stopped with Ctrl-C) continues from there when run again with the same settings, and writes exactly the
+rows an uninterrupted run would (on the same device). Settings that change the saved work (the model's files, the
+prompts, the constitution, the seed, sampling, batch size, ...) refuse to continue it and say which; --restart
+discards it. --num_revisions may grow: the steps already saved are kept. The output is written whole when every
+prompt is done (a tmp file renamed, never a partial file) and OUT.progress is then deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -74,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
                         help="weight dtype (default: a checkpoint's own, float32 for a folder)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the progress an interrupted run saved (OUT.progress) and start afresh")
     return parser
 
 
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from core.constitution import load_constitution
-    from core.outputs import write_jsonl
+    from core.outputs import Journal, write_jsonl
     from datamodules.formats import read_prompts
     from recipes.generate import check_model_arg, load_policy
 
@@ -99,21 +106,57 @@ def main(argv: list[str] | None = None) -> None:
     check_model_arg(args.model)
     records = read_prompts(args.prompts, args.split)
     records = records[: args.limit] if args.limit else list(records)
+    journal = Journal(progress_path(args.out), "rlhf critique-revise", run_settings(args, constitution, records))
+    saved = journal.open(restart=args.restart)  # progress of other settings stops here, before any weights load
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_policy(args.model, args.dtype, device)
     chat = bool(getattr(tokenizer, "chat_template", None)) and not args.no_chat_template
+    if saved:
+        print(f"{PROG}: continuing: {saved} batch(es) saved in {journal.path}", file=sys.stderr)
     start = time.perf_counter()
-    rows, stats = critique_revise(model, tokenizer, records, constitution, args, device, chat)
+    try:
+        rows, stats = critique_revise(model, tokenizer, records, constitution, args, device, chat, journal)
+    except KeyboardInterrupt:
+        journal.close()
+        print(f"{PROG}: interrupted; {len(journal.units)} batch(es) saved in {journal.path}: the same command "
+              "continues", file=sys.stderr)
+        raise
     write_jsonl(args.out, rows)
     evals = stats.pop("eval")
     if args.eval_rows is not None:
         for name in ("initial", "final"):
             write_jsonl(args.eval_rows / f"{'revised' if name == 'final' else name}.jsonl", [e[name] for e in evals])
+    journal.remove()  # everything it saved is in the files now
     mode = "chat messages" if chat else "plain text"
     print(f"{PROG}: wrote {args.out} ({len(rows)} rows of {len(records)} prompts, {args.num_revisions} revision(s), "
           f"{mode}, {time.perf_counter() - start:.0f} s); blank answers {stats['blank_answers']}, blank critiques "
           f"{stats['blank_critiques']}, blank revisions {stats['blank_revisions']} (kept the previous answer), "
           f"prompts left out (all blank) {stats['dropped']}", file=sys.stderr)
+
+
+def progress_path(out: Path) -> Path:
+    """Where a run saves its finished batches: OUT.progress next to --out."""
+    return out.with_name(out.name + ".progress")
+
+
+def run_settings(args, constitution, records) -> dict:
+    """What the saved batches depend on: a run with other values cannot continue them. The device is left out (a run
+    may move to a GPU; its new batches then sample from the GPU's streams); --num_revisions too (steps are named, so
+    more revisions reuse the saved ones); --eval_rows and --restart change no sample."""
+    import dataclasses
+    import hashlib
+
+    from core.outputs import files_stamp
+
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {"model": [args.model, files_stamp(args.model)], "dtype": args.dtype,
+            "prompts": [args.prompts, args.split, args.limit, digest([r.prompt for r in records])],
+            "constitution": digest(dataclasses.asdict(constitution)), "seed": args.seed,
+            "sampling": [args.temperature, args.top_p, args.max_new_tokens, list(args.stop)],
+            "batch_size": args.batch_size, "max_prompt_length": args.max_prompt_length,
+            "no_chat_template": args.no_chat_template}
 
 
 def choose_principles(seed: int, index: int, count: int, revisions: int) -> list[int]:
@@ -193,8 +236,9 @@ class Conversation:
 
 
 def sample_step(model, tokenizer, texts: list[str], spec, seed: int, step: str, batch_size: int, device,
-                max_prompt_length: int | None, stops: list[str]) -> list[tuple[str, str, int]]:
-    """(reply cut at the stops, finish_reason, tokens) per conversation text, batch by batch."""
+                max_prompt_length: int | None, stops: list[str], journal=None) -> list[tuple[str, str, int]]:
+    """(reply cut at the stops, finish_reason, tokens) per conversation text, batch by batch; a batch the journal
+    holds is read from it, a new one saved to it."""
     from core.generation import generate
     from datamodules.prompts import collate_prompts
     from modules.predict import response_rows
@@ -203,6 +247,10 @@ def sample_step(model, tokenizer, texts: list[str], spec, seed: int, step: str, 
     out = []
     for b in range(0, len(texts), batch_size):
         chunk = texts[b : b + batch_size]
+        saved = journal.get(step, b // batch_size) if journal is not None else None
+        if saved is not None:
+            out.extend(tuple(reply) for reply in saved)
+            continue
         # a chat template that writes BOS itself must not get a second one from the tokenizer
         add = not (bos and all(t.startswith(bos) for t in chunk))
         ids = tokenizer(chunk, add_special_tokens=add)["input_ids"]
@@ -213,14 +261,18 @@ def sample_step(model, tokenizer, texts: list[str], spec, seed: int, step: str, 
         rollout = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), spec,
                            tokenizer.eos_token_id, tokenizer.pad_token_id,
                            step_generator(seed, step, b // batch_size, device), tokenizer)
-        for [row] in response_rows(tokenizer, rollout, chunk, list(range(len(chunk))), [{}] * len(chunk), 1):
-            out.append((cut_at_stops(row["response"], stops), row["finish_reason"], row["tokens"]))
+        replies = [(cut_at_stops(row["response"], stops), row["finish_reason"], row["tokens"])
+                   for [row] in response_rows(tokenizer, rollout, chunk, list(range(len(chunk))), [{}] * len(chunk), 1)]
+        if journal is not None:
+            journal.put((step, b // batch_size), replies)
+        out.extend(replies)
     return out
 
 
-def critique_revise(model, tokenizer, records, constitution, args, device, chat: bool) -> tuple[list[dict], dict]:
+def critique_revise(model, tokenizer, records, constitution, args, device, chat: bool,
+                    journal=None) -> tuple[list[dict], dict]:
     """(output rows, stats) for the prompt records: answers, then per revision a critique and a revision each,
-    every step batched over all prompts."""
+    every step batched over all prompts (batches the journal saved are read from it)."""
     from core.generation import SamplingSpec
     from core.tokenize import render_prompt
 
@@ -240,7 +292,7 @@ def critique_revise(model, tokenizer, records, constitution, args, device, chat:
     def step(name: str) -> list[tuple[str, str, int]]:
         started = time.perf_counter()
         replies = sample_step(model, tokenizer, [c.render() for c in conversations], spec, args.seed, name,
-                              args.batch_size, device, args.max_prompt_length, stops)
+                              args.batch_size, device, args.max_prompt_length, stops, journal=journal)
         print(f"{PROG}: {name}: {len(replies)} replies, {sum(r[2] for r in replies)} tokens, "
               f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
         return replies

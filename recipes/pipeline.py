@@ -260,8 +260,9 @@ def plan(pipeline: Pipeline, out: Path, old: dict[str, dict], start: str | None)
         elif prev.get("status") == "done":
             action = ("run", f"artifact {stage.artifact} " + ("is missing" if stage.tool else f"lacks {MARKER}"))
         elif prev.get("status") in ("running", "failed", "waiting") and stage.tool:
-            action = ("resume", "interrupted: runs again" + (" (continues its file)" if stage.stage == "generate"
-                                                             else ""))
+            action = ("resume", "interrupted: runs again" + {"generate": " (continues its file)",
+                                                             "critique-revise": " (continues its saved batches)"}
+                      .get(stage.stage, ""))
         elif prev.get("status") in ("running", "failed") and stage.members:
             action = ("resume", "interrupted ensemble: members already saved are skipped")
         elif prev.get("status") in ("running", "failed") and run_dir and any(run_dir.rglob("last.ckpt")):
@@ -350,6 +351,10 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
             clear_members(out / stage.name)
         if action == "run" and stage.stage == "generate":  # a fresh run: generate would continue an old file
             (out / stage.artifact).unlink(missing_ok=True)
+        if action == "run" and stage.stage == "critique-revise":  # ... and critique-revise its saved batches
+            from recipes.critique_revise import progress_path  # argparse and the standard library only
+
+            progress_path(out / stage.artifact).unlink(missing_ok=True)
         run_dir, extra = attempt(out, stage, action, entry)
         command = program(stage) + stage_args(pipeline, stage, str(out)) + extra
         log = out / f"{stage.name}.log"
@@ -382,7 +387,7 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
             entry["status"] = "failed"
             write_manifest(out, manifest)
             last = _last_line(log)
-            raise StageFailedError(f"{PROG}: stage {stage.name} (rlhf {stage.stage} fit) failed with exit code {code}; "
+            raise StageFailedError(f"{PROG}: stage {stage.name} (rlhf {stage.stage}{'' if stage.tool else ' fit'}) failed with exit code {code}; "
                                    f"log: {log}" + (f" (last line: {last})" if last else ""))
         metrics = tool_metrics(out, stage) if stage.tool else val_metrics(out / run_dir)
         entry.update(status="done", run_id=uuid.uuid4().hex[:12], metrics=metrics)

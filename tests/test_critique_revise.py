@@ -70,7 +70,8 @@ class Scripted:
     def __init__(self, replies: dict | None = None):
         self.texts, self.replies = {}, replies or {}
 
-    def __call__(self, model, tokenizer, texts, spec, seed, step, batch_size, device, max_prompt_length, stops):
+    def __call__(self, model, tokenizer, texts, spec, seed, step, batch_size, device, max_prompt_length, stops,
+                 journal=None):
         self.texts[step], self.stops = list(texts), stops
         return [(self.replies.get((step, i), f"{step}-{i}"), "eos", 3) for i in range(len(texts))]
 
@@ -239,6 +240,108 @@ def test_tiny_model_output_is_sft_data_and_reproducible(tiny_model_dir, chat_mod
         assert batch.input_ids.shape[0] == 2 and bool((batch.labels != -100).any())  # completion tokens trained
         read = read_demonstrations(str(path))
         assert [(d.prompt, d.completion) for d in read] == [(r["prompt"], r["completion"]) for r in rows]
+
+
+# ---- an interrupted run continues ----
+
+class KilledAt:
+    """core.generation.generate that raises KeyboardInterrupt on its `at`-th call (1-based) and counts calls."""
+
+    def __init__(self, at: int | None):
+        from core import generation
+
+        self.at, self.calls, self.real = at, 0, generation.generate
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.real(*args, **kwargs)
+
+
+def test_a_killed_run_continues_from_its_saved_batches_and_writes_the_uninterrupted_rows(
+        tiny_model_dir, files, tmp_path, monkeypatch, capsys):
+    from core import generation
+
+    constitution, prompts = files
+    whole = run(tiny_model_dir, prompts, constitution, tmp_path / "whole.jsonl", "--seed", "5")
+    out = tmp_path / "o.jsonl"
+    # 3 prompts in batches of 2: answer, critique1, revision1 are 2 batches each; killed in the 4th batch
+    monkeypatch.setattr(generation, "generate", KilledAt(4))
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, prompts, constitution, out, "--seed", "5")
+    progress = cr.progress_path(out)
+    assert not out.exists() and progress.name == "o.jsonl.progress"
+    assert [json.loads(line)["key"] for line in progress.read_text().splitlines()[1:]] == [
+        ["answer", 0], ["answer", 1], ["critique1", 0]]
+    assert "3 batch(es) saved in" in capsys.readouterr().err
+    counted = KilledAt(None)
+    monkeypatch.setattr(generation, "generate", counted)
+    assert run(tiny_model_dir, prompts, constitution, out, "--seed", "5") == whole
+    assert counted.calls == 6 - 3  # only the batches not saved are sampled
+    assert "continuing: 3 batch(es) saved" in capsys.readouterr().err
+    assert not progress.exists()  # deleted once the output is whole
+
+
+def test_saved_progress_of_other_settings_is_refused_before_the_model_loads(tiny_model_dir, files, tmp_path,
+                                                                            monkeypatch, capsys):
+    from core import generation
+
+    constitution, prompts = files
+    out = tmp_path / "o.jsonl"
+    monkeypatch.setattr(generation, "generate", KilledAt(2))
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, prompts, constitution, out, "--seed", "5")
+    saved = cr.progress_path(out).read_text()
+    capsys.readouterr()
+    import recipes.generate as gen
+
+    monkeypatch.setattr(gen, "load_policy", lambda *a: pytest.fail("loaded the model"))
+    code = cli.main(["critique-revise", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--constitution",
+                     str(constitution), "--out", str(out), "--device", "cpu", "--max_new_tokens", "6",
+                     "--batch_size", "3", "--seed", "6"])
+    assert code == cli.EXIT_CODES["OutputExistsError"]
+    err = capsys.readouterr().err
+    assert "holds the progress of a run with other batch_size, seed; nothing was changed" in err and "--restart" in err
+    assert cr.progress_path(out).read_text() == saved
+    monkeypatch.undo()
+    counted = KilledAt(None)
+    monkeypatch.setattr(generation, "generate", counted)
+    rows = run(tiny_model_dir, prompts, constitution, out, "--seed", "6", "--restart")
+    assert len(rows) == 3 and counted.calls == 6 and not cr.progress_path(out).exists()
+
+
+def test_the_pipeline_continues_an_interrupted_critique_revise_and_a_fresh_run_discards_its_progress(
+        tmp_path, files, monkeypatch, capsys):
+    from recipes import pipeline
+
+    constitution, prompts = files
+    config = tmp_path / "p.yaml"
+    config.write_text("stages:\n  - name: revisions\n    stage: critique-revise\n"
+                      f"    args: {{model: tests/fixtures/tiny-llama, prompts: {prompts}, constitution: {constitution}}}\n")
+    out = tmp_path / "out"
+    progress = cr.progress_path(out / "revisions.jsonl")
+    seen = []
+
+    def launch(command, log):  # stands in for the process: dies once after saving a batch, then finishes
+        seen.append(progress.exists())
+        if len(seen) == 1:
+            progress.write_text("saved batches\n")
+            return 1
+        (out / "revisions.jsonl").write_text("{}\n")
+        return 0
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(pipeline, "launch", launch)
+    with pytest.raises(SystemExit):
+        pipeline.main(["--config", str(config), "--out", str(out)])
+    assert "stage revisions (rlhf critique-revise) failed with exit code 1" in capsys.readouterr().err
+    pipeline.main(["--config", str(config), "--out", str(out)])
+    assert "revisions: resuming (interrupted: runs again (continues its saved batches))" in capsys.readouterr().out
+    assert seen == [False, True]  # the saved batches were there for the resumed process
+    progress.write_text("saved batches\n")
+    pipeline.main(["--config", str(config), "--out", str(out), "--from", "revisions"])
+    assert seen == [False, True, False]  # a fresh run starts without them
 
 
 def test_pipeline_checks_critique_revise_flags(tmp_path):

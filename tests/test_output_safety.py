@@ -129,3 +129,85 @@ def test_saved_lora_adapter_records_an_absolute_base_path(tmp_path, tiny_model_d
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path),
                                       tmp_path / "adapter")
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+# ---- Journal: a run's finished units, so a killed run continues ----
+
+def test_journal_saves_units_and_a_new_run_with_the_same_settings_reads_them(tmp_path):
+    from core.outputs import Journal
+
+    path = tmp_path / "out.jsonl.progress"
+    first = Journal(path, "kind", {"seed": 1, "sampling": (0.7, 16)})
+    assert first.open() == 0 and not path.exists()  # nothing saved yet, no file
+    first.put(("answer", 0), [["hi", "eos", 3]])
+    first.put(("answer", 1), [["yo", "length", 16]])
+    first.close()
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == {"journal": "kind", "settings": {"seed": 1, "sampling": [0.7, 16]}}
+    assert json.loads(lines[2]) == {"key": ["answer", 1], "value": [["yo", "length", 16]]}
+    again = Journal(path, "kind", {"seed": 1, "sampling": (0.7, 16)})  # a tuple reads back as the saved list
+    assert again.open() == 2
+    assert again.get("answer", 1) == [["yo", "length", 16]] and again.get("answer", 2) is None
+    again.remove()
+    assert not path.exists()
+
+
+def test_journal_drops_a_line_cut_by_a_kill_and_refuses_a_damaged_middle(tmp_path):
+    from core.outputs import Journal
+    from core.sources import DataError
+
+    path = tmp_path / "p"
+    header = json.dumps({"journal": "kind", "settings": {}}) + "\n"
+    unit = json.dumps({"key": ["a", 0], "value": 1}) + "\n"
+    path.write_text(header + unit + '{"key": ["a", 1], "val')  # killed mid-write
+    journal = Journal(path, "kind", {})
+    assert journal.open() == 1 and journal.get("a", 0) == 1
+    assert path.read_text() == header + unit  # the cut line is gone, so the next unit starts on its own line
+    path.write_text(header + "garbage\n" + unit)
+    with pytest.raises(DataError, match=r"p:2: not a progress line \(the file is damaged: pass --restart"):
+        Journal(path, "kind", {}).open()
+    assert path.read_text() == header + "garbage\n" + unit  # left as it was
+
+
+def test_journal_of_other_settings_is_refused_unless_it_saved_nothing_or_restart(tmp_path):
+    from core.outputs import Journal
+
+    path = tmp_path / "p"
+    old = Journal(path, "kind", {"seed": 1, "model": "a", "batch_size": 2})
+    old.put(("a", 0), 5)
+    old.close()
+    saved = path.read_text()
+    with pytest.raises(OutputExistsError, match="progress of a run with other model, seed; nothing was changed"):
+        Journal(path, "kind", {"seed": 2, "model": "b", "batch_size": 2}).open()
+    assert path.read_text() == saved
+    fresh = Journal(path, "kind", {"seed": 2, "model": "b", "batch_size": 2})
+    assert fresh.open(restart=True) == 0 and not path.exists()  # --restart discards it
+    path.write_text(json.dumps({"journal": "kind", "settings": {"seed": 1}}) + "\n")  # a header alone
+    assert Journal(path, "kind", {"seed": 2}).open() == 0 and not path.exists()  # nothing to lose: replaced
+
+
+def test_journal_never_reads_or_deletes_a_file_it_did_not_write(tmp_path):
+    from core.outputs import Journal
+
+    path = tmp_path / "p"
+    for text in ("my notes\n", json.dumps({"journal": "another tool", "settings": {}}) + "\n", ""):
+        path.write_text(text)
+        for restart in (False, True):
+            with pytest.raises(OutputExistsError, match="is not a kind progress file; nothing was changed"):
+                Journal(path, "kind", {}).open(restart=restart)
+            assert path.read_text() == text
+
+
+def test_files_stamp_changes_when_a_model_is_rewritten(tmp_path):
+    import os
+
+    from core.outputs import files_stamp
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.safetensors").write_bytes(b"12")
+    (tmp_path / "m" / "sub").mkdir()  # folders are left out
+    before = files_stamp(tmp_path / "m")
+    assert [name for name, _, _ in before] == ["w.safetensors"] and before[0][1] == 2
+    os.utime(tmp_path / "m" / "w.safetensors", ns=(1, before[0][2] + 10**9))
+    assert files_stamp(tmp_path / "m") != before
+    assert files_stamp("org/hub-model") == "org/hub-model"
