@@ -123,7 +123,7 @@ class JudgeSpec:
         seed: seed of the principle draw.
         batch_size: questions per forward pass.
         max_length: tokens per question; longer ones shorten the prompt (keeping its end) and the responses
-            (keeping their starts) to fit.
+            (keeping their starts) to fit. At most the model's max_position_embeddings (lowered to it at load).
     """
 
     model: ModelSpec | str
@@ -168,6 +168,11 @@ class JudgeSpec:
         model = load_causal_lm(self.model, device, trainable=False)
         if self.model.quantization == "none":
             model = model.to(device)
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and self.max_length > positions:
+            log.warning("judge: max_length %d is more than %s reads (max_position_embeddings %d): questions are "
+                        "shortened to %d tokens", self.max_length, self.model.path, positions, positions)
+            self.max_length = positions
         self._loaded = (model, tok, ids, chat)
         return self
 

@@ -387,7 +387,8 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
             entry["status"] = "failed"
             write_manifest(out, manifest)
             last = _last_line(log)
-            raise StageFailedError(f"{PROG}: stage {stage.name} (rlhf {stage.stage}{'' if stage.tool else ' fit'}) failed with exit code {code}; "
+            command_name = f"rlhf {stage.stage}" + ("" if stage.tool else " fit")
+            raise StageFailedError(f"{PROG}: stage {stage.name} ({command_name}) failed with exit code {code}; "
                                    f"log: {log}" + (f" (last line: {last})" if last else ""))
         metrics = tool_metrics(out, stage) if stage.tool else val_metrics(out / run_dir)
         entry.update(status="done", run_id=uuid.uuid4().hex[:12], metrics=metrics)

@@ -318,7 +318,8 @@ def test_the_pipeline_continues_an_interrupted_critique_revise_and_a_fresh_run_d
     constitution, prompts = files
     config = tmp_path / "p.yaml"
     config.write_text("stages:\n  - name: revisions\n    stage: critique-revise\n"
-                      f"    args: {{model: tests/fixtures/tiny-llama, prompts: {prompts}, constitution: {constitution}}}\n")
+                      f"    args: {{model: tests/fixtures/tiny-llama, prompts: {prompts},\n"
+                      f"           constitution: {constitution}}}\n")
     out = tmp_path / "out"
     progress = cr.progress_path(out / "revisions.jsonl")
     seen = []

@@ -136,6 +136,16 @@ def test_long_questions_are_shortened_to_max_length(stub_judge):
     assert stub_judge.prefer([long], [GOOD + " " + long], [BAD]).item() > 0.5
 
 
+def test_max_length_is_lowered_to_what_the_model_reads(caplog):
+    judge = JudgeSpec(model=str(TINY_MODEL), max_length=1024)
+    assert judge.max_length == 1024  # nothing is loaded before load()
+    with caplog.at_level("WARNING"):
+        judge.load("cpu")
+    assert judge.max_length == 256  # the tiny model's max_position_embeddings
+    assert "max_length 1024 is more than" in caplog.text and "shortened to 256 tokens" in caplog.text
+    assert JudgeSpec(model=str(TINY_MODEL), max_length=128).load("cpu").max_length == 128  # below it: kept
+
+
 # ---- the labeller and rlhf eval ----
 
 def test_pairwise_scores_by_hand():
