@@ -161,6 +161,7 @@ def page(browser):
     context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
     pg = context.new_page()
     pg.set_default_timeout(20_000)
+    expect.set_options(timeout=20_000)  # not 5 s: a restarted server is reached on the page's next retry (<= 4 s)
     errors = []
     pg.on("pageerror", lambda err: errors.append(str(err)))
     # the server's Content-Security-Policy allows our own files only: anything it blocks is logged, and is a bug
