@@ -129,6 +129,12 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     return path
 
 
+def progress_path(out: str | os.PathLike) -> Path:
+    """Where a tool writing `out` saves its finished units (a Journal): OUT.progress next to it."""
+    out = Path(out)
+    return out.with_name(out.name + ".progress")
+
+
 class Journal:
     """A run's finished units of work, one JSON line each, next to its output, so a killed run continues.
 

@@ -268,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="human: labelled items needed, a share of the queue (<= 1) or a count (> 1); default 1.0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--restart", action="store_true",
+                        help="ai: discard the pairs an interrupted run saved (OUT.progress) and start afresh")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    from core.outputs import write_jsonl
+    from core.outputs import Journal, progress_path, write_jsonl
     from datamodules.formats import iter_rows
 
     parser = build_parser()
@@ -287,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{' and '.join(judge_only)}: for --labeller judge or ai only (a simulated labeller's mistakes)")
     if args.labeller != "human" and human_only:
         parser.error(f"{' and '.join(human_only)}: for --labeller human only")
+    if args.restart and args.labeller != "ai":
+        parser.error("--restart: for --labeller ai only (the judge and human labellers save no progress)")
     if (args.labeller == "ai") != (args.ai_judge is not None):
         parser.error("--labeller ai needs --ai_judge (a JudgeSpec), and --ai_judge needs --labeller ai")
     ai_judge = None
@@ -321,12 +325,19 @@ def main(argv: list[str] | None = None) -> None:
         said = (f"{stats['labelled']} of {stats['items']} items labelled by hand ({stats['all_tied']} all tied, "
                 f"{stats['items'] - stats['labelled']} unlabelled: left out)")
     else:
-        rows, stats = judge_rows(groups, args) if ai_judge is None else ai_rows(groups, ai_judge, args)
+        journal = None
+        if ai_judge is not None:  # progress of other settings stops here, before the judge loads
+            journal = Journal(progress_path(args.out), "labelling --labeller ai", ai_settings(groups, ai_judge, args))
+            if saved := journal.open(restart=args.restart):
+                print(f"continuing: {saved} chunk(s) of pairs saved in {journal.path}", file=sys.stderr)
+        rows, stats = judge_rows(groups, args) if ai_judge is None else ai_rows(groups, ai_judge, args, journal)
         said = (f"labelled {stats['kept']} of {stats['groups']} prompts ({stats['all_tied']} all tied, left out; "
                 f"{stats['flipped']} flipped)")
         if "position_bias" in stats:
             said += f"; AI judge: {stats['pairs']} pairs, position bias {stats['position_bias']:.3f}"
     write_jsonl(args.out, kept + rows)
+    if args.labeller == "ai":
+        journal.remove()  # every pair it saved is in --out now
     added = f"{len(kept)} rows of {args.add_to} + " if args.add_to is not None else ""
     print(f"{said} -> {args.out}: {added}{len(rows)} new rows")
 
@@ -345,29 +356,68 @@ def judge_rows(groups: list[dict], args) -> tuple[list[dict], dict]:
     return label_groups(groups, score, args.flip or 0.0, args.tie_tolerance or 0.0, args.seed)
 
 
-def ai_rows(groups: list[dict], judge, args) -> tuple[list[dict], dict]:
-    """label_groups with the AI judge's pairwise scores (pairwise_scores); stats add the pairs asked and the
-    judge's position bias (mean P(first option), 0.5 = none)."""
-    from core.judge import position_bias
+AI_CHUNK = 16  # pairs the AI labeller judges (in both orders) between saves of its progress
 
-    judge.load(args.device)
+
+def ai_settings(groups: list[dict], judge, args) -> dict:
+    """What an AI labeller's saved pairs depend on: the judge (its spec, its model's files, its constitution's
+    text) and the groups' prompts and responses. --flip, --tie_tolerance and --seed act after the judge (left out),
+    and so does --device (a run may move to a GPU)."""
+    import dataclasses
+    import hashlib
+
+    from core.outputs import files_stamp
+
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    spec = dataclasses.asdict(judge)
+    constitution = Path(judge.constitution).read_text() if judge.constitution else None
+    return {"judge": digest(spec), "judge_model": [judge.model.path, files_stamp(judge.model.path)],
+            "constitution": digest(constitution),
+            "groups": digest([(g["prompt"], g["responses"]) for g in groups])}
+
+
+def ai_rows(groups: list[dict], judge, args, journal=None) -> tuple[list[dict], dict]:
+    """label_groups with the AI judge's pairwise scores (pairwise_scores); stats add the pairs asked and the
+    judge's position bias (mean P(first option), 0.5 = none). The pairs are judged AI_CHUNK at a time, each chunk's
+    probabilities (both orders) saved to the journal as it ends and read from it when an earlier run saved it."""
+    import torch
+
+    from core.judge import Preference, position_bias
+
     asked = []
 
     def prefer(prompts, a, b):
-        asked.append(judge.compare(prompts, a, b))
+        p1, p2 = [], []
+        for chunk, start in enumerate(range(0, len(prompts), AI_CHUNK)):
+            end = start + AI_CHUNK
+            saved = journal.get("pairs", chunk) if journal is not None else None
+            if saved is None:
+                judge.load(args.device)  # once: a second call does nothing; not at all when every chunk is saved
+                pref = judge.compare(prompts[start:end], a[start:end], b[start:end])
+                saved = [pref.p1.tolist(), pref.p2.tolist()]
+                if journal is not None:
+                    journal.put(("pairs", chunk), saved)
+            p1 += saved[0]
+            p2 += saved[1]
+        first, second = torch.tensor(p1, dtype=torch.float64), torch.tensor(p2, dtype=torch.float64)
+        asked.append(Preference((first + second) / 2, first, second))  # as judge.compare computes prob
         return asked[-1].prob.tolist()
 
     scores = pairwise_scores(groups, prefer)
     rows, stats = label_groups(groups, lambda p, r, m: scores, args.flip or 0.0, args.tie_tolerance or 0.0,
                                args.seed)
-    stats["pairs"] = asked[0].prob.numel()
-    stats["position_bias"] = position_bias(asked[0])
+    stats["pairs"] = asked[-1].prob.numel()
+    stats["position_bias"] = position_bias(asked[-1])
     return rows, stats
 
 
 if __name__ == "__main__":
+    from core.outputs import OutputExistsError
+
     try:
         main()
-    except DataError as err:  # one line naming file:line, as `rlhf` prints it (recipes/cli.py EXIT_CODES)
+    except (DataError, OutputExistsError) as err:  # one line, with `rlhf`'s exit codes (recipes/cli.py EXIT_CODES)
         print(" ".join(str(err).splitlines()), file=sys.stderr)
-        sys.exit(3)
+        sys.exit(3 if isinstance(err, DataError) else 5)

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from core.constitution import load_constitution
-    from core.outputs import Journal, write_jsonl
+    from core.outputs import Journal, progress_path, write_jsonl
     from datamodules.formats import read_prompts
     from recipes.generate import check_model_arg, load_policy
 
@@ -132,11 +132,6 @@ def main(argv: list[str] | None = None) -> None:
           f"{mode}, {time.perf_counter() - start:.0f} s); blank answers {stats['blank_answers']}, blank critiques "
           f"{stats['blank_critiques']}, blank revisions {stats['blank_revisions']} (kept the previous answer), "
           f"prompts left out (all blank) {stats['dropped']}", file=sys.stderr)
-
-
-def progress_path(out: Path) -> Path:
-    """Where a run saves its finished batches: OUT.progress next to --out."""
-    return out.with_name(out.name + ".progress")
 
 
 def run_settings(args, constitution, records) -> dict:

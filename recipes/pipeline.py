@@ -84,7 +84,7 @@ from pathlib import Path
 
 import yaml
 
-from core.outputs import MARKER, is_ours
+from core.outputs import MARKER, is_ours, progress_path
 from datamodules.labelling import LABELS_PENDING_EXIT  # the human labeller's exit code while short of labels
 from recipes.pipeline_config import (  # noqa: F401 (re-exported)
     PROG,
@@ -261,7 +261,8 @@ def plan(pipeline: Pipeline, out: Path, old: dict[str, dict], start: str | None)
             action = ("run", f"artifact {stage.artifact} " + ("is missing" if stage.tool else f"lacks {MARKER}"))
         elif prev.get("status") in ("running", "failed", "waiting") and stage.tool:
             action = ("resume", "interrupted: runs again" + {"generate": " (continues its file)",
-                                                             "critique-revise": " (continues its saved batches)"}
+                                                             "critique-revise": " (continues its saved batches)",
+                                                             "label": " (an AI labeller continues its saved pairs)"}
                       .get(stage.stage, ""))
         elif prev.get("status") in ("running", "failed") and stage.members:
             action = ("resume", "interrupted ensemble: members already saved are skipped")
@@ -351,9 +352,7 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
             clear_members(out / stage.name)
         if action == "run" and stage.stage == "generate":  # a fresh run: generate would continue an old file
             (out / stage.artifact).unlink(missing_ok=True)
-        if action == "run" and stage.stage == "critique-revise":  # ... and critique-revise its saved batches
-            from recipes.critique_revise import progress_path  # argparse and the standard library only
-
+        if action == "run" and stage.tool:  # ... and critique-revise or an AI labeller its saved progress
             progress_path(out / stage.artifact).unlink(missing_ok=True)
         run_dir, extra = attempt(out, stage, action, entry)
         command = program(stage) + stage_args(pipeline, stage, str(out)) + extra

@@ -12,6 +12,7 @@ import zlib
 import pytest
 
 from core.constitution import ConstitutionError, load_constitution
+from core.outputs import progress_path
 from recipes import cli
 from recipes import critique_revise as cr
 from tests.conftest import ROOT
@@ -270,7 +271,7 @@ def test_a_killed_run_continues_from_its_saved_batches_and_writes_the_uninterrup
     monkeypatch.setattr(generation, "generate", KilledAt(4))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_model_dir, prompts, constitution, out, "--seed", "5")
-    progress = cr.progress_path(out)
+    progress = progress_path(out)
     assert not out.exists() and progress.name == "o.jsonl.progress"
     assert [json.loads(line)["key"] for line in progress.read_text().splitlines()[1:]] == [
         ["answer", 0], ["answer", 1], ["critique1", 0]]
@@ -292,7 +293,7 @@ def test_saved_progress_of_other_settings_is_refused_before_the_model_loads(tiny
     monkeypatch.setattr(generation, "generate", KilledAt(2))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_model_dir, prompts, constitution, out, "--seed", "5")
-    saved = cr.progress_path(out).read_text()
+    saved = progress_path(out).read_text()
     capsys.readouterr()
     import recipes.generate as gen
 
@@ -303,12 +304,12 @@ def test_saved_progress_of_other_settings_is_refused_before_the_model_loads(tiny
     assert code == cli.EXIT_CODES["OutputExistsError"]
     err = capsys.readouterr().err
     assert "holds the progress of a run with other batch_size, seed; nothing was changed" in err and "--restart" in err
-    assert cr.progress_path(out).read_text() == saved
+    assert progress_path(out).read_text() == saved
     monkeypatch.undo()
     counted = KilledAt(None)
     monkeypatch.setattr(generation, "generate", counted)
     rows = run(tiny_model_dir, prompts, constitution, out, "--seed", "6", "--restart")
-    assert len(rows) == 3 and counted.calls == 6 and not cr.progress_path(out).exists()
+    assert len(rows) == 3 and counted.calls == 6 and not progress_path(out).exists()
 
 
 def test_the_pipeline_continues_an_interrupted_critique_revise_and_a_fresh_run_discards_its_progress(
@@ -321,7 +322,7 @@ def test_the_pipeline_continues_an_interrupted_critique_revise_and_a_fresh_run_d
                       f"    args: {{model: tests/fixtures/tiny-llama, prompts: {prompts},\n"
                       f"           constitution: {constitution}}}\n")
     out = tmp_path / "out"
-    progress = cr.progress_path(out / "revisions.jsonl")
+    progress = progress_path(out / "revisions.jsonl")
     seen = []
 
     def launch(command, log):  # stands in for the process: dies once after saving a batch, then finishes

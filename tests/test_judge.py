@@ -201,6 +201,48 @@ def test_ai_labeller_with_the_tiny_model_writes_rankings(tmp_path, capsys):
     assert len(read_preferences(str(out))) == len(rows) >= 1
 
 
+def test_a_killed_ai_labeller_continues_from_its_saved_pairs(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    import datamodules.labelling as labelling
+    from core.outputs import progress_path
+    from tests.conftest import ROOT
+
+    samples = _samples(tmp_path)
+    argv = [f"--samples={samples}", "--labeller=ai", f"--ai_judge={{model: {TINY_MODEL}}}"]
+    monkeypatch.setattr(labelling, "AI_CHUNK", 1)  # the 4 pairs in 4 chunks
+    labelling.main([*argv, f"--out={tmp_path / 'whole.jsonl'}"])
+    calls, real = [], JudgeSpec.compare
+
+    def compare(self, prompts, a, b):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while judging the third chunk
+        return real(self, prompts, a, b)
+
+    monkeypatch.setattr(JudgeSpec, "compare", compare)
+    out = tmp_path / "labels.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        labelling.main([*argv, f"--out={out}"])
+    assert not out.exists()
+    assert [json.loads(x)["key"] for x in progress_path(out).read_text().splitlines()[1:]] == [["pairs", 0],
+                                                                                              ["pairs", 1]]
+    # another judge refuses the saved pairs, before any model loads (as `rlhf pipeline` runs the labeller)
+    other = subprocess.run([sys.executable, "-m", "datamodules.labelling", f"--samples={samples}", f"--out={out}",
+                            "--labeller=ai", f"--ai_judge={{model: {TINY_MODEL}, max_length: 128}}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 5 and "progress of a run with other judge; nothing was changed" in other.stderr
+    calls.clear()
+    capsys.readouterr()
+    labelling.main([*argv, f"--out={out}"])
+    assert calls == [1, 1]  # only the two chunks not saved
+    assert "continuing: 2 chunk(s) of pairs saved" in capsys.readouterr().err
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not progress_path(out).exists()
+    with pytest.raises(SystemExit):  # --restart belongs to the AI labeller
+        labelling.main([f"--samples={samples}", f"--out={out}", "--restart"])
+
+
 def test_ai_labeller_flags_are_checked_before_any_model_loads(tmp_path):
     from datamodules.labelling import main
 

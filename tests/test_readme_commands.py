@@ -1,6 +1,7 @@
-"""Every `rlhf ...` command in the README's bash blocks is one a user can paste: a stage's config files and flags
-parse (LightningCLI --print_config, which exits before anything is built), a tool's flags parse with its own parser,
-and a pipeline file loads with its tool stages checked (--dry-run). Models and data the commands name are not read."""
+"""Every `rlhf ...` (or `python -m MODULE ...`) command in the README's bash blocks is one a user can paste: a stage's
+config files and flags parse (LightningCLI --print_config, which exits before anything is built), a tool's or
+module's flags parse with its own parser, and a pipeline file loads with its tool stages checked (--dry-run). Models
+and data the commands name are not read."""
 
 from __future__ import annotations
 
@@ -40,8 +41,13 @@ def readme_commands() -> list[tuple[int, list[str]]]:
                     current.append(word)
             segments.append(current)
             for segment in segments:
+                if segment and segment[0] == "srun":  # a cluster launcher in front
+                    segment = segment[1:]
                 if segment and (segment[0] == "rlhf" or segment[0].endswith("/rlhf")):
                     found.append((first + start, segment[1:]))
+                elif (len(segment) > 2 and segment[0].split("/")[-1] in ("python", "python3") and segment[1] == "-m"
+                      and segment[2] not in ("pytest", "venv", "pip")):
+                    found.append((first + start, ["-m", *segment[2:]]))  # our modules run with python -m
     return found
 
 
@@ -61,7 +67,21 @@ def test_the_readme_has_commands_for_every_stage_and_tool():
 @pytest.mark.parametrize("line,argv", COMMANDS, ids=[f"README:{line}" for line, _ in COMMANDS])
 def test_readme_command_parses(line, argv, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
+    if argv[0] == "-m" and argv[1] == "recipes.cli":  # python -m recipes.cli is the rlhf command
+        argv = argv[2:]
     command, args = argv[0], argv[1:]
+    if command == "-m":  # python -m MODULE ARGS: its main's parser
+        command, args = args[0], args[1:]
+        module = importlib.import_module(command)
+        real = argparse.ArgumentParser.parse_args
+
+        def parse_args(self, args=None, namespace=None):
+            raise Parsed(real(self, args, namespace))
+
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+        with pytest.raises(Parsed):
+            module.main(args)
+        return
     assert command in STAGES or command in TOOLS, f"README.md:{line}: rlhf {command} is no command"
     if command in STAGES:
         with pytest.raises(SystemExit) as done:
