@@ -220,7 +220,7 @@ class JudgeSpec:
         fixed = len(encode(tok, self.render(tok, fill(self._template, prompt="", a="", b="",
                                                       principle=principle), self._loaded[3])))
         budget = self.max_length - fixed - 4  # a few tokens of slack for merges at the seams
-        parts = [encode(tok, t) for t in (prompt, a, b)]
+        parts = [tok(t, add_special_tokens=False)["input_ids"] for t in (prompt, a, b)]  # no BOS inside a question
         if sum(map(len, parts)) > budget:
             cap = water_level([len(p) for p in parts], max(budget, 3))
             prompt = tok.decode(parts[0][len(parts[0]) - min(cap, len(parts[0])):])  # the prompt's end

@@ -146,6 +146,30 @@ def test_max_length_is_lowered_to_what_the_model_reads(caplog):
     assert JudgeSpec(model=str(TINY_MODEL), max_length=128).load("cpu").max_length == 128  # below it: kept
 
 
+def test_shortened_parts_carry_no_bos_into_the_question(tmp_path):
+    """A tokenizer that adds BOS (Llama 2/3, Mistral, Gemma): the parts are cut as plain text, so the question
+    holds one BOS, at its start, and no "<s>" text before the responses."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    path = tmp_path / "bos-llama"
+    shutil.copytree(TINY_MODEL, path)
+    raw = Tokenizer.from_file(str(path / "tokenizer.json"))
+    bos = raw.token_to_id("<s>")
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    raw.save(str(path / "tokenizer.json"))
+    tok = load_tokenizer(str(path), padding_side="left")
+    assert tok("hi")["input_ids"][0] == bos  # it does add BOS
+    judge = JudgeSpec(model=str(path), max_length=200)
+    judge._loaded = (None, tok, None, False)  # questions() needs the tokenizer only
+    (question,) = judge.questions(["the prompt is long " * 10], ["answer a words " * 10], ["answer b words " * 10],
+                                  tok)
+    ids = tok(question)["input_ids"]
+    assert "<s>" not in question and ids.count(bos) == 1 and ids[0] == bos
+    assert len(ids) <= 200 and "answer a words" in question and "answer b words" in question  # it was shortened
+
+
 # ---- the labeller and rlhf eval ----
 
 def test_pairwise_scores_by_hand():
