@@ -157,35 +157,34 @@ class Journal:
         """Load the units an earlier run saved (none when `restart` or none saved); returns how many."""
         from core.sources import DataError
 
-        if self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-            header = _json_or_none(lines[0]) if lines else None
-            if not (isinstance(header, dict) and header.get("journal") == self.kind):
-                raise OutputExistsError(f"{self.path} exists and is not a {self.kind} progress file; nothing was "
-                                        "changed: move it, or choose another --out")
-            if restart:
-                self.path.unlink()
-            else:
-                saved = header.get("settings") or {}
-                differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
-                if differ and not any(line.strip() for line in lines[1:]):  # no work saved: nothing to lose
-                    self.path.unlink()
-                elif differ:
-                    raise OutputExistsError(
-                        f"{self.path} holds the progress of a run with other {', '.join(differ)}; nothing was "
-                        "changed: run again with those settings to continue it, or pass --restart to discard it")
-                keep = lines[:1]
-                for number, line in enumerate(lines[1:], 2):
-                    unit = _json_or_none(line) if line.endswith("\n") else None
-                    if not (isinstance(unit, dict) and isinstance(unit.get("key"), list) and "value" in unit):
-                        if number == len(lines):  # the last line, cut by a kill mid-write
-                            break
-                        raise DataError(f"{self.path}:{number}", "not a progress line",
-                                        "the file is damaged: pass --restart to discard it")
-                    self.units[tuple(unit["key"])] = unit["value"]
-                    keep.append(line)
-                if len(keep) < len(lines):
-                    self._replace("".join(keep))
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        header = _json_or_none(lines[0]) if lines else None
+        if not (isinstance(header, dict) and header.get("journal") == self.kind):
+            raise OutputExistsError(f"{self.path} exists and is not a {self.kind} progress file; nothing was "
+                                    "changed: move it, or choose another --out")
+        saved = header.get("settings") or {}
+        differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
+        if restart or (differ and not any(map(_is_unit, lines[1:]))):  # discarded, or no finished unit to lose
+            self.path.unlink()
+            return 0
+        if differ:
+            raise OutputExistsError(
+                f"{self.path} holds the progress of a run with other {', '.join(differ)}; nothing was "
+                "changed: run again with those settings to continue it, or pass --restart to discard it")
+        keep = lines[:1]
+        for number, line in enumerate(lines[1:], 2):
+            if not _is_unit(line):
+                if number == len(lines):  # the last line, cut by a kill mid-write
+                    break
+                raise DataError(f"{self.path}:{number}", "not a progress line",
+                                "the file is damaged: pass --restart to discard it")
+            unit = json.loads(line)
+            self.units[tuple(unit["key"])] = unit["value"]
+            keep.append(line)
+        if len(keep) < len(lines):
+            self._replace("".join(keep))
         return len(self.units)
 
     def _replace(self, text: str) -> None:
@@ -219,6 +218,12 @@ class Journal:
         """Delete the journal (the output it was for is written whole)."""
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+def _is_unit(line: str) -> bool:
+    """A whole journal line of one finished unit ({"key": [...], "value": ...}, newline-terminated)."""
+    unit = _json_or_none(line) if line.endswith("\n") else None
+    return isinstance(unit, dict) and isinstance(unit.get("key"), list) and "value" in unit
 
 
 def _json_or_none(line: str):

@@ -175,7 +175,8 @@ def hindsight_prompt(prompt: str, response: str, score: float | None = None) -> 
     The response must be a well-formed answer: exactly ``format_answer(items)`` (a leading space, single spaces,
     nothing after the letters), MIN_LEN..MAX_LEN items, each one letter of LETTERS; else None. Then:
 
-    - a perfect ``score`` (>= 1, the judge's score of the sample, when one is given) keeps the original prompt;
+    - ``score`` (a judge's score of the sample, when --judge is given) is not needed: the task itself says which
+      prompt an answer fulfils, and a judge's score (a reward model's is unbounded) never overrides that;
     - reverse: a response is the correct reversal of its own reverse, so the prompt's letters become the
       response's reversed: ``"Reverse: c a f b\\nAnswer:"``, ``" c a f b"`` -> ``"Reverse: b f a c\\nAnswer:"``;
     - sort: a sorted response (non-decreasing) answers a prompt of its letters in any order; the order taken is
@@ -195,8 +196,6 @@ def hindsight_prompt(prompt: str, response: str, score: float | None = None) -> 
     items = _answer_items(response)
     if items is None:
         return None
-    if score is not None and score >= 1.0:
-        return prompt
     if task.prefix == REVERSE_PREFIX:
         fulfilled = items[::-1]
     elif items == sorted(items):

@@ -184,6 +184,8 @@ def test_journal_of_other_settings_is_refused_unless_it_saved_nothing_or_restart
     assert fresh.open(restart=True) == 0 and not path.exists()  # --restart discards it
     path.write_text(json.dumps({"journal": "kind", "settings": {"seed": 1}}) + "\n")  # a header alone
     assert Journal(path, "kind", {"seed": 2}).open() == 0 and not path.exists()  # nothing to lose: replaced
+    path.write_text(json.dumps({"journal": "kind", "settings": {"seed": 1}}) + '\n{"key": ["a", 0], "va')
+    assert Journal(path, "kind", {"seed": 2}).open() == 0 and not path.exists()  # killed in its first unit: too
 
 
 def test_journal_never_reads_or_deletes_a_file_it_did_not_write(tmp_path):

@@ -49,11 +49,12 @@ def test_malformed_responses_are_dropped(response):
     assert hindsight_prompt(REV, response, 1.0) is None  # a perfect score does not make a malformed answer a demo
 
 
-def test_a_perfect_score_keeps_the_original_prompt():
-    assert hindsight_prompt(REV, " c a f b", 1.0) == REV  # the judge calls it perfect: its prompt stays
-    assert hindsight_prompt(REV, " c a f b", 0.0) == "Reverse: b f a c\nAnswer:"
-    assert hindsight_prompt(REV, " c a f b", 0.99) == "Reverse: b f a c\nAnswer:"
-    assert hindsight_prompt(SORT, " a c b d", 1.0) == SORT  # even unsorted
+def test_a_judges_score_never_overrides_what_the_answer_fulfils():
+    # a reward model's scores are unbounded: 2.3 says nothing about which prompt " c a f b" reverses
+    for score in (None, 0.0, 0.99, 1.0, 2.3):
+        assert hindsight_prompt(REV, " c a f b", score) == "Reverse: b f a c\nAnswer:"
+        assert hindsight_prompt(REV, " b f a c", score) == REV  # the correct answer keeps its prompt
+        assert hindsight_prompt(SORT, " a c b d", score) is None  # unsorted answers no sort prompt
 
 
 @pytest.mark.parametrize("prompt, response, expected", [
