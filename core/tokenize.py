@@ -130,10 +130,11 @@ def encode_prompts(records, tokenizer, max_prompt_length: int | None, truncation
                    limit_name: str = "max_prompt_length") -> list[dict]:
     """Records with .prompt and .where (and .meta, if they have one) -> {"input_ids", "prompt" (rendered text),
     "meta", "index" (the record's position)} as PromptDataModule encodes them: the chat template for messages, the
-    tokenizer's special tokens; prompts over max_prompt_length are cut from the left, dropped or an error
+    tokenizer's special tokens (no BOS added to texts that start with it, as encode_completions); prompts over
+    max_prompt_length are cut from the left, dropped or an error
     (`truncation`, Cuts), reported once."""
     texts = [render_prompt(r.prompt, tokenizer) for r in records]
-    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    ids = _encode(tokenizer, texts)  # as training encodes them: no second BOS after a chat template's own
     cuts, n, rows = Cuts(truncation), max_prompt_length, []
     for index, (i, text, record) in enumerate(zip(ids, texts, records)):
         # cut from the left: the end of a conversation is what the response answers

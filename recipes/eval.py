@@ -23,7 +23,7 @@ whitens with batch statistics puts them on one scale. --pairwise_judge is a Judg
 needs --baseline and may come with --judge. Writes OUT/eval.json (every number, interval and
 count) and OUT/eval.md (a table, also printed). Methods (core/losses/eval.py):
   win rate    (wins + ties/2) / pairs, Wilson 95% score interval over the pairs (conservative with ties);
-              a tie is |policy - baseline| <= --tie_tolerance
+              a tie is |policy - baseline| <= --tie_tolerance, or the same response text
   pairwise    win rate = mean over pairs of P(policy beats baseline) from --pairwise_judge, with mean -/+ 1.96
               standard errors of the per-pair probabilities (the judge's own uncertainty counts, no threshold);
               also its hard decisions (a win where P > 0.5, a tie within --tie_tolerance of 0.5) with the
@@ -32,7 +32,9 @@ count) and OUT/eval.md (a table, also printed). Methods (core/losses/eval.py):
   KL          nats per response, mean over the policy file's samples of
               log pi(response|prompt) - log ref(response|prompt) (k1, unbiased when the file was sampled
               from --policy_model at --temperature without top-p/top-k), with its standard error. Text is
-              re-tokenized (prompt, then prompt+response, as in training), plus EOS where finish_reason is eos.
+              re-tokenized (prompt, then prompt+response, as in training; the response alone where a token
+              would merge across the boundary), plus EOS where finish_reason is eos. With K > 1 samples per
+              prompt every interval's standard error is clustered by prompt (core/losses/eval.py).
   length, distinct-1/2   over whitespace words of the responses; EOS rate from finish_reason
 """
 
@@ -222,12 +224,19 @@ def evaluate(args, judge, device: str) -> dict:
         scores = judge.score([r["prompt"] for r in both], [r["response"] for r in both], [r["meta"] for r in both])
         mine, theirs = scores[: len(policy)].double(), scores[len(policy) :].double()  # (n_policy,), (n_baseline,)
         result["judge"] = {"spec": args.judge, "tie_tolerance": args.tie_tolerance}
-        result["policy"]["score"] = mean_interval(mine)._asdict()
+        result["policy"]["score"] = mean_interval(mine, clusters=prompt_keys(policy))._asdict()
         if baseline:
-            result["baseline"]["score"] = mean_interval(theirs)._asdict()
+            result["baseline"]["score"] = mean_interval(theirs, clusters=prompt_keys(baseline))._asdict()
             mine_i, theirs_i = torch.tensor([p for p, _ in pairs]), torch.tensor([b for _, b in pairs])
-            won = win_tie_loss(mine[mine_i], theirs[theirs_i], args.tie_tolerance)
-            result["win_rate"] = {**won._asdict(), "method": "(wins + ties/2) / n, Wilson score interval",
+            ours, others = mine[mine_i], theirs[theirs_i].clone()
+            # the same text is a tie whatever the judge says: a model scores one text a little differently
+            # from batch to batch (padding), which would make wins and losses of identical answers
+            same = torch.tensor([policy[p]["response"] == baseline[b]["response"] for p, b in pairs])
+            others[same] = ours[same]
+            clusters = prompt_keys([policy[p] for p, _ in pairs])
+            won = win_tie_loss(ours, others, args.tie_tolerance, clusters=clusters)
+            result["win_rate"] = {**won._asdict(), "method": interval_method(clusters),
+                                  "identical_pairs": int(same.sum()),
                                   "unpaired_policy": len(policy) - len(pairs),
                                   "unpaired_baseline": len(baseline) - len(pairs)}
     if baseline and getattr(args, "pairwise", None) is not None:
@@ -239,11 +248,17 @@ def evaluate(args, judge, device: str) -> dict:
 
 
 def pair_rows(policy: list[dict], baseline: list[dict], args) -> list[tuple[int, int]]:
-    """(policy row, baseline row) of each (prompt, sample) both files hold; none: DataError."""
+    """(policy row, baseline row) of each (prompt, sample) both files hold, one to one (a key two policy rows share,
+    as when only one file has `index`, pairs in file order, never one baseline row twice); none: DataError."""
     indexed = all(r["index"] is not None for r in policy + baseline)
-    index = {pair_key(r, indexed): i for i, r in enumerate(baseline)}
-    keys = [pair_key(r, indexed) for r in policy]
-    pairs = [(i, index[key]) for i, key in enumerate(keys) if key in index]
+    free: dict[tuple, list[int]] = {}
+    for i, r in enumerate(baseline):
+        free.setdefault(pair_key(r, indexed), []).append(i)
+    pairs = []
+    for i, r in enumerate(policy):
+        rows = free.get(pair_key(r, indexed))
+        if rows:
+            pairs.append((i, rows.pop(0)))
     if not pairs:
         from datamodules.formats import DataError
 
@@ -266,16 +281,29 @@ def pairwise_win_rate(policy: list[dict], baseline: list[dict], pairs: list[tupl
     judge = args.pairwise.load(device)
     pref = judge.compare([policy[p]["prompt"] for p, _ in pairs], [policy[p]["response"] for p, _ in pairs],
                          [baseline[b]["response"] for _, b in pairs])
-    mean = mean_interval(pref.prob)
-    decided = win_tie_loss(pref.prob, torch.full_like(pref.prob, 0.5), args.tie_tolerance)
+    clusters = prompt_keys([policy[p] for p, _ in pairs])
+    mean = mean_interval(pref.prob, clusters=clusters)
+    decided = win_tie_loss(pref.prob, torch.full_like(pref.prob, 0.5), args.tie_tolerance, clusters=clusters)
     return {"spec": args.pairwise_judge, "win_rate": mean.mean, "low": max(0.0, mean.low),
             "high": min(1.0, mean.high), "stderr": mean.stderr, "n": mean.n,
             "method": "mean over pairs of P(policy beats baseline), both orders averaged; mean -/+ z * stderr",
             "decisions": {**decided._asdict(), "method": "P > 0.5 a win, |P - 0.5| <= tie_tolerance a tie; "
-                          "(wins + ties/2) / n, Wilson score interval"},
+                          + interval_method(clusters)},
             "position_bias": position_bias(pref), "policy_first_mean": float(pref.p1.mean()),
             "policy_second_mean": float(pref.p2.mean()), "unpaired_policy": len(policy) - len(pairs),
             "unpaired_baseline": len(baseline) - len(pairs)}
+
+
+def prompt_keys(rows: list[dict]) -> list[tuple]:
+    """Each row's prompt (text and row in the prompt file): the clusters of K samples of one prompt."""
+    return [(r["prompt"], r["index"]) for r in rows]
+
+
+def interval_method(clusters: list) -> str:
+    if len(set(clusters)) < len(clusters):
+        return ("(wins + ties/2) / n, Wilson score interval over n_effective trials (K samples of one prompt are "
+                "not independent: design effect of the standard error clustered by prompt)")
+    return "(wins + ties/2) / n, Wilson score interval"
 
 
 def pair_key(row: dict, indexed: bool) -> tuple:
@@ -322,26 +350,30 @@ def policy_kl(rows: list[dict], args, device: str):
     lengths = torch.tensor([len(r) for _, r in encoded])  # (n,)
     mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]  # (n, t): response tokens
     padded = [pad_sequence(x, batch_first=True) if lengths.max() else torch.zeros(len(x), 0) for x in logps]
-    return sequence_kl(padded[0], padded[1], mask)
+    return sequence_kl(padded[0], padded[1], mask, clusters=prompt_keys(rows))
 
 
 def encode_responses(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per row from one tokenization (core/tokenize.py's contract): the
-    prompt's tokens must prefix prompt+response's; EOS is appended where sampling ended with it."""
-    from datamodules.formats import DataError
-
+    """(prompt ids, response ids) per row from one tokenization (core/tokenize.py's contract), EOS appended
+    where sampling ended with it (finish_reason "eos"). Where a token merges across the boundary (a prompt ending
+    in a space, "Answer: "), the prompt's tokens are no prefix of prompt+response's; the model sampled the response
+    after the prompt's own tokens, so the response is tokenized on its own and appended (counted, reported)."""
     prompts = [r["prompt"] for r in rows]
     fulls = [r["prompt"] + r["response"] for r in rows]
     bos = tokenizer.bos_token
     add = not (bos and all(t.startswith(bos) for t in prompts))  # a chat template may have written BOS
-    out = []
+    out, apart = [], 0
     for row, p, f in zip(rows, tokenizer(prompts, add_special_tokens=add)["input_ids"],
                          tokenizer(fulls, add_special_tokens=add)["input_ids"]):
-        if f[: len(p)] != p:
-            raise DataError(row["where"], "the prompt's tokens are not a prefix of prompt+response's tokens",
-                            "a token merges across the boundary")
-        eos = [tokenizer.eos_token_id] if row["finish_reason"] in (None, "eos") else []
-        out.append((p, f[len(p) :] + eos))
+        if f[: len(p)] == p:
+            response = f[len(p) :]
+        else:
+            response, apart = tokenizer(row["response"], add_special_tokens=False)["input_ids"], apart + 1
+        eos = [tokenizer.eos_token_id] if row["finish_reason"] == "eos" else []
+        out.append((p, response + eos))
+    if apart:
+        print(f"{PROG}: KL: {apart} of {len(rows)} responses tokenized apart from their prompt (a token merges "
+              "across the boundary)", file=sys.stderr)
     return out
 
 
@@ -401,7 +433,8 @@ def markdown(result: dict) -> str:
         w = result["win_rate"]
         text += (f"\nWin rate of policy vs baseline: **{num(w['win_rate'])}** [{num(w['low'])}, {num(w['high'])}] "
                  f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses of {w['n']} pairs; ties count half; "
-                 f"Wilson 95% interval)\n")
+                 f"Wilson 95% interval" + (f" over {w['n_effective']:.1f} effective pairs: samples of one prompt "
+                                           "are not independent" if w["n_effective"] < w["n"] else "") + ")\n")
     if "pairwise" in result:
         w, d = result["pairwise"], result["pairwise"]["decisions"]
         text += (f"\nPairwise judge: P(policy beats baseline) **{num(w['win_rate'])}** [{num(w['low'])}, "

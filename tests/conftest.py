@@ -28,6 +28,28 @@ def synthetic_dir() -> Path:
 
 
 @pytest.fixture
+def bos_model_dir(tmp_path) -> Path:
+    """The tiny model with a tokenizer that adds BOS (as Llama 2/3, Mistral and Gemma do; the committed one does
+    not) and a chat template that writes BOS itself."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "bos-llama"
+    shutil.copytree(TINY_MODEL, path)
+    raw = Tokenizer.from_file(str(path / "tokenizer.json"))
+    bos = [("<s>", raw.token_to_id("<s>"))]
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=bos)
+    raw.save(str(path / "tokenizer.json"))
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
 def run_recipe(monkeypatch, tmp_path):
     """run_recipe("sft", "fit", "--config", ...) runs a stage's LightningCLI in-process with outputs under tmp_path."""
 

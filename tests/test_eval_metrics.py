@@ -132,3 +132,44 @@ def test_distinct_n_and_text_stats():
     out = text_stats(seqs, [True, False])
     assert out == (pytest.approx(0.4), pytest.approx(2 / 3), 2.5, 0.5, 2)
     assert text_stats(seqs).eos_rate is None
+
+
+# ---- K samples per prompt: clustered standard errors ----
+
+def test_clustered_stderr_by_hand():
+    from core.losses.eval import clustered_stderr
+
+    # two prompts, two samples each: mean 0.5, cluster sums of deviations +1 and -1, G = 2, n = 4:
+    # se^2 = 2 / 1 * (1 + 1) / 16 = 0.25 (= the cluster means' s / sqrt(G): sqrt(0.5) / sqrt(2))
+    assert clustered_stderr(torch.tensor([1.0, 1.0, 0.0, 0.0]), ["a", "a", "b", "b"]) == pytest.approx(0.5)
+    # no key repeats: the plain s / sqrt(n): deviations -1.5 -0.5 0.5 1.5, 4/3 * 5 / 16 = 0.416667 = (1.290994 / 2)^2
+    assert clustered_stderr(torch.tensor([1.0, 2.0, 3.0, 4.0]), "abcd") == pytest.approx(math.sqrt(4 / 3 * 5 / 16))
+    assert mean_interval(torch.tensor([1.0, 2.0, 3.0, 4.0]), clusters="abcd").stderr == pytest.approx(
+        mean_interval(torch.tensor([1.0, 2.0, 3.0, 4.0])).stderr)
+    assert math.isnan(clustered_stderr(torch.tensor([1.0, 2.0]), ["a", "a"]))  # one cluster: no spread to see
+    with pytest.raises(ValueError, match="3 cluster keys for 2 values"):
+        clustered_stderr(torch.tensor([1.0, 2.0]), "abc")
+
+
+def test_win_rate_of_k_samples_per_prompt_gets_the_clustered_interval():
+    # 10 prompts x 4 samples; each prompt is won (or lost) on all four: 5 prompts won. rate 0.5;
+    # cluster sums of outcome deviations +-2, sum of squares 40: se^2 = 10/9 * 40 / 40^2 = 1/36;
+    # n_eff = p(1 - p) / se^2 = 0.25 * 36 = 9, kept within [G, n] = [10, 40]: 10, the number of prompts
+    policy = torch.tensor([1.0] * 20 + [0.0] * 20)
+    clusters = [i // 4 for i in range(40)]
+    out = win_tie_loss(policy, torch.full((40,), 0.5), clusters=clusters)
+    assert out.win_rate == 0.5 and out.n == 40 and out.n_effective == 10
+    assert (out.low, out.high) == pytest.approx(wilson_interval(0.5, 10))  # [0.2366, 0.7634]
+    naive = win_tie_loss(policy, torch.full((40,), 0.5))  # Wilson over 40 "independent" rows: too narrow
+    assert naive.n_effective == 40 and naive.high - naive.low < (out.high - out.low) / 1.7
+    # one sample per prompt: the same Wilson interval as without clusters
+    assert win_tie_loss(policy, torch.full((40,), 0.5), clusters=range(40)) == naive
+    # samples of a prompt that disagree: 4 prompts x 2 samples, outcomes (1, 0) (1, 0) (1, 1) (0, 0): rate 0.5;
+    # cluster sums of deviations 0, 0, +1, -1: se^2 = 4/3 * 2 / 64 = 1/24, n_eff = 0.25 * 24 = 6, within [4, 8]
+    mixed = win_tie_loss(torch.tensor([1.0, 0, 1, 0, 1, 1, 0, 0]), torch.full((8,), 0.5), clusters=[0, 0, 1, 1,
+                                                                                                    2, 2, 3, 3])
+    assert mixed.n_effective == pytest.approx(6.0) and (mixed.low, mixed.high) == pytest.approx(
+        wilson_interval(0.5, 6))
+    # all won: no spread to measure; the prompts count once each
+    assert win_tie_loss(torch.ones(6), torch.zeros(6), clusters=[0, 0, 1, 1, 2, 2]).low == pytest.approx(
+        wilson_interval(1.0, 3)[0])

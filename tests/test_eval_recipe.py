@@ -46,8 +46,10 @@ def test_win_rate_against_a_wrong_baseline(files, tmp_path, capsys):
     won = result["win_rate"]
     assert (won["wins"], won["ties"], won["losses"], won["n"]) == (6, 0, 0, 6)
     assert won["win_rate"] == 1.0 and won["unpaired_policy"] == won["unpaired_baseline"] == 0
-    assert (won["low"], won["high"]) == pytest.approx(wilson_interval(1.0, 6))
-    assert won["low"] == pytest.approx(0.6096, abs=1e-4)  # (1 + z^2/12 - z sqrt(z^2/144)) / (1 + z^2/6)
+    # 3 prompts x 2 samples, every one won: no spread within or across prompts, so the prompts count once each
+    # (n_effective 3, core/losses/eval.py win_tie_loss); Wilson's low end at p = 1 is n / (n + z^2)
+    assert won["n_effective"] == 3 and (won["low"], won["high"]) == pytest.approx(wilson_interval(1.0, 3))
+    assert won["low"] == pytest.approx(3 / (3 + 1.959964**2), abs=1e-6)  # 0.4385
     assert result["policy"]["score"]["mean"] == 1.0 and result["policy"]["score"]["stderr"] == 0.0
     # baseline: "a b c" vs target "c b a": 1/3; "c a f b" vs "b f a c": 0; "h e" vs "e h": 0; two samples each
     assert result["baseline"]["score"]["mean"] == pytest.approx((1 / 3) / 3)
@@ -140,3 +142,67 @@ def test_bad_inputs_stop_before_any_model_loads(files, tmp_path):
     baseline.write_text(baseline.read_text() + baseline.read_text().splitlines()[0] + "\n")
     assert rlhf(["eval", "--policy", str(policy), "--baseline", str(baseline), "--judge", "{oracle: synthetic}",
                  "--out", out]) == 3  # DataError: a repeated (prompt, sample), naming its line
+
+
+# ---- found in review: tokenization at the boundary, BOS, pairing, identical answers ----
+
+def test_a_prompt_ending_in_a_space_is_scored_not_refused(capsys):
+    from core.models import load_tokenizer
+    from recipes.eval import encode_responses
+
+    tok = load_tokenizer(str(TINY_MODEL))
+    prompt = format_prompt(["a", "b"]) + " "  # "...Answer: ": the space would merge into the response's first token
+    rows = [{"prompt": prompt, "response": "b a", "finish_reason": "eos", "where": "t:1"},
+            {"prompt": format_prompt(["a", "b"]), "response": " b a", "finish_reason": None, "where": "t:2"}]
+    (p1, r1), (p2, r2) = encode_responses(tok, rows)
+    assert p1 == tok(prompt)["input_ids"]
+    assert r1 == tok("b a", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # as it was sampled
+    assert r2 == tok(rows[1]["prompt"] + " b a")["input_ids"][len(p2):]  # no finish_reason: no EOS assumed
+    assert "KL: 1 of 2 responses tokenized apart from their prompt" in capsys.readouterr().err
+
+
+def test_prompts_are_sampled_after_one_bos_as_training_reads_them(bos_model_dir):
+    from core.models import load_tokenizer
+    from core.tokenize import encode_prompts
+    from datamodules.formats import read_prompts
+
+    tok = load_tokenizer(str(bos_model_dir), padding_side="left")
+    records = [SimpleNamespace(prompt=[{"role": "user", "content": "hi"}], where="f:1", meta={})]
+    (row,) = encode_prompts(records, tok, None)
+    assert row["prompt"].startswith("<s>") and row["input_ids"].count(tok.bos_token_id) == 1  # not <s><s>
+    assert read_prompts  # the same reader `rlhf generate` uses hands encode_prompts these records
+
+
+def test_one_baseline_row_is_never_paired_twice_and_identical_answers_tie(tmp_path, capsys):
+    """The policy file (rlhf generate, a prompt twice in the prompt file: index 0 and 1) and a baseline without
+    index: one pair, the other policy row unpaired. Identical texts tie even where a judge's scores differ."""
+    prompt = format_prompt(["a", "b"])
+    policy, baseline = tmp_path / "p.jsonl", tmp_path / "b.jsonl"
+    policy.write_text("".join(json.dumps({"prompt": prompt, "response": " b a", "sample": 0, "index": i}) + "\n"
+                              for i in (0, 1)))
+    baseline.write_text(json.dumps({"prompt": prompt, "response": " b a", "sample": 0}) + "\n")
+    out = tmp_path / "e"
+    assert rlhf(["eval", "--policy", str(policy), "--baseline", str(baseline), "--judge", "{oracle: synthetic}",
+                 "--out", str(out)]) == 0
+    won = json.loads((out / "eval.json").read_text())["win_rate"]
+    assert (won["n"], won["unpaired_policy"], won["unpaired_baseline"]) == (1, 1, 0)
+    assert (won["ties"], won["identical_pairs"]) == (1, 1)
+    assert "1 pairs; unpaired rows: 1 policy, 0 baseline" in capsys.readouterr().err
+
+
+def test_identical_texts_tie_although_the_judge_scores_them_apart(tmp_path, monkeypatch):
+    import core.reward_spec
+
+    rows = [{"prompt": format_prompt(list(x)), "response": " z", "sample": 0} for x in ("ab", "cd")]
+    policy, baseline = tmp_path / "p.jsonl", tmp_path / "b.jsonl"
+    policy.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    baseline.write_text("".join(json.dumps(dict(r, response=" y" if i else " z")) + "\n" for i, r in enumerate(rows)))
+    # a judge whose score of one text drifts by position (as batch padding does): policy rows a bit higher
+    monkeypatch.setattr(core.reward_spec.RewardSpec, "score",
+                        lambda self, prompts, responses, metas, device=None: torch.tensor(
+                            [1.0 + 1e-6, 1.0 + 1e-6, 1.0, 0.5]))
+    out = tmp_path / "e"
+    assert rlhf(["eval", "--policy", str(policy), "--baseline", str(baseline), "--judge", "{oracle: synthetic}",
+                 "--out", str(out)]) == 0
+    won = json.loads((out / "eval.json").read_text())["win_rate"]
+    assert (won["wins"], won["ties"], won["losses"], won["identical_pairs"]) == (1, 1, 0, 1)  # not 2 wins

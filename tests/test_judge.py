@@ -146,23 +146,14 @@ def test_max_length_is_lowered_to_what_the_model_reads(caplog):
     assert JudgeSpec(model=str(TINY_MODEL), max_length=128).load("cpu").max_length == 128  # below it: kept
 
 
-def test_shortened_parts_carry_no_bos_into_the_question(tmp_path):
+def test_shortened_parts_carry_no_bos_into_the_question(bos_model_dir):
     """A tokenizer that adds BOS (Llama 2/3, Mistral, Gemma): the parts are cut as plain text, so the question
     holds one BOS, at its start, and no "<s>" text before the responses."""
-    import shutil
-
-    from tokenizers import Tokenizer, processors
-
-    path = tmp_path / "bos-llama"
-    shutil.copytree(TINY_MODEL, path)
-    raw = Tokenizer.from_file(str(path / "tokenizer.json"))
-    bos = raw.token_to_id("<s>")
-    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    raw.save(str(path / "tokenizer.json"))
-    tok = load_tokenizer(str(path), padding_side="left")
+    tok = load_tokenizer(str(bos_model_dir), padding_side="left")
+    bos = tok.bos_token_id
     assert tok("hi")["input_ids"][0] == bos  # it does add BOS
-    judge = JudgeSpec(model=str(path), max_length=200)
-    judge._loaded = (None, tok, None, False)  # questions() needs the tokenizer only
+    judge = JudgeSpec(model=str(bos_model_dir), max_length=200)
+    judge._loaded = (None, tok, None, False)  # questions() needs the tokenizer only, plain text (no chat)
     (question,) = judge.questions(["the prompt is long " * 10], ["answer a words " * 10], ["answer b words " * 10],
                                   tok)
     ids = tok(question)["input_ids"]
