@@ -76,15 +76,18 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import yaml
 
-from core.outputs import MARKER, is_ours, progress_path
+from core.outputs import MARKER, files_stamp, is_ours, progress_path
 from datamodules.labelling import LABELS_PENDING_EXIT  # the human labeller's exit code while short of labels
 from recipes.pipeline_config import (  # noqa: F401 (re-exported)
     PROG,
@@ -229,7 +232,7 @@ def val_metrics(run_dir: Path) -> dict:
     found = {}
     for path in sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime):
         last = {k: series[-1][1] for k, series in read_metrics(path).items() if k.startswith("val/")}
-        member = next((p for p in path.parts if p.startswith("member_")), None)
+        member = next((p for p in path.relative_to(run_dir).parts if p.startswith("member_")), None)
         (found.setdefault(member, {}) if member else found).update(last)  # a resumed run: its versions in order
     return found
 
@@ -276,12 +279,37 @@ def plan(pipeline: Pipeline, out: Path, old: dict[str, dict], start: str | None)
     return actions
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGHUP reached the pipeline (a scheduler's or a closed terminal's): the stage is stopped with it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
 def launch(command: list[str], log: Path) -> int:
-    """Runs one stage; its stdout and stderr are appended to `log`. -> exit code (negative: killed by a signal)."""
+    """Runs one stage; its stdout and stderr are appended to `log`. -> exit code (negative: killed by a signal).
+    Interrupted (Ctrl-C, or Stopped), the stage gets SIGTERM (Lightning stops at the step it is on), 60 s, then
+    SIGKILL, before the exception goes on: a stopped pipeline leaves no stage running into its folder."""
     with log.open("a") as f:
         f.write(f"\n== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(command)}\n")
         f.flush()
-        return subprocess.call(command, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait()
+        except BaseException:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            raise
 
 
 def _last_line(log: Path) -> str:
@@ -323,7 +351,17 @@ def run(pipeline: Pipeline, out: Path, start: str | None = None, dry_run: bool =
         except BlockingIOError:
             raise PipelineConfigError(f"{PROG}: another rlhf pipeline is running in {out}: wait for it, or choose "
                                       "another --out") from None
-        return execute(pipeline, out, start)
+        handled = (signal.SIGTERM, signal.SIGHUP)
+        main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+        previous = {sig: signal.signal(sig, _stop) for sig in handled} if main_thread else {}
+        try:
+            return execute(pipeline, out, start)
+        except Stopped as err:  # between stages: the manifest says what ran (each write is atomic)
+            print(f"{PROG}: stopped by {err}; the same command carries on", file=sys.stderr)
+            raise SystemExit(128 + err.signum) from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
@@ -337,6 +375,9 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
         if action == "run" or not entry.get("status"):
             entry.update(status="pending")
         entries.append(entry)
+    # stages this run leaves out (fewer --rounds than before) keep their entries: a later run skips them if unchanged
+    current = {stage.name for stage in pipeline.stages}
+    entries += [entry for name, entry in old.items() if name not in current]
     manifest = {"pipeline": str(pipeline.path), "out": str(out), "rounds": pipeline.rounds, "stages": entries}
     write_manifest(out, manifest)
     by_name = {e["name"]: e for e in entries}
@@ -344,16 +385,27 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
         if action == "skip":
             print(f"{PROG}: {stage.name}: skipped ({reason}): {out / stage.artifact}")
             continue
-        if action == "run" and stage.members:  # a fresh ensemble: --members would skip members saved before
+        if action == "run" and not stage.tool:
             from recipes.reward import (
                 clear_members,  # here: it imports Lightning, which the runner itself never needs
             )
 
-            clear_members(out / stage.name)
+            folder = out / stage.name
+            if stage.members:  # a fresh ensemble: --members would skip members saved before
+                if is_ours(folder):  # a single model this stage saved before it became an ensemble
+                    shutil.rmtree(folder)
+                clear_members(folder)
+            elif any(folder.glob("member_*")) and not is_ours(folder):  # an ensemble it saved, now one model
+                clear_members(folder)
+                if not any(folder.iterdir()):
+                    folder.rmdir()
         if action == "run" and stage.stage == "generate":  # a fresh run: generate would continue an old file
             (out / stage.artifact).unlink(missing_ok=True)
         if action == "run" and stage.tool:  # ... and critique-revise or an AI labeller its saved progress
             progress_path(out / stage.artifact).unlink(missing_ok=True)
+        if action == "run":  # what an earlier run left in the artifact: this attempt must replace it
+            before = out / stage.artifact  # (an ensemble's members were cleared above; complete() checks each)
+            entry["artifact_before"] = files_stamp(before) if before.exists() and not stage.members else None
         run_dir, extra = attempt(out, stage, action, entry)
         command = program(stage) + stage_args(pipeline, stage, str(out)) + extra
         log = out / f"{stage.name}.log"
@@ -367,16 +419,25 @@ def execute(pipeline: Pipeline, out: Path, start: str | None) -> dict:
         began = time.time()
         try:
             code = launch(command, log)
-        except KeyboardInterrupt:
-            entry.update(status="failed", wall_s=round(time.time() - began, 3), exit_code=130)
+        except (KeyboardInterrupt, Stopped) as err:
+            code = 128 + (err.signum if isinstance(err, Stopped) else signal.SIGINT)
+            entry.update(status="failed", wall_s=round(time.time() - began, 3), exit_code=code)
             write_manifest(out, manifest)
-            print(f"{PROG}: interrupted in stage {stage.name}; the same command resumes it", file=sys.stderr)
-            raise SystemExit(130) from None
+            said = f" by {err}" if isinstance(err, Stopped) else ""
+            print(f"{PROG}: interrupted{said} in stage {stage.name}; the same command resumes it", file=sys.stderr)
+            raise SystemExit(code) from None
         entry.update(wall_s=round(time.time() - began, 3), exit_code=code)
         if code == 0 and not complete(out, stage):
             code = entry["exit_code"] = 1
             with log.open("a") as f:
                 f.write(f"{PROG}: exited 0 but {out / stage.name} lacks {MARKER}\n")
+        elif code == 0 and entry.get("artifact_before") is not None and (
+                files_stamp(out / stage.artifact) == entry["artifact_before"]):
+            # e.g. Lightning stops on SIGTERM with exit code 0 and saves nothing: the old model is not this run's
+            code = entry["exit_code"] = 1
+            with log.open("a") as f:
+                f.write(f"{PROG}: exited 0 but left {out / stage.artifact} as an earlier run wrote it (stopped "
+                        "before saving?)\n")
         if code == LABELS_PENDING_EXIT and stage.stage == "label":
             entry["status"] = "waiting"
             write_manifest(out, manifest)

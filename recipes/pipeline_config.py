@@ -152,7 +152,10 @@ def in_round(stage: Stage, k: int, before: list[str]) -> Stage:
         if bar:  # checked by load(): a stage of the round
             if k > 1:
                 return f"${{r{k - 1}.{name}}}"
-            return f"${{{fallback}}}" if NAME.fullmatch(fallback) else fallback
+            if NAME.fullmatch(fallback):
+                return f"${{{fallback}}}"
+            # a path, which may hold ${out}, ${round} and stages before the rounds (checked by load())
+            return _substitute(fallback, lambda inner: k if inner == "round" else f"${{{inner}}}")
         if name in before:
             return f"${{r{k}.{name}}}"
         return f"${{{name}}}"
@@ -203,6 +206,10 @@ def load(path: str, rounds: int | None = None) -> Pipeline:
             if not fallback or (NAME.fullmatch(fallback) and fallback not in defined):
                 errors.append((at, f"{where}args: ${{{ref}}}: the fallback must be a stage defined before the rounds "
                                    "or a path (with a /)"))
+            for inner in REF.findall(fallback):  # a path's own references: round 1 has no previous round
+                if inner not in ("out", "round") and (inner not in defined or inner in round_names):
+                    errors.append((at, f"{where}args: ${{{ref}}}: the fallback's ${{{inner}}} is none of ${{out}}, "
+                                       "${round} or a stage defined before the rounds"))
         elif name in later:
             errors.append((at, f"{where}args: ${{{ref}}} is this stage or a later one of the round: for the previous "
                                f"round's, give round 1 a fallback: ${{{name}|STAGE_OR_PATH}}"))

@@ -663,3 +663,117 @@ def test_the_rounds_table_takes_an_ensembles_member_mean_and_sums_wall_times():
 def test_every_shipped_pipelines_tool_stages_parse_with_the_tools_own_flags(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     pipeline.check_tools(pipeline.load(path))  # raises PipelineConfigError naming file:line otherwise
+
+
+def test_a_path_fallback_may_hold_round_out_and_earlier_stages_and_nothing_else(tmp_path, fake_loop):
+    text = LOOP.replace('"${labels|${out}/data.jsonl}"', '"${labels|${out}/data/r${round}.jsonl}"')
+    path, out = write(tmp_path, text), tmp_path / "out"
+    loaded = pipeline.load(str(path))
+    r1_labels = next(s for s in loaded.stages if s.name == "r1.labels")
+    assert "round" not in r1_labels.refs  # ${round} inside the fallback is the round, not a stage
+    pipeline.main(["--config", str(path), "--out", str(out), "--rounds", "1"])
+    labels = next(c for c in fake_loop if "datamodules.labelling" in c)
+    assert _flag(labels, "add_to") == str(out / "data" / "r1.jsonl")
+    for bad in ("${nosuch}/x.jsonl", "${samples}/x.jsonl"):  # no such stage; a stage of the round (no round 0)
+        path = write(tmp_path, LOOP.replace('"${labels|${out}/data.jsonl}"', f'"${{labels|{bad}}}"'), "bad.yaml")
+        with pytest.raises(pipeline.PipelineConfigError, match=r"bad.yaml:\d+: stage labels: args: \$\{labels\|"
+                           r".*the fallback's \$\{(nosuch|samples)\} is none of"):
+            pipeline.load(str(path))
+
+
+def test_a_rerun_that_exits_0_without_saving_is_a_failure_not_the_old_model(tmp_path, fake_loop, monkeypatch):
+    """Lightning stops on SIGTERM with exit code 0 and saves nothing: the previous run's export must not pass."""
+    path = write(tmp_path, "stages:\n  - {name: sft, stage: sft, config: [configs/sft/tiny.yaml]}\n")
+    out = tmp_path / "o"
+    pipeline.main(["--config", str(path), "--out", str(out)])
+    monkeypatch.setattr(pipeline, "launch", lambda command, log: 0)  # the re-run "succeeds" and writes nothing
+    with pytest.raises(SystemExit) as done:
+        pipeline.main(["--config", str(path), "--out", str(out), "--set", "trainer.max_steps=3"])  # config changed
+    assert done.value.code == 6
+    assert "as an earlier run wrote it (stopped before saving?)" in (out / "sft.log").read_text()
+    assert manifest(out)[0]["status"] == "failed"
+
+
+def test_fewer_rounds_keep_the_later_rounds_entries(tmp_path, fake_loop):
+    path, out = write(tmp_path, LOOP), tmp_path / "out"
+    pipeline.main(["--config", str(path), "--out", str(out)])
+    pipeline.main(["--config", str(path), "--out", str(out), "--rounds", "1"])
+    assert [e["name"] for e in manifest(out)][-5:] == [f"r2.{n}" for n in ("samples", "labels", "rm", "policy",
+                                                                           "eval")]
+    fake_loop.clear()
+    pipeline.main(["--config", str(path), "--out", str(out), "--rounds", "2"])
+    assert fake_loop == []  # round 2 is done and unchanged: nothing runs again
+
+
+def test_a_member_folder_above_the_run_is_no_ensemble_member(tmp_path):
+    run_dir = tmp_path / "member_study" / "out" / "sft.run" / "0"
+    (run_dir / "version_0").mkdir(parents=True)
+    (run_dir / "version_0" / "metrics.csv").write_text("step,val/loss\n1,2.5\n")
+    assert pipeline.val_metrics(run_dir) == {"val/loss": 2.5}
+    (run_dir / "member_1" / "version_0").mkdir(parents=True)
+    (run_dir / "member_1" / "version_0" / "metrics.csv").write_text("step,val/acc\n1,0.7\n")
+    assert pipeline.val_metrics(run_dir)["member_1"] == {"val/acc": 0.7}
+
+
+def test_sigterm_stops_the_pipeline_and_its_stage_and_marks_the_stage_failed(tmp_path):
+    """A scheduler's SIGTERM to the pipeline process: the running stage is stopped too (not left writing into OUT
+    behind a released lock), the manifest says failed, the exit code is 128 + 15."""
+    import time
+
+    path = write(tmp_path, "stages:\n  - {name: sft, stage: sft, config: [configs/sft/tiny.yaml]}\n")
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.cli", "pipeline", "--config", str(path), "--out",
+                             str(out), "--set", "trainer.max_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def stage_pids() -> list[int]:  # processes whose command line names this run's folder, the pipeline's aside
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if f"--trainer.default_root_dir={out}" in cmdline.replace("\0", " "):
+                found.append(int(pid))
+        return found
+
+    deadline = time.monotonic() + 120
+    while not stage_pids() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert stage_pids(), "the stage never started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM in stage sft; the same command resumes it" in err
+    assert stage_pids() == []  # the stage went with it
+    assert manifest(out)[0]["status"] == "failed" and manifest(out)[0]["exit_code"] == 143
+
+
+def test_a_reward_stage_may_switch_between_one_model_and_an_ensemble(tmp_path, monkeypatch):
+    """rlhf reward refuses --members into a folder holding one model, and a single model into a folder of members:
+    the pipeline clears what the stage saved before (ours, marked) when it runs it afresh in the other form."""
+    seen = []
+
+    def launch(command, log):
+        save_dir = Path(_flag(command, "model.save_dir"))
+        seen.append((save_dir.exists() and sorted(p.name for p in save_dir.iterdir())) or [])
+        if "--members=2" in command:
+            for i in range(2):
+                (save_dir / f"member_{i}").mkdir(parents=True)
+                (save_dir / f"member_{i}" / MARKER).write_text("{}")
+        else:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            (save_dir / MARKER).write_text("{}")
+            (save_dir / "config.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(pipeline, "launch", launch)
+    monkeypatch.chdir(ROOT)
+    single = "stages:\n  - {name: rm, stage: reward, config: [configs/reward/tiny.yaml]}\n"
+    out = tmp_path / "o"
+    pipeline.main(["--config", str(write(tmp_path, single)), "--out", str(out)])
+    pipeline.main(["--config", str(write(tmp_path, single.replace("}", ", members: 2}"))), "--out", str(out)])
+    pipeline.main(["--config", str(write(tmp_path, single)), "--out", str(out)])
+    assert seen == [[], [], []]  # each form found the folder cleared of the other
+    assert sorted(p.name for p in (out / "rm").iterdir()) == ["config.json", MARKER]
