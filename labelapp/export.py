@@ -29,7 +29,6 @@ from itertools import combinations
 from pathlib import Path
 
 from core.sources import DataError
-from datamodules.preference_formats import DEFAULT_STRENGTH_MARGINS
 from labelapp.store import Store, label_ranks
 
 FORMATS = ("pairs", "rankings", "ratings", "labels", "kto")
@@ -77,7 +76,7 @@ def row_of(fmt: str, item: dict, label: dict) -> dict | None:
         chosen = payload["chosen"]
         return {"prompt": item["prompt"], "chosen": item["responses"][chosen],
                 "rejected": item["responses"][1 - chosen],
-                "margin": DEFAULT_STRENGTH_MARGINS[payload["strength"]], "strength": payload["strength"],
+                "strength": payload["strength"],  # the reader maps it (its --data.strength_map, or Llama 2's)
                 "unsafe": any(payload["unsafe"]), **base}
     if fmt == "rankings":
         return {"prompt": item["prompt"], "responses": item["responses"], "ranks": ranks, **base}
@@ -113,6 +112,9 @@ def export_rows(store: Store, fmt: str) -> tuple[list[dict], Counter]:
     items, rows, left_out = store.items(), [], Counter()
     for label in store.latest_labels():
         item = items[label["item_id"]]
+        if fmt == "labels" and not item["queued"]:  # the labelling command reads it against the current queue
+            left_out["item not in the queue last served"] += 1
+            continue
         if fmt == "kto":
             candidates, skipped = kto_rows(item, label)
             left_out.update(skipped)

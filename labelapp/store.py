@@ -168,7 +168,7 @@ def queue_item(row: dict, where: str) -> dict:
 
 def _item(row: sqlite3.Row) -> dict:
     return {"id": row["id"], "kind": row["kind"], "prompt": row["prompt"], "responses": json.loads(row["responses"]),
-            "meta": json.loads(row["meta"])}
+            "meta": json.loads(row["meta"]), "queued": row["position"] is not None}  # in the queue last served
 
 
 class Store:

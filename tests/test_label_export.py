@@ -49,15 +49,15 @@ def test_pairs_rankings_ratings_and_labels_rows(labelled):
     p0, p1, p2 = (row["id"] for row in rows)
     pairs, left_out = export_rows(store, "pairs")
     assert not left_out and pairs == [
-        {"prompt": "P0", "chosen": "a0", "rejected": "a1", "margin": 1.0, "strength": "significantly better",
+        {"prompt": "P0", "chosen": "a0", "rejected": "a1", "strength": "significantly better",
          "unsafe": False, "annotator": "a", "id": p0},
-        {"prompt": "P0", "chosen": "a0", "rejected": "a1", "margin": 1 / 3, "strength": "slightly better",
+        {"prompt": "P0", "chosen": "a0", "rejected": "a1", "strength": "slightly better",
          "unsafe": False, "annotator": "b", "id": p0},
-        {"prompt": "P2", "chosen": "c0", "rejected": "c1", "margin": 0.0, "strength": "unsure", "unsafe": True,
+        {"prompt": "P2", "chosen": "c0", "rejected": "c1", "strength": "unsure", "unsafe": True,
          "annotator": "a", "id": p2},
-        {"prompt": "P2", "chosen": "c1", "rejected": "c0", "margin": 2 / 3, "strength": "better", "unsafe": False,
+        {"prompt": "P2", "chosen": "c1", "rejected": "c0", "strength": "better", "unsafe": False,
          "annotator": "b", "id": p2},
-        {"prompt": "P2", "chosen": "c0", "rejected": "c1", "margin": 0.0, "strength": "negligibly better",
+        {"prompt": "P2", "chosen": "c0", "rejected": "c1", "strength": "negligibly better",
          "unsafe": False, "annotator": "c", "id": p2}]
     rankings, _ = export_rows(store, "rankings")
     assert [(r["id"], r["annotator"], r["ranks"]) for r in rankings] == [
@@ -69,6 +69,28 @@ def test_pairs_rankings_ratings_and_labels_rows(labelled):
     assert left_out == {"all responses tie: no pair": 1}  # b rated 3, 3, 3: the reward stage would refuse it
     labels, _ = export_rows(store, "labels")
     assert labels[3] == {"id": p1, "ranks": [1, 0, 2], "annotator": "b"} and len(labels) == 7
+
+
+def test_pairs_carry_the_strength_so_the_trainers_strength_map_decides_the_margin(labelled):
+    from datamodules.preference_formats import parse_preference
+
+    pairs, _ = export_rows(labelled[0], "pairs")
+    assert "margin" not in pairs[0]
+    large = {"significantly better": 3.0, "better": 2.0, "slightly better": 1.0, "negligibly better": 0.0,
+             "unsure": 0.0}  # Llama 2's larger margins
+    assert parse_preference(pairs[0], "t").margin == 1.0  # the default map: Llama 2's 1, 2/3, 1/3, 0
+    assert parse_preference(pairs[0], "t", strengths=large).margin == 3.0
+
+
+def test_a_labels_export_holds_only_the_queue_last_served(labelled, tmp_path):
+    """A second round's queue in the same database: the first round's items stay in it (exported in the other
+    formats) but the labelling command reads a labels file against the current queue, so they are left out."""
+    store, _, rows = labelled
+    write_queue(tmp_path / "q2.jsonl", [("P1", ["b0", "b1", "b2"]), ("P3", ["d0", "d1"])])
+    store.import_items(read_queue(tmp_path / "q2.jsonl"))
+    labels, left_out = export_rows(store, "labels")
+    assert {r["id"] for r in labels} == {rows[1]["id"]} and left_out == {"item not in the queue last served": 5}
+    assert len(export_rows(store, "rankings")[0]) == 7  # every label is still exported as data
 
 
 def test_agreement_by_hand(labelled):
