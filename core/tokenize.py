@@ -68,6 +68,7 @@ def encode_completions(
     truncation: str = "left",
     aligned: bool = False,
     eos: bool = True,
+    groups: Sequence[int] | None = None,
 ) -> list[tuple[list[int], list[int]] | None]:
     """(prompt_ids, completion_ids) per row, completion ending with EOS (eos=False: the text's tokens only, as a
     reward model is trained and scored); aligned: None for a dropped row.
@@ -77,6 +78,9 @@ def encode_completions(
     from the left, never below its last max_prompt_length tokens; then the completion is cut from the
     right (losing its EOS, if any); `truncation` (Cuts) decides whether such rows are cut, dropped or an error, and
     cuts are reported once per call. A row that breaks raises DataError naming it, or is skipped and counted.
+    groups: sizes of runs of consecutive rows that share one prompt (a preference record's responses): their
+    prompt is cut to one length, the one its longest completion leaves, so every response of a comparison answers
+    the same context. A prompt that starts with BOS keeps it when cut (the cut is after it).
     """
     skipped: Counter = Counter()
 
@@ -88,22 +92,35 @@ def encode_completions(
     end, cuts = [tokenizer.eos_token_id] if eos else [], Cuts(truncation)
     prompt_ids = _encode(tokenizer, list(prompts))
     full_ids = _encode(tokenizer, [p + c for p, c in zip(prompts, completions)])
-    out = []
+    rows: list[tuple[list[int], list[int]] | None] = []
     for p, f, where in zip(prompt_ids, full_ids, wheres):
-        out.append(None)
+        rows.append(None)
         if f[: len(p)] != p:
             bad(where, "the prompt's tokens are not a prefix of prompt+completion's tokens", "a token merges "
                 "across the boundary: end the prompt before whitespace or start the completion with a space")
             continue
         c = f[len(p) :] + end
-        if len(c) == len(end):
+        if not c:  # with eos an empty reply is EOS alone (an HH assistant that said nothing): kept
             bad(where, "empty completion after tokenization")
             continue
-        keep = max(max_length - len(c), min(len(p), max_prompt_length))
+        rows[-1] = (p, c)
+    # the prompt tokens each row keeps: never below max_prompt_length, more where the completion leaves room
+    budgets = [None if r is None else max(max_length - len(r[1]), min(len(r[0]), max_prompt_length)) for r in rows]
+    start = 0
+    for size in groups or []:
+        shared = [b for b in budgets[start : start + size] if b is not None]
+        budgets[start : start + size] = [None if b is None else min(shared) for b in budgets[start : start + size]]
+        start += size
+    out = []
+    for row, keep, where in zip(rows, budgets, wheres):
+        out.append(None)
+        if row is None:
+            continue
+        p, c = row
         if len(p) > keep and not cuts.keep(where, f"prompt longer than max_length {max_length} allows",
                                            "from the left", len(p), keep):
             continue
-        p = p[len(p) - min(keep, len(p)) :]
+        p = cut_left(p, keep, tokenizer.bos_token_id)
         if len(p) >= max_length:  # only when max_prompt_length >= max_length (check_lengths forbids it)
             bad(where, "row too long to keep any completion token", f"max_length {max_length}")
             continue
@@ -119,6 +136,16 @@ def encode_completions(
     if not any(out):
         raise DataError(wheres[0].rsplit(":", 1)[0] if wheres else "data", "no usable rows after tokenization")
     return out if aligned else [x for x in out if x is not None]
+
+
+def cut_left(ids: list[int], keep: int, bos_id: int | None) -> list[int]:
+    """The last `keep` tokens of ids; a leading BOS stays in front (counted in `keep`): the model never saw a
+    prompt without it."""
+    if len(ids) <= keep:
+        return ids
+    if bos_id is not None and ids[0] == bos_id and keep > 1:
+        return ids[:1] + ids[len(ids) - (keep - 1) :]
+    return ids[len(ids) - keep :]
 
 
 def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> list[list[int]]:
@@ -141,7 +168,7 @@ def encode_prompts(records, tokenizer, max_prompt_length: int | None, truncation
         if n is not None and len(i) > n:
             if not cuts.keep(record.where, f"prompt longer than {limit_name} {n}", "from the left", len(i), n):
                 continue
-            i = i[-n:]
+            i = cut_left(i, n, tokenizer.bos_token_id)
         rows.append({"input_ids": i, "prompt": text, "meta": dict(getattr(record, "meta", {})), "index": index})
     cuts.report(len(records), "prompts")
     return rows

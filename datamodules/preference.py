@@ -29,7 +29,7 @@ from core.packing import (
     pad_completions,
     pair_batch,
 )
-from core.tokenize import check_lengths, encode_completions, encode_prompts, render_prompt
+from core.tokenize import check_lengths, completion_text, encode_completions, encode_prompts, render_prompt
 from datamodules.preference_formats import Ranking, read_preferences
 from datamodules.prompts import collate_prompts
 from datamodules.resumable import eval_loader, held_out, train_loader
@@ -168,11 +168,14 @@ class PreferenceDataModule(LightningDataModule):
         """Tokenize every response of every record, prompt and response from one tokenization."""
         prompts = [render_prompt(r.prompt, self.tokenizer) for r in records]
         # one call for all rows: a bad row raises DataError naming its file and line (or is None in skip modes)
+        # each response as SFT reads a completion (after an HH-rendered "Assistant:", a space), and every response
+        # of a record after the same prompt tokens (groups: one cut for the record)
         encoded = encode_completions(
             self.tokenizer, [p for p, r in zip(prompts, records) for _ in r.responses],
-            [x for r in records for x in r.responses], [r.where for r in records for _ in r.responses],
+            [completion_text(r.prompt, x, self.tokenizer) for r in records for x in r.responses],
+            [r.where for r in records for _ in r.responses],
             self.max_length, self.max_prompt_length, self.skip_bad_rows, self.truncation, aligned=True,
-            eos=self.completion_eos,
+            eos=self.completion_eos, groups=[len(r.responses) for r in records],
         )
         groups, start = [], 0
         for r in records:  # skip modes: a record with a dropped response is dropped whole

@@ -256,3 +256,51 @@ def test_bootstrap_resamples_training_prompts_seeded_and_leaves_validation(tmp_p
         [train[i] for i in (1, 4, 4, 1, 2, 4)]
     assert [r[3] for r in dm.train_rows] == list(range(18))
     assert len(dm.val_rows) == 2 * 3
+
+
+# ---- found in review: one prompt per comparison, chat replies after a space, BOS kept, empty HH replies ----
+
+def test_both_responses_of_a_pair_keep_the_same_prompt_tokens_when_cut(tiny_model_dir, tmp_path):
+    prompt = "Reverse: " + " ".join("abcdefgh" * 10) + "\nAnswer:"
+    row = {"prompt": prompt, "chosen": " a", "rejected": " " + " ".join("hgfedcba" * 2)}
+    path = _write(tmp_path / "t.jsonl", [row])
+    dm = _dm(tiny_model_dir, path, path, max_length=48, max_prompt_length=16)
+    (chosen, rejected, _, _), = dm.train_rows
+    # the long reply decides: its prompt keeps 48 - len(reply) tokens (more than max_prompt_length 16), and the
+    # short reply's prompt is cut to the same tokens, though 48 - 2 would fit beside it
+    assert len(rejected[0]) == 48 - len(rejected[1]) > 16 and len(chosen[0]) + len(chosen[1]) < 48
+    assert chosen[0] == rejected[0]
+
+
+def test_a_reply_to_chat_messages_follows_assistant_after_a_space_as_in_sft(tiny_model_dir, tmp_path):
+    from core.models import load_tokenizer
+
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Sure", "rejected": "No"}
+    path = _write(tmp_path / "t.jsonl", [row])
+    dm = _dm(tiny_model_dir, path, path)
+    (chosen, rejected, _, _), = dm.train_rows
+    tok = load_tokenizer(str(tiny_model_dir))
+    assert tok.decode(chosen[0]).endswith("Assistant:")  # no chat template: HH style
+    assert tok.decode(chosen[1][:-1]) == " Sure" and tok.decode(rejected[1][:-1]) == " No"  # not "Assistant:Sure"
+
+
+def test_a_prompt_cut_from_the_left_keeps_its_bos(bos_model_dir):
+    from core.models import load_tokenizer
+    from core.tokenize import encode_completions, encode_prompts
+
+    tok = load_tokenizer(str(bos_model_dir))
+    bos = tok.bos_token_id
+    prompt = "x" * 40 + " Answer:"
+    ((p, c),) = encode_completions(tok, [prompt], [" ok"], ["t:1"], max_length=20, max_prompt_length=10)
+    assert p[0] == bos and len(p) == 20 - len(c) and tok.decode(p[1:]).endswith("Answer:")
+    records = [type("R", (), {"prompt": prompt, "where": "t:1", "meta": {}})()]
+    (row,) = encode_prompts(records, tok, 10)
+    assert row["input_ids"][0] == bos and len(row["input_ids"]) == 10
+
+
+def test_an_hh_pair_whose_chosen_reply_is_empty_trains_on_eos_alone(tiny_model_dir, tmp_path):
+    row = {"chosen": "\n\nHuman: Insult me\n\nAssistant:", "rejected": "\n\nHuman: Insult me\n\nAssistant: You fool"}
+    path = _write(tmp_path / "t.jsonl", [row])
+    dm = _dm(tiny_model_dir, path, path)
+    (chosen, rejected, _, _), = dm.train_rows
+    assert chosen[1] == [dm.tokenizer.eos_token_id] and len(rejected[1]) > 1
