@@ -125,6 +125,9 @@ def _csv_rows(source: str, f) -> Iterator[tuple[str, Any]]:
     header, start = next(reader, None), reader.line_num + 1
     if undecodable:
         raise undecodable[0]
+    repeated = sorted({name for name in header or [] if header.count(name) > 1})
+    if repeated:  # dict(zip(...)) would keep the last such column and drop the others unseen
+        raise DataError(f"{source}:1", "repeated column name in the header", ", ".join(map(repr, repeated)))
     for row in reader:  # a quoted field may span lines: `where` is the line the row starts on
         where, start = f"{source}:{start}", reader.line_num + 1
         if undecodable:

@@ -92,7 +92,13 @@ def _pair(row: dict, where: str) -> tuple[Text, tuple[str, str]]:
         if not prompt and not other:  # replies only: the prompt is the `prompt` field
             prompt = other = prompt_field(row, where)
     if prompt != other:
-        raise DataError(where, "chosen and rejected do not share the prompt")
+        detail = ""
+        texts = (prompt, other) if isinstance(prompt, str) and isinstance(other, str) else None
+        if texts and (prompt.startswith(other) or other.startswith(prompt)):
+            turns = [text.count("\n\nAssistant:") for text in texts]  # one conversation goes on longer
+            detail = (f"they share their first turns, then one goes on: chosen's prompt has {turns[0]} Assistant "
+                      f"turn(s), rejected's {turns[1]}; --data.skip_bad_rows true leaves such rows out")
+        raise DataError(where, "chosen and rejected do not share the prompt", detail)
     return prompt, (chosen, rejected)
 
 

@@ -180,6 +180,9 @@ def test_custom_strength_map(tmp_path):
     [
         ({"chosen": hh("Hi", " A"), "rejected": hh("Hi", " A")}, "chosen and rejected are identical"),
         ({"chosen": hh("Hi", " A"), "rejected": hh("Hey", " B")}, "chosen and rejected do not share the prompt"),
+        ({"chosen": hh("Hi", " A"), "rejected": hh("Hi", " B", "More?", " C")},  # one conversation goes on
+         "do not share the prompt (they share their first turns, then one goes on: chosen's prompt has 1 Assistant "
+         "turn(s), rejected's 2"),
         ({"prompt": "P", "chosen": "a"}, "missing field 'rejected'"),
         ({"prompt": "", "chosen": "a", "rejected": "b"}, "empty field 'prompt'"),
         ({"prompt": "P", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]},
@@ -474,3 +477,12 @@ def test_all_bad_rows_raise_even_in_skip_mode(tmp_path):
     empty.write_text("\n")
     with pytest.raises(DataError, match="no usable rows"):
         read_preferences(str(empty))
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    from datamodules.formats import read_demonstrations
+
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion,completion\nQ,first answer,other answer\n")
+    with pytest.raises(DataError, match=r"d.csv:1: repeated column name in the header \('completion'\)"):
+        read_demonstrations(str(path))
