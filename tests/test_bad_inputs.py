@@ -146,6 +146,8 @@ CASES = [
         "field 'label' is not true or false (got 'meh')"),
     raw("csv row with the wrong number of columns", "`Q,A,extra` under header `prompt,completion`", "d.csv",
         b"prompt,completion\nQ, A\nQ,A,extra\n", f"{TMP}/d.csv:3: wrong number of columns (3, header has 2)"),
+    raw("csv header naming a column twice", "header `prompt,completion,completion`", "d.csv",
+        b"prompt,completion,completion\nQ,A,B\n", "TMP/d.csv:1: repeated column name in the header ('completion')"),
     raw("non-UTF-8 byte in a .jsonl", "Latin-1 `\\xe9` in line 2", "d.jsonl",
         b'{"prompt": "Q", "completion": " A"}\n{"prompt": "caf\xe9", "completion": " A"}\n',
         f"{TMP}/d.jsonl:2: not UTF-8 text (byte 0xe9 at column 16; save the file as UTF-8)"),
