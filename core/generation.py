@@ -44,6 +44,20 @@ class SamplingSpec:
     num_samples: int = 1
     stop_strings: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        # a negative temperature samples the least likely tokens, top_p 0 keeps none, "" stops every row at once
+        problems = [f"{name} {value!r}: {rule}" for name, value, ok, rule in (
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 = off)"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
+            ("num_samples", self.num_samples, self.num_samples >= 1, "at least 1"),
+        ) if not ok]
+        problems += [f"stop string {s!r}: must be non-empty text" for s in self.stop_strings
+                     if not isinstance(s, str) or not s]
+        if problems:
+            raise ValueError("sampling: " + "; ".join(problems))
+
 
 class Rollout(NamedTuple):
     """Output of `generate`; b*n rows, p prompt columns, r response columns.

@@ -17,7 +17,9 @@ row in the whole --prompts file, so the parts' outputs never collide.
 
 Rows are appended batch by batch; running again with the same --out (and part) continues after the last prompt that
 has all its samples. Batch i (of the part) samples from a generator seeded by (--seed, i), so with the same settings
-(batch size included) a resumed run writes exactly the rows an uninterrupted one would.
+(batch size included) a resumed run writes exactly the rows an uninterrupted one would. OUT.settings.json records
+the model's files, seed, sampling, batch size and prompt length the file was started with: a run with other values
+is refused (exit 5, naming them) instead of mixing two runs' samples in one file.
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     from core.generation import SamplingSpec
     from datamodules.formats import read_prompts
 
+    try:  # bad sampling settings stop here, before anything loads
+        spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, num_samples=args.num_samples, stop_strings=list(args.stop))
+    except ValueError as err:
+        parser.error(str(err))
     check_model_arg(args.model)
     records = read_prompts(args.prompts, args.split)  # a bad prompt file stops here, before any weights load
     start, stop = 0, len(records)
@@ -93,9 +100,41 @@ def main(argv: list[str] | None = None) -> None:
     rows = encode_prompts(records[start:stop], tokenizer, args.max_prompt_length)
     for row in rows:
         row["index"] += start  # the row in the whole --prompts file, so parts never collide
-    spec = SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, num_samples=args.num_samples, stop_strings=list(args.stop))
-    run(model, tokenizer, rows, spec, args.out, args.seed, args.batch_size, device)
+    run(model, tokenizer, rows, spec, args.out, args.seed, args.batch_size, device, run_settings(args, spec))
+
+
+def run_settings(args, spec) -> dict:
+    """What the rows of --out depend on besides the prompts (which finished_prompts matches row by row): a file
+    continued with other values would mix two runs' samples. The device is left out."""
+    import dataclasses
+
+    from core.outputs import files_stamp
+
+    return {"model": [args.model, files_stamp(args.model)], "dtype": args.dtype, "seed": args.seed,
+            "sampling": dataclasses.asdict(spec), "batch_size": args.batch_size,
+            "max_prompt_length": args.max_prompt_length}
+
+
+def check_settings(out: Path, settings: dict | None, rows_written: bool) -> None:
+    """OUT.settings.json holds the settings of the run that wrote --out: written when the file starts, compared
+    when a run continues it (OutputExistsError naming what differs). A file without one (written before it
+    existed) continues as before."""
+    from core.outputs import OutputExistsError
+
+    if settings is None:
+        return
+    path = out.with_name(out.name + ".settings.json")
+    settings = json.loads(json.dumps(settings, default=str))
+    if rows_written and path.is_file():
+        saved = json.loads(path.read_text())
+        differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if differ:
+            raise OutputExistsError(f"{out} holds samples of a run with other {', '.join(differ)} ({path}); nothing "
+                                    "was changed: run with those settings to continue it, or choose another --out")
+    elif not rows_written:
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(settings, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 def part_bounds(total: int, part: int, parts: int) -> tuple[int, int]:
@@ -181,12 +220,13 @@ def finished_prompts(out: Path, rows: list[dict], k: int) -> int:
 
     if not out.exists():
         return 0
-    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    # bytes: a kill may cut a multi-byte character (rows are written with ensure_ascii=False) in the last line
+    lines = out.read_bytes().decode("utf-8", errors="surrogateescape").splitlines(keepends=True)
     good = 0
     for number, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(line.encode("utf-8", errors="surrogateescape").decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if number == len(lines):  # the last line, cut mid-write
                 break
             raise DataError(f"{out}:{number}", "not a JSON line", "the file is not an rlhf generate output") from None
@@ -203,13 +243,14 @@ def finished_prompts(out: Path, rows: list[dict], k: int) -> int:
     keep = [line if line.endswith("\n") else line + "\n" for line in lines[: done * k]]
     if keep != lines:
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(keep), encoding="utf-8")
+        tmp.write_bytes("".join(keep).encode("utf-8", errors="surrogateescape"))
         os.replace(tmp, out)
         print(f"{PROG}: {out}: dropped {len(lines) - len(keep)} line(s) of an unfinished prompt", file=sys.stderr)
     return done
 
 
-def run(model, tokenizer, rows: list[dict], spec, out: Path, seed: int, batch_size: int, device) -> None:
+def run(model, tokenizer, rows: list[dict], spec, out: Path, seed: int, batch_size: int, device,
+        settings: dict | None = None) -> None:
     from core.generation import generate
     from datamodules.prompts import collate_prompts
     from modules.predict import batch_generator, response_rows
@@ -217,6 +258,7 @@ def run(model, tokenizer, rows: list[dict], spec, out: Path, seed: int, batch_si
     k, total = spec.num_samples, len(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = finished_prompts(out, rows, k)
+    check_settings(out, settings, rows_written=out.exists() and out.stat().st_size > 0)
     if done == total:
         print(f"{PROG}: {out} already holds all {total} prompts x {k} samples", file=sys.stderr)
         return

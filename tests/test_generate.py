@@ -239,3 +239,46 @@ def test_lora_checkpoint_generates_what_its_adapter_export_does(run_recipe, prom
     args = ("--num_samples", "2", "--seed", "7")
     assert (generate(ckpt, prompts, tmp_path / "ckpt.jsonl", *args)
             == generate(export, prompts, tmp_path / "a.jsonl", *args))
+
+
+# ---- found in review: resume settings, sampling values, a kill inside a character ----
+
+def test_a_file_is_continued_only_with_the_settings_that_started_it(tiny_model_dir, prompts, tmp_path, capsys):
+    args = ("--num_samples", "2", "--batch_size", "2", "--seed", "1")
+    out = tmp_path / "out.jsonl"
+    generate(tiny_model_dir, prompts, out, *args)
+    lines = out.read_text().splitlines(True)
+    out.write_text("".join(lines[:4]))  # killed after prompt 1
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out), "--device",
+            "cpu", "--max_new_tokens", "8", "--num_samples", "2", "--batch_size", "2"]
+    capsys.readouterr()
+    for other in (["--seed", "2"], ["--seed", "1", "--temperature", "0.5"], ["--seed", "1", "--batch_size", "3"]):
+        assert cli.main(argv + other) == 5
+        err = capsys.readouterr().err
+        assert "holds samples of a run with other" in err and "nothing was changed" in err
+        assert out.read_text() == "".join(lines[:4])
+    assert generate(tiny_model_dir, prompts, out, *args) and out.read_text() == "".join(lines)
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--stop", ""], "stop string '': must be non-empty text"),
+    (["--temperature", "-1"], "temperature -1.0: >= 0 (0 = greedy)"),
+    (["--top_p", "0"], "top_p 0.0: in (0, 1] (1 = off)"),
+])
+def test_bad_sampling_values_are_refused_before_the_model_loads(tmp_path, prompts, extra, says, capsys):
+    argv = ["generate", "--model", str(tmp_path / "no-model"), "--prompts", str(prompts), "--out",
+            str(tmp_path / "o.jsonl"), *extra]
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    assert done.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_kill_inside_a_multibyte_character_is_continued(tiny_model_dir, prompts, tmp_path):
+    args = ("--num_samples", "1", "--batch_size", "1", "--seed", "1")
+    full = tmp_path / "full.jsonl"
+    generate(tiny_model_dir, prompts, full, *args)
+    lines = full.read_bytes().splitlines(True)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"".join(lines[:2]) + '{"prompt": "caf\u00e9'.encode()[:-1])  # half of the 2-byte \u00e9
+    generate(tiny_model_dir, prompts, out, *args)
+    assert out.read_bytes() == full.read_bytes()
