@@ -91,6 +91,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--num_revisions, --batch_size and --max_new_tokens must be at least 1")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
+    from core.generation import SamplingSpec
+
+    try:  # bad sampling values stop here, before anything loads
+        SamplingSpec(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     stop_strings=list(args.stop))
+    except ValueError as err:
+        parser.error(str(err))
 
     from recipes.common import quiet
 
