@@ -218,12 +218,24 @@ def _generate(
 
 
 def decode_responses(tokenizer, rollout: Rollout, eos_token_id: int | list[int] | None = None) -> list[str]:
-    """Response text per row: tokens under response_mask, special tokens (and `eos_token_id`) removed."""
+    """Response text per row: tokens under response_mask, special tokens (and `eos_token_id`) removed.
+
+    Decoded after the prompt's last token and cut at its text, so the text is what follows the prompt: a
+    SentencePiece tokenizer (Llama, Mistral) drops the leading space of a first token decoded alone ("▁f" -> "f"),
+    and prompt + response would then be scored (and trained) glued together ("Answer:f" for "Answer: f")."""
     drop = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-    responses = rollout.sequences[:, rollout.prompt_length :].tolist()
+    p = rollout.prompt_length
+    responses = rollout.sequences[:, p:].tolist()
     masks = rollout.response_mask.tolist()
     ids = [[tok for tok, keep in zip(row, m) if keep and tok not in drop] for row, m in zip(responses, masks)]
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+    last = rollout.sequences[:, p - 1].tolist() if p else [None] * len(ids)
+    real = rollout.attention_mask[:, p - 1].tolist() if p else [0] * len(ids)
+    contexts = [[t] if ok and t not in drop else [] for t, ok in zip(last, real)]
+    plain = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    heads = tokenizer.batch_decode(contexts, skip_special_tokens=True)
+    joined = tokenizer.batch_decode([c + r for c, r in zip(contexts, ids)], skip_special_tokens=True)
+    # the context's text must prefix the joined text; else (bytes split across the seam) the plain decode
+    return [j[len(h):] if j.startswith(h) else t for j, h, t in zip(joined, heads, plain)]
 
 
 def prompt_batch(

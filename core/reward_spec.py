@@ -27,7 +27,7 @@ from core.forward import sequence_scores
 from core.losses.reward import ensemble_scores, llama2_combine, weighted_sum, whiten_scores
 from core.models import ModelSpec, as_spec, load_sequence_classifier, load_tokenizer
 from core.outputs import MARKER, is_ours
-from core.tokenize import pad_right
+from core.tokenize import cut_left, pad_right
 
 log = logging.getLogger(__name__)
 # a reward model's lightning_rlhf.json says where it is scored: {"score_at": SCORE_AT} (RewardModule's exports)
@@ -164,6 +164,8 @@ class RewardSpec:
         paths = [*self.functions, *([ORACLES[self.oracle]] if self.oracle is not None else [])]
         if not self.models and not paths:
             raise ValueError("RewardSpec needs reward models or oracle='synthetic' or functions=['module:name']")
+        if self.combine == "llama2" and self.weights is not None:
+            raise ValueError("combine='llama2' picks the helpfulness or the safety score per row: it takes no weights")
         if self.combine == "llama2" and (len(self.models) != 2 or paths):
             raise ValueError(
                 f"combine='llama2' takes two models (helpfulness, safety) and no reward functions or oracle, got "
@@ -237,6 +239,9 @@ class RewardSpec:
             scores += [call_reward_function(path, fn, prompts, responses, meta) for path, fn in self._functions]
             combined = weighted_sum(scores, self.weights or [1.0] * len(scores))
         if self.whiten:
+            if combined.numel() == 1 and (self.whiten_mean is None or self.whiten_std is None):
+                raise ValueError("whiten=True with batch statistics needs two or more responses per call (one "
+                                 "would score 0 whatever it says): give whiten_mean and whiten_std")
             combined = whiten_scores(combined, self.whiten_mean, self.whiten_std)
         return combined.to(device) if device is not None else combined
 
@@ -246,7 +251,7 @@ class RewardSpec:
         add = not (bos and all(t.startswith(bos) for t in texts))  # a chat template may have written BOS
         end = [tok.eos_token_id] if eos else []
         ids = [x + end for x in tok(texts, add_special_tokens=add)["input_ids"]]
-        ids = [x[-self.max_length :] for x in ids]
+        ids = [cut_left(x, self.max_length, tok.bos_token_id) for x in ids]  # as training cuts: BOS stays
         device = next(model.parameters()).device
         out = []
         for start in range(0, len(ids), self.batch_size):

@@ -221,7 +221,7 @@ def test_stop_string_finishes_the_row():
     assert out.response_mask.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
     assert out.sequences[0, 1:].tolist() == [v["b"], v["c"], v["d"], PAD, PAD, PAD]
     assert out.has_eos.tolist() == [True, False]
-    assert decode_responses(tok, out) == ["b c d", "g h f g h f"]
+    assert decode_responses(tok, out) == [" b c d", " g h f g h f"]  # as it follows the prompt "a" / "f"
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, ids, mask, spec, tok.eos_token_id, tok.pad_token_id)
 
@@ -249,4 +249,28 @@ def test_prompt_batch_pads_and_truncates_on_the_left_and_decode_drops_eos():
         prompt_length=1,
         has_eos=torch.tensor([True, False]),
     )
-    assert decode_responses(tok, rollout) == ["b", "d e f"]
+    assert decode_responses(tok, rollout) == [" b", " d e f"]  # the text after the prompt: a space apart
+
+
+def test_a_sentencepiece_reply_is_decoded_as_it_follows_its_prompt():
+    """Metaspace (Llama, Mistral): a first token "▁f" decoded alone loses its space; decoded after the prompt's
+    last token it keeps it, so prompt + text re-tokenizes to the sampled tokens (what a reward model scores)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in ["▁Answer", ":", "▁f", "▁g", "f", "g", "▁"]:
+        vocab[word] = len(vocab)
+    raw = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix=""))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>")
+    prompt = tok("Answer:", add_special_tokens=False)["input_ids"]
+    sampled = tok("Answer: f g", add_special_tokens=False)["input_ids"][len(prompt):]
+    assert tok.convert_ids_to_tokens(sampled) == ["▁f", "▁g"]
+    assert tok.decode(sampled) == "f g"  # alone: the space is gone
+    rollout = Rollout(sequences=torch.tensor([prompt + sampled + [2]]), attention_mask=torch.ones(1, 5),
+                      response_mask=torch.tensor([[1, 1, 1]]), prompt_length=2, has_eos=torch.tensor([True]))
+    (text,) = decode_responses(tok, rollout, 2)
+    assert text == " f g" and tok("Answer:" + text, add_special_tokens=False)["input_ids"] == prompt + sampled

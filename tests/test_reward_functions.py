@@ -141,3 +141,25 @@ def test_function_drives_ppo_fit(run_recipe, tmp_path, monkeypatch):
     logged = next(float(r[name]) for r in rows if r.get(name))
     expected = sum(len(r) for r in first["responses"]) / len(first["responses"])
     assert logged == pytest.approx(expected, rel=1e-6)
+
+
+# ---- found in review ----
+
+def test_batch_whitening_of_one_response_and_llama2_weights_are_refused():
+    import pytest
+
+    from core.reward_spec import RewardSpec
+
+    spec = RewardSpec(functions=["tests.test_reward_functions:_length"], whiten=True)
+    with pytest.raises(ValueError, match="needs two or more responses per call"):
+        spec.score(["p"], ["abc"])
+    assert spec.score(["p", "q"], ["a", "abc"]).tolist() == pytest.approx([-0.7071068, 0.7071068], abs=1e-6)
+    fixed = RewardSpec(functions=["tests.test_reward_functions:_length"], whiten=True, whiten_mean=1.0,
+                       whiten_std=2.0)
+    assert fixed.score(["p"], ["abc"]).tolist() == pytest.approx([(3 - 1) / 2])  # fixed statistics: fine alone
+    with pytest.raises(ValueError, match="takes no weights"):
+        RewardSpec(models=["a", "b"], combine="llama2", weights=[1.0, 1.0])
+
+
+def _length(prompts, responses, meta=None):
+    return [float(len(r)) for r in responses]
