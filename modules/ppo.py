@@ -274,6 +274,13 @@ class PPOModule(StageHooks, LightningModule):
 
     # ----- rollout -----
 
+    @property
+    def micro_batches_weigh_tokens(self) -> bool:
+        """A micro-batch's loss weighs its share of the minibatch's response tokens where the loss is a token mean
+        (gae, token_mean), of its rows for seq_mean: the micro-batches then add up to the minibatch's loss, whatever
+        grad_accum splits it into."""
+        return self.critic or self.loss_agg == "token_mean"
+
     @torch.no_grad()
     def rollout(self, batch: dict, generator: torch.Generator, kl_coef: float, chunk: int,
                 update_norm: bool = False) -> tuple[Experience, dict]:
@@ -349,10 +356,7 @@ class PPOModule(StageHooks, LightningModule):
         logs: dict[str, list] = {}
         for _ in range(self.ppo_epochs):
             for micro in minibatches(b, self.num_minibatches, self.grad_accum, self.generator, exp.mask.device):
-                # a micro-batch's loss weighs its share of the minibatch's rows (gae, seq_mean) or, for token_mean,
-                # of its response tokens, so that the minibatch's loss is the mean over all of its tokens
-                by_tokens = not self.critic and self.loss_agg == "token_mean"
-                weights = micro_batch_weights(exp.mask, micro, by_tokens=by_tokens)
+                weights = micro_batch_weights(exp.mask, micro, by_tokens=self.micro_batches_weigh_tokens)
                 for idx, weight in zip(micro, weights):
                     out = self.ppo_losses(exp, idx, kl_coef)
                     self.manual_backward(out.loss * weight)

@@ -245,21 +245,22 @@ def test_critic_free_rollout_advantages_by_hand(advantage, tiny_model_dir, monke
     torch.testing.assert_close(exp.advantages, expected)
 
 
-@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
-def test_micro_batch_losses_add_up_to_the_minibatch_loss(loss_agg, tiny_model_dir, monkeypatch):
-    # grad_accum splits rows [0] (2 tokens) and [1] (4 tokens): weighted by tokens (token_mean) or rows
-    # (seq_mean), the micro-batch losses and gradients are those of the whole minibatch in one piece
+@pytest.mark.parametrize("advantage,loss_agg", [("grpo", "token_mean"), ("grpo", "seq_mean"), ("gae", "token_mean")])
+def test_micro_batch_losses_add_up_to_the_minibatch_loss(advantage, loss_agg, tiny_model_dir, monkeypatch):
+    # grad_accum splits rows [0] (2 tokens) and [1] (4 tokens): weighted by tokens (gae and token_mean: token-mean
+    # losses) or rows (seq_mean), as training_step weighs them, the micro-batch losses and gradients are those of
+    # the whole minibatch in one piece
     from modules.rollout import micro_batch_weights
 
-    module = _module(tiny_model_dir, advantage="grpo", sampling=GROUPS, loss_agg=loss_agg, entropy_coef=0.01)
+    module = _module(tiny_model_dir, advantage=advantage, sampling=GROUPS, loss_agg=loss_agg, entropy_coef=0.01)
     module.configure_model()
     exp = _group_rollout(module, monkeypatch, [1.0, 3.0])
     exp = exp._replace(ref_logp=exp.ref_logp - 0.3 * exp.mask)  # a reference apart from the policy: KL term != 0
     params = [p for p in module.parameters() if p.requires_grad]
     whole = module.ppo_losses(exp, torch.tensor([0, 1]), kl_coef=0.1).loss
     micro = [torch.tensor([0]), torch.tensor([1])]
-    weights = micro_batch_weights(exp.mask, micro, by_tokens=loss_agg == "token_mean")
-    assert weights == ([2 / 6, 4 / 6] if loss_agg == "token_mean" else [0.5, 0.5])
+    weights = micro_batch_weights(exp.mask, micro, by_tokens=module.micro_batches_weigh_tokens)  # training_step's
+    assert weights == ([0.5, 0.5] if loss_agg == "seq_mean" else [2 / 6, 4 / 6])
     split = sum(w * module.ppo_losses(exp, idx, kl_coef=0.1).loss for idx, w in zip(micro, weights))
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
     for g_split, g_whole in zip(torch.autograd.grad(split, params), torch.autograd.grad(whole, params)):
