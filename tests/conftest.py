@@ -49,6 +49,18 @@ def bos_model_dir(tmp_path) -> Path:
     return path
 
 
+def printed_config(stage: str, args: list[str], monkeypatch, capsys) -> str:
+    """`rlhf <stage> <args> --print_config` in-process (LightningCLI exits before anything is built): what it
+    printed; a config or flag it refuses fails the test with the stage's error."""
+    from recipes.cli import STAGES
+
+    monkeypatch.setattr(sys, "argv", [f"rlhf {stage}"])
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(STAGES[stage]).main([*args, "--print_config"])
+    assert exit_.value.code in (0, None), f"rlhf {stage} {' '.join(args)}: {capsys.readouterr().err[-2000:]}"
+    return capsys.readouterr().out
+
+
 @pytest.fixture
 def run_recipe(monkeypatch, tmp_path):
     """run_recipe("sft", "fit", "--config", ...) runs a stage's LightningCLI in-process with outputs under tmp_path."""

@@ -15,7 +15,7 @@ from core.constitution import ConstitutionError, load_constitution
 from core.outputs import progress_path
 from recipes import cli
 from recipes import critique_revise as cr
-from tests.conftest import ROOT
+from tests.conftest import ROOT, printed_config
 
 CONSTITUTION = """principles:
   - name: kind
@@ -425,10 +425,8 @@ def test_sl_cai_then_rl_cai_pipeline_on_the_tiny_model(tmp_path):
 def test_the_cai_pipeline_stages_parse_against_their_recipes(monkeypatch, capsys):
     """configs/pipeline/cai.yaml: its tools' flags and every training stage's command (--print_config exits before
     any model loads)."""
-    import sys
 
     from recipes import pipeline
-    from recipes.cli import STAGES
 
     monkeypatch.chdir(ROOT)
     loaded = pipeline.load("configs/pipeline/cai.yaml")
@@ -436,12 +434,7 @@ def test_the_cai_pipeline_stages_parse_against_their_recipes(monkeypatch, capsys
     assert [s.stage for s in loaded.stages] == ["critique-revise", "sft", "generate", "label", "reward", "rs",
                                                 "generate", "generate", "eval"]
     for stage in (s for s in loaded.stages if not s.tool):
-        monkeypatch.setattr(sys, "argv", [f"rlhf {stage.stage}"])
-        module = __import__(STAGES[stage.stage], fromlist=["main"])
-        with pytest.raises(SystemExit) as exit_:
-            module.main([*pipeline.stage_args(loaded, stage, "/tmp/out")[1:], "--print_config"])
-        assert exit_.value.code in (0, None), stage.name
-        printed = capsys.readouterr().out
+        printed = printed_config(stage.stage, pipeline.stage_args(loaded, stage, "/tmp/out")[1:], monkeypatch, capsys)
         assert "/tmp/out/" + stage.name in printed and "accelerator: cpu" in printed
     sft = next(s for s in loaded.stages if s.name == "sl_cai")
     assert "--data.train_file=/tmp/out/revisions.jsonl" in pipeline.stage_args(loaded, sft, "/tmp/out")

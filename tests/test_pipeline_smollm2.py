@@ -3,31 +3,23 @@ its recipe (--print_config exits before any model loads, so neither the converte
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from recipes import pipeline
-from tests.conftest import ROOT
+from tests.conftest import ROOT, printed_config
 
 FILES = ["smollm2-hh", "smollm2-hh-cpu"]
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_the_smollm2_pipeline_stages_parse_against_their_recipes(name, monkeypatch, capsys):
-    from recipes.cli import STAGES
 
     monkeypatch.chdir(ROOT)
     loaded = pipeline.load(f"configs/pipeline/{name}.yaml")
     trained = [s for s in loaded.stages if not s.tool]
     assert [s.stage for s in trained] == ["sft", "reward", "dpo", "ppo"]
     for stage in trained:
-        monkeypatch.setattr(sys, "argv", [f"rlhf {stage.stage}"])
-        module = __import__(STAGES[stage.stage], fromlist=["main"])
-        with pytest.raises(SystemExit) as exit_:
-            module.main([*pipeline.stage_args(loaded, stage, "/tmp/out")[1:], "--print_config"])
-        assert exit_.value.code in (0, None), stage.name
-        printed = capsys.readouterr().out
+        printed = printed_config(stage.stage, pipeline.stage_args(loaded, stage, "/tmp/out")[1:], monkeypatch, capsys)
         assert "/tmp/out/" + stage.name in printed
         if name.endswith("-cpu"):
             assert "accelerator: cpu" in printed, stage.name

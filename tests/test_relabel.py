@@ -12,7 +12,7 @@ import pytest
 
 from core.tasks import _nearest_order, hindsight_prompt
 from recipes import cli, pipeline, relabel
-from tests.conftest import ROOT, SYNTHETIC
+from tests.conftest import ROOT, SYNTHETIC, printed_config
 
 REV = "Reverse: c a f b\nAnswer:"
 SORT = "Sort: d a c b\nAnswer:"
@@ -214,7 +214,6 @@ def test_bad_rows_and_bad_returns_name_the_samples_line(rows, function, where, r
 # ---- the pipeline: configs/pipeline/hir.yaml and one tiny round ----
 
 def test_the_hir_pipeline_keeps_the_shared_sft_stage_and_its_stages_parse(monkeypatch, capsys):
-    from recipes.cli import STAGES
 
     monkeypatch.chdir(ROOT)
     hir, shared = pipeline.load("configs/pipeline/hir.yaml"), pipeline.load("configs/pipeline/critic-free.yaml")
@@ -225,10 +224,7 @@ def test_the_hir_pipeline_keeps_the_shared_sft_stage_and_its_stages_parse(monkey
     stage = next(s for s in hir.stages if s.name == "r2.hir")
     args = pipeline.stage_args(hir, stage, "/tmp/out")
     assert "--model.policy.path=/tmp/out/r1.hir" in args and "--data.train_file=/tmp/out/r2.relabel.jsonl" in args
-    monkeypatch.setattr(sys, "argv", ["rlhf sft"])
-    with pytest.raises(SystemExit) as exit_:
-        __import__(STAGES["sft"], fromlist=["main"]).main([*args[1:], "--print_config"])
-    assert exit_.value.code in (0, None) and "/tmp/out/r2.hir" in capsys.readouterr().out
+    assert "/tmp/out/r2.hir" in printed_config("sft", args[1:], monkeypatch, capsys)
 
 
 TINY_HIR = """stages:
