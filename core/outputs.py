@@ -129,6 +129,11 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     return path
 
 
+def settings_differ(saved: dict, now: dict) -> list[str]:
+    """The keys whose values differ between the settings a file was written with and a run's (sorted)."""
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
 def progress_path(out: str | os.PathLike) -> Path:
     """Where a tool writing `out` saves its finished units (a Journal): OUT.progress next to it."""
     out = Path(out)
@@ -165,7 +170,7 @@ class Journal:
             raise OutputExistsError(f"{self.path} exists and is not a {self.kind} progress file; nothing was "
                                     "changed: move it, or choose another --out")
         saved = header.get("settings") or {}
-        differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
+        differ = settings_differ(saved, self.settings)
         if restart or (differ and not any(map(_is_unit, lines[1:]))):  # discarded, or no finished unit to lose
             self.path.unlink()
             return 0

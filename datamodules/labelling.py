@@ -364,18 +364,14 @@ def ai_settings(groups: list[dict], judge, args) -> dict:
     text) and the groups' prompts and responses. --flip, --tie_tolerance and --seed act after the judge (left out),
     and so does --device (a run may move to a GPU)."""
     import dataclasses
-    import hashlib
 
-    from core.outputs import files_stamp
-
-    def digest(value) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from core.outputs import config_hash, files_stamp
 
     spec = dataclasses.asdict(judge)
     constitution = Path(judge.constitution).read_text() if judge.constitution else None
-    return {"judge": digest(spec), "judge_model": [judge.model.path, files_stamp(judge.model.path)],
-            "constitution": digest(constitution),
-            "groups": digest([(g["prompt"], g["responses"]) for g in groups])}
+    return {"judge": config_hash(spec), "judge_model": [judge.model.path, files_stamp(judge.model.path)],
+            "constitution": config_hash(constitution),
+            "groups": config_hash([(g["prompt"], g["responses"]) for g in groups])}
 
 
 def ai_rows(groups: list[dict], judge, args, journal=None) -> tuple[list[dict], dict]:

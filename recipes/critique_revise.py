@@ -41,7 +41,6 @@ prompt is done (a tmp file renamed, never a partial file) and OUT.progress is th
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -146,16 +145,12 @@ def run_settings(args, constitution, records) -> dict:
     may move to a GPU; its new batches then sample from the GPU's streams); --num_revisions too (steps are named, so
     more revisions reuse the saved ones); --eval_rows and --restart change no sample."""
     import dataclasses
-    import hashlib
 
-    from core.outputs import files_stamp
-
-    def digest(value) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from core.outputs import config_hash, files_stamp
 
     return {"model": [args.model, files_stamp(args.model)], "dtype": args.dtype,
-            "prompts": [args.prompts, args.split, args.limit, digest([r.prompt for r in records])],
-            "constitution": digest(dataclasses.asdict(constitution)), "seed": args.seed,
+            "prompts": [args.prompts, args.split, args.limit, config_hash([r.prompt for r in records])],
+            "constitution": config_hash(dataclasses.asdict(constitution)), "seed": args.seed,
             "sampling": [args.temperature, args.top_p, args.max_new_tokens, list(args.stop)],
             "batch_size": args.batch_size, "max_prompt_length": args.max_prompt_length,
             "no_chat_template": args.no_chat_template}

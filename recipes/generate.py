@@ -119,7 +119,7 @@ def check_settings(out: Path, settings: dict | None, rows_written: bool) -> None
     """OUT.settings.json holds the settings of the run that wrote --out: written when the file starts, compared
     when a run continues it (OutputExistsError naming what differs). A file without one (written before it
     existed) continues as before."""
-    from core.outputs import OutputExistsError
+    from core.outputs import OutputExistsError, settings_differ
 
     if settings is None:
         return
@@ -127,7 +127,7 @@ def check_settings(out: Path, settings: dict | None, rows_written: bool) -> None
     settings = json.loads(json.dumps(settings, default=str))
     if rows_written and path.is_file():
         saved = json.loads(path.read_text())
-        differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        differ = settings_differ(saved, settings)
         if differ:
             raise OutputExistsError(f"{out} holds samples of a run with other {', '.join(differ)} ({path}); nothing "
                                     "was changed: run with those settings to continue it, or choose another --out")
