@@ -71,16 +71,7 @@ def test_readme_command_parses(line, argv, monkeypatch, capsys):
         argv = argv[2:]
     command, args = argv[0], argv[1:]
     if command == "-m":  # python -m MODULE ARGS: its main's parser
-        command, args = args[0], args[1:]
-        module = importlib.import_module(command)
-        real = argparse.ArgumentParser.parse_args
-
-        def parse_args(self, args=None, namespace=None):
-            raise Parsed(real(self, args, namespace))
-
-        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
-        with pytest.raises(Parsed):
-            module.main(args)
+        parses(args[0], args[1:], monkeypatch)
         return
     assert command in STAGES or command in TOOLS, f"README.md:{line}: rlhf {command} is no command"
     if command in STAGES:
@@ -91,11 +82,16 @@ def test_readme_command_parses(line, argv, monkeypatch, capsys):
         pipeline.main([*args, "--dry-run"])  # loads the file and checks its tool stages' flags; runs nothing
         assert "# " in capsys.readouterr().out
     else:
-        real = argparse.ArgumentParser.parse_args
+        parses(TOOLS[command][0], args, monkeypatch)
 
-        def parse_args(self, args=None, namespace=None):
-            raise Parsed(real(self, args, namespace))
 
-        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
-        with pytest.raises(Parsed):
-            importlib.import_module(TOOLS[command][0]).main(args)
+def parses(module: str, args: list[str], monkeypatch) -> None:
+    """MODULE's main(args) gets as far as its argparse parser accepting args (then Parsed stops it)."""
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        raise Parsed(real(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    with pytest.raises(Parsed):
+        importlib.import_module(module).main(args)
